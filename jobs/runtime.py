@@ -1,0 +1,147 @@
+"""What every job shares: settings from the environment, the CLI, the JSON result and exit codes.
+
+Contract (../shared/design/platform.md, mirrored in docs/architecture.md):
+  python -m jobs.<stage> --config configs/<stage>/<name>.yaml [dotted.key=value ...]
+  - stdout's last line is one JSON object {"stage", "status", "outputs", "metrics", "mlflow_run_id"},
+    also written as result.json in the job's output directory;
+  - user errors (ValueError and subclasses) print `error: <message>` without a traceback and exit 2;
+  - anything else is an internal failure: traceback, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from llm_core.config import load_config
+from llm_core.io import atomic_write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_ROOT = REPO_ROOT / "configs"
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+log = logging.getLogger("tulpar")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are. Read from the environment; the defaults make everything run on one machine."""
+
+    data: Path  # TULPAR_DATA: read-only inputs
+    home: Path  # TULPAR_HOME: everything the platform writes
+    storage: str  # TULPAR_STORAGE: Ray Train checkpoints and large outputs (a path or s3:// URI)
+    mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
+    ray_address: str | None  # RAY_ADDRESS; None starts a local Ray
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = Path(os.environ.get("TULPAR_HOME", ".tulpar")).expanduser().resolve()
+        data_env = os.environ.get("TULPAR_DATA")
+        if data_env:
+            data = Path(data_env).expanduser().resolve()
+        else:  # ../shared/data beside the checkout (or the working directory)
+            candidates = [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+            data = next((c.resolve() for c in candidates if c.is_dir()), candidates[0].resolve())
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+        storage = os.environ.get("TULPAR_STORAGE") or str(home)
+        return cls(data=data, home=home, storage=storage, mlflow_tracking_uri=tracking,
+                   ray_address=os.environ.get("RAY_ADDRESS") or None)
+
+    def require_data(self, *parts: str) -> Path:
+        """A path under TULPAR_DATA that must exist, or a ValueError saying how to get it."""
+        path = self.data.joinpath(*parts)
+        if not path.exists():
+            raise ValueError(
+                f"data not found: {path} (TULPAR_DATA={self.data}). Set TULPAR_DATA to the data directory "
+                "(default ../shared/data) or run `make data` to download it"
+            )
+        return path
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return os.environ.get("TULPAR_MLFLOW_ARTIFACTS") or (self.home / "mlartifacts").as_uri()
+
+    def path(self, *parts: str) -> Path:
+        """A local path under TULPAR_HOME (created)."""
+        p = self.home.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@dataclass
+class JobResult:
+    stage: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    status: str = "ok"
+    output_dir: Path | None = None  # where result.json goes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "status": self.status, "outputs": self.outputs, "metrics": self.metrics,
+                "mlflow_run_id": self.mlflow_run_id}
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def default_config_path(stage: str, name: str) -> Path:
+    return CONFIG_ROOT / stage / f"{name}.yaml"
+
+
+def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{stage}",
+        description=f"Tulpar {stage} job. Overrides are dotted key=value pairs, e.g. train.steps=100.",
+    )
+    parser.add_argument("--config", "-c", help=f"YAML config (e.g. configs/{stage}/tiny.yaml) or a name in it")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied after the file")
+    args = parser.parse_args(argv)
+    path = None
+    if args.config:
+        path = Path(args.config)
+        if not path.exists() and "/" not in args.config and not args.config.endswith(".yaml"):
+            path = default_config_path(stage, args.config)
+    return path, args.overrides
+
+
+def run_job(
+    stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult], argv: list[str] | None = None
+) -> int:
+    """Parse the CLI, load the config, run `main`, print the JSON result; map errors to exit codes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        path, overrides = parse_args(stage, argv)
+        cfg = load_config(config_cls, path, overrides)
+        settings = Settings.from_env()
+        result = main(cfg, settings)
+    except ValueError as exc:  # user error: say what and how to fix, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"stage": stage, "status": "error", "error": str(exc)}, ensure_ascii=False))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(json.dumps({"stage": stage, "status": "failed"}))
+        return EXIT_INTERNAL_ERROR
+    if result.output_dir is not None:
+        atomic_write_json(Path(result.output_dir) / "result.json", result.to_dict())
+    print(json.dumps(result.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def main_entry(stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult]) -> None:
+    sys.exit(run_job(stage, config_cls, main))

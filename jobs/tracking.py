@@ -1,0 +1,182 @@
+"""MLflow helpers: one experiment per stage family, standard lineage tags, params, plots.
+
+Names follow ../shared/design/platform.md: experiments tulpar-data / -tokenizer / -train / -eval / -serve; tags
+tulpar.stage, tulpar.config_sha256, tulpar.git_commit (+ dataset/tokenizer/parent-model lineage where they apply).
+A pipeline sets TULPAR_PARENT_RUN_ID so each stage's run is nested under the pipeline's parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobs.runtime import REPO_ROOT, Settings
+from llm_core.config import config_sha256, config_to_dict
+
+EXPERIMENT = {
+    "preprocess": "tulpar-data",
+    "tokenizer": "tulpar-tokenizer",
+    "tokenizer_report": "tulpar-tokenizer",
+    "pretrain": "tulpar-train",
+    "sft": "tulpar-train",
+    "dpo": "tulpar-train",
+    "distill": "tulpar-train",
+    "eval": "tulpar-eval",
+    "serve": "tulpar-serve",
+}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def setup(settings: Settings, experiment: str) -> str:
+    """Point MLflow at the tracking server and return the experiment id (created with our artifact root)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if settings.mlflow_tracking_uri.startswith("sqlite:///"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if settings.mlflow_tracking_uri.startswith("sqlite:") or "TULPAR_MLFLOW_ARTIFACTS" in os.environ:
+        location = f"{settings.mlflow_artifact_root.rstrip('/')}/{experiment}"
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except Exception:  # created concurrently by another job
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def start_run(
+    settings: Settings,
+    stage: str,
+    cfg: BaseModel,
+    *,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one stage with standard tags, flattened params and the resolved config artifact."""
+    import mlflow
+
+    experiment_id = setup(settings, EXPERIMENT.get(stage, f"tulpar-{stage}"))
+    all_tags = {
+        "tulpar.stage": stage,
+        "tulpar.config_sha256": config_sha256(cfg),
+        "tulpar.git_commit": git_commit(),
+        **(tags or {}),
+    }
+    parent = os.environ.get("TULPAR_PARENT_RUN_ID")
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
+        params = {k: str(v)[:6000] for k, v in flatten(config_to_dict(cfg)).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps params per batch
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.log_dict(config_to_dict(cfg), "config/resolved.yaml")
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if v is not None}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: Path, title: str = "loss") -> Path:
+    """Train loss per step and validation loss per language, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    val_keys = sorted({k for h in history for k in h if k.startswith("val_loss/")})
+    for key in val_keys:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("val_loss/", "val "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_figure_file(path: Path, artifact_path: str = "plots") -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def register_hf_model(
+    hf_dir: Path, name: str, *, stage: str, alias: str, tags: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """Log an HF-format directory as the active run's `model/` artifact, register it as a new version of
+    `name`, tag the version with its stage and point `alias` at it. Returns (models:/name/version, version)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_hf_model needs an active MLflow run")
+    mlflow.log_artifacts(str(hf_dir), "model")
+    client = MlflowClient()
+    with contextlib.suppress(Exception):  # already registered (possibly by a concurrent job)
+        client.create_registered_model(name)
+    version_tags = {"tulpar.stage": stage, "tulpar.format": "hf", **(tags or {})}
+    mv = client.create_model_version(name, source=mlflow.get_artifact_uri("model"), run_id=run.info.run_id,
+                                     tags=version_tags)
+    client.set_registered_model_alias(name, alias, mv.version)
+    mlflow.set_tag("tulpar.registered_model", f"models:/{name}/{mv.version}")
+    return f"models:/{name}/{mv.version}", str(mv.version)

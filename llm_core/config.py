@@ -1,0 +1,269 @@
+"""Typed configuration: the model config, and YAML + dotted-override loading shared by every job.
+
+A config file is YAML; overrides are `dotted.key=value` strings whose values are parsed as YAML scalars
+(`model.dim=256`, `train.lr=3e-4`, `use_gpu=true`). Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Attention head sizes vLLM's CPU attention backend accepts; every preset must be servable.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+# Model presets live in <repo>/configs/model/<name>.yaml.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "configs" / "model"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+class StrictModel(BaseModel):
+    """Base for every Tulpar config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RopeScaling(StrictModel):
+    """RoPE frequency scaling for contexts longer than the model was pretrained on.
+
+    `llama3` is Llama 3.1's piecewise rescaling; `yarn` is YaRN (NTK-by-parts with attention temperature).
+    `factor` must equal max_seq_len / original_max_seq_len.
+    """
+
+    type: Literal["llama3", "yarn"]
+    factor: float = Field(gt=1.0)
+    original_max_seq_len: int = Field(gt=0)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+
+
+class ModelConfig(StrictModel):
+    """A Llama-style decoder (dense, or MoE with shared experts when num_experts > 0)."""
+
+    name: str = "custom"
+    vocab_size: int = Field(gt=0)
+    dim: int = Field(gt=0, description="hidden size")
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0, description="key/value heads (GQA); num_heads must be a multiple")
+    ffn_hidden_dim: int = Field(gt=0, description="SwiGLU hidden size of the dense MLP")
+    max_seq_len: int = Field(gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # MoE (num_experts == 0 means dense). Routed experts use softmax top-k routing; the shared experts are
+    # always active and fused into one SwiGLU of width num_shared_experts * moe_ffn_hidden_dim behind a
+    # sigmoid gate, which maps exactly onto Qwen2-MoE's `shared_expert` + `shared_expert_gate`.
+    num_experts: int = Field(0, ge=0)
+    num_experts_per_token: int = Field(2, gt=0)
+    num_shared_experts: int = Field(0, ge=0)
+    moe_ffn_hidden_dim: int | None = Field(None, gt=0, description="per-expert hidden size; default ffn_hidden_dim")
+    aux_loss_coef: float = Field(0.01, ge=0.0)
+    norm_topk_prob: bool = True
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim % num_heads != 0 ({self.dim} % {self.num_heads}): pick dim divisible by num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads % num_kv_heads != 0 ({self.num_heads} % {self.num_kv_heads}): "
+                "num_kv_heads must divide num_heads"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / num_heads = {self.head_dim} must be even for RoPE")
+        if self.num_experts and self.num_experts_per_token > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_token ({self.num_experts_per_token}) > num_experts ({self.num_experts})"
+            )
+        if self.num_shared_experts and not self.num_experts:
+            raise ValueError("num_shared_experts > 0 needs num_experts > 0 (a dense model has no experts)")
+        rs = self.rope_scaling
+        if rs is not None:
+            if rs.original_max_seq_len >= self.max_seq_len:
+                raise ValueError(
+                    f"rope_scaling.original_max_seq_len ({rs.original_max_seq_len}) must be < max_seq_len "
+                    f"({self.max_seq_len})"
+                )
+            want = self.max_seq_len / rs.original_max_seq_len
+            if not math.isclose(rs.factor, want, rel_tol=1e-6):
+                raise ValueError(
+                    f"rope_scaling.factor ({rs.factor}) must equal max_seq_len / original_max_seq_len = {want:g}"
+                )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe_ffn_hidden_dim or self.ffn_hidden_dim
+
+    def servable_on_vllm_cpu(self) -> bool:
+        return self.head_dim in VLLM_CPU_HEAD_DIMS
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count computed from the config (equals the built model's count)."""
+        d, hd = self.dim, self.head_dim
+        attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2  # q, o, k, v
+        if self.is_moe:
+            h = self.expert_hidden_dim
+            mlp = self.num_experts * 3 * d * h + d * self.num_experts  # experts + router
+            if self.num_shared_experts:
+                mlp += 3 * d * h * self.num_shared_experts + d  # fused shared experts + sigmoid gate
+        else:
+            mlp = 3 * d * self.ffn_hidden_dim
+        per_layer = attn + mlp + 2 * d  # two RMSNorm weights
+        total = self.num_layers * per_layer + d  # final norm
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return total
+
+    def num_active_params(self) -> int:
+        """Parameters touched per token (routed experts counted num_experts_per_token times)."""
+        if not self.is_moe:
+            return self.num_params()
+        unused = (self.num_experts - self.num_experts_per_token) * 3 * self.dim * self.expert_hidden_dim
+        return self.num_params() - self.num_layers * unused
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 * active matmul params + attention scores."""
+        matmul = self.num_active_params() - self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        matmul += self.vocab_size * self.dim  # LM head
+        attn = 12.0 * self.num_layers * seq_len * self.dim  # QK^T and AV, fwd+bwd (PaLM appendix B accounting)
+        return 6.0 * matmul + attn
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw dict of a model preset from configs/model/<name>.yaml."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"unknown model preset {name!r}: choose one of {known} (files in {PRESET_DIR})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data.setdefault("name", name)
+    return data
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def model_config_from_preset(name: str, overrides: list[str] | None = None) -> ModelConfig:
+    data = load_preset(name)
+    for item in overrides or []:
+        key, value = _split_override(item)
+        _set_dotted(data, key.split("."), value, item)
+    return _validate(ModelConfig, data, f"preset {name}")
+
+
+# ---------------------------------------------------------------- generic YAML + dotted override loading
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not key=value: write e.g. model.dim=256")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling"
+        elif err["type"] == "missing":
+            msg = "required but missing: set it in the YAML or as an override key=value"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return f"invalid config ({where}):\n" + "\n".join(lines)
+
+
+def _validate(cls: type[C], data: dict[str, Any], where: str) -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None
+
+
+def resolve_presets(data: dict[str, Any]) -> dict[str, Any]:
+    """A `model:` given as a preset name becomes that preset's dict (overrides then apply on top)."""
+    if isinstance(data.get("model"), str):
+        data["model"] = load_preset(data["model"])
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Load `cls` from a YAML file plus dotted overrides; raises ConfigError naming the bad key or value."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file with --config")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+        where = str(p)
+    data = resolve_presets(copy.deepcopy(data))
+    for item in overrides or []:
+        key, value = _split_override(item)
+        if key == "model" and isinstance(value, str):
+            data["model"] = load_preset(value)
+            continue
+        _set_dotted(data, key.split("."), value, item)
+    return _validate(cls, data, where)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def config_sha256(cfg: BaseModel) -> str:
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,118 @@
+"""Token data for training: flat token arrays and a seeded, resumable random-window sampler.
+
+A token stream is a 1-D array of token ids (uint16 when the vocabulary fits, else uint32) in which documents
+follow each other, each ending with the tokenizer's end-of-text id. On disk it is a raw `.bin` file that is
+memory-mapped, so many workers read the same shard without copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Training data is missing or unusable; the message says what to do."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def concat_documents(docs: Iterable[list[int]], vocab_size: int) -> np.ndarray:
+    """Concatenate tokenised documents into one flat array of the smallest fitting dtype."""
+    arrays = [np.asarray(d, dtype=np.int64) for d in docs]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise DataError(f"token ids outside [0, {vocab_size}): the data was tokenised with another tokenizer")
+    return flat.astype(token_dtype(vocab_size))
+
+
+def write_tokens(path: str | Path, tokens: np.ndarray) -> Path:
+    from llm_core.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, np.ascontiguousarray(tokens).tobytes())
+
+
+def read_tokens(path: str | Path, dtype: np.dtype | str) -> np.ndarray:
+    """Memory-map a `.bin` token file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"token file {str(p)!r} not found: run preprocessing first or fix the dataset path")
+    return np.memmap(p, dtype=np.dtype(dtype), mode="r")
+
+
+class RandomWindows:
+    """Random (input, target) windows of `seq_len` tokens from a flat token array.
+
+    Deterministic and resumable: the batch at sampler step s depends only on (seed, rank, s), so the data
+    position saved in a checkpoint is just `step`. Each data-parallel rank draws from its own contiguous
+    slice of the stream (rank r of world_size reads slice r), so ranks never see the same window.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        name: str = "train",
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        per_rank = len(tokens) // world_size
+        self.tokens = tokens[rank * per_rank : (rank + 1) * per_rank]
+        need = seq_len + 1
+        if len(self.tokens) < need:
+            raise DataError(
+                f"not enough tokens in the {name} data: need {need} (seq_len {seq_len} + 1) per data-parallel "
+                f"worker, have {len(self.tokens)} (of {len(tokens)} over {world_size} workers): add text, lower "
+                "seq_len or use fewer workers"
+            )
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seed, self.rank = seed, rank
+        self.step = 0
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.tokens) - self.seq_len
+
+    def _generator(self, step: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.seed, self.rank, step]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (batch_size, seq_len) int64."""
+        starts = torch.randint(0, self.num_windows + 1, (self.batch_size,), generator=self._generator(step))
+        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}")
+        self.step = int(state["step"])
+
+
+def sequential_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None):
+    """Non-overlapping (inputs, targets) windows covering the stream in order, for evaluation. Yields (1, T) pairs."""
+    n = (len(tokens) - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    for i in range(n):
+        chunk = torch.from_numpy(np.asarray(tokens[i * seq_len : (i + 1) * seq_len + 1], dtype=np.int64))
+        yield chunk[None, :-1], chunk[None, 1:]

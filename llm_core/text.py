@@ -1,0 +1,91 @@
+"""Reading raw text documents from .txt / .jsonl files (optionally gzip-compressed), and language sampling."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+
+
+def _open(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def iter_documents(
+    path: str | Path, *, text_field: str = "text", txt_mode: Literal["line", "blank_line"] = "line"
+) -> Iterator[str]:
+    """Documents of one file: a line (or a blank-line-separated block) of .txt, the `text_field` of .jsonl."""
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    with _open(path) as f:
+        if name.endswith(".jsonl"):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                text = rec.get(text_field) if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")
+                yield text
+        elif txt_mode == "line":
+            for line in f:
+                if line.strip():
+                    yield line.rstrip("\n")
+        else:
+            block: list[str] = []
+            for line in f:
+                if line.strip():
+                    block.append(line.rstrip("\n"))
+                elif block:
+                    yield "\n".join(block)
+                    block = []
+            if block:
+                yield "\n".join(block)
+
+
+def text_files(directory: str | Path) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"text directory {str(d)!r} not found: check TULPAR_DATA or the configured path")
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+    if not files:
+        raise ValueError(f"no {'/'.join(TEXT_SUFFIXES)} files under {str(d)!r}")
+    return files
+
+
+def sample_language(directory: str | Path, max_chars: int, min_chars: int = 1) -> list[str]:
+    """Documents from every file of a language directory, round-robin across files so that each source is
+    represented, until `max_chars` characters are collected."""
+    iters = [iter_documents(p) for p in text_files(directory)]
+    docs: list[str] = []
+    total = 0
+    while iters and total < max_chars:
+        for it in list(iters):
+            doc = next(it, None)
+            if doc is None:
+                iters.remove(it)
+                continue
+            if len(doc) < min_chars:
+                continue
+            docs.append(doc)
+            total += len(doc)
+            if total >= max_chars:
+                break
+    return docs
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Deterministic document-level split by content hash (stable across runs and machines)."""
+    h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+    return (h % 1_000_000) < val_fraction * 1_000_000

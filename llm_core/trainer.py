@@ -1,0 +1,271 @@
+"""The one training loop every stage uses (pretraining now; SFT/DPO/distillation plug in their loss).
+
+It knows nothing of Ray: a Ray Train worker (or a plain process) builds a Trainer, calls `fit`, and passes
+callbacks that report metrics and checkpoints wherever they must go. Gradient accumulation weights each
+micro-batch by its number of target tokens, so accumulating k micro-batches equals one batch k times larger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from llm_core.checkpoint import load_checkpoint, save_checkpoint
+from llm_core.config import StrictModel
+from llm_core.data import RandomWindows, sequential_windows
+from llm_core.model import Transformer
+from llm_core.optim import build_optimizer, build_scheduler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+# loss_fn(model, inputs, targets) -> (loss averaged over target tokens, extra metrics)
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingError(ValueError):
+    """Training cannot go on because of a setting (e.g. the loss diverged); the message says what to change."""
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(300, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="sequences per micro-batch per worker")
+    seq_len: int = Field(256, gt=1)
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step (ignored if tokens_per_step)")
+    tokens_per_step: int | None = Field(None, gt=0, description="target tokens per optimizer step, all workers")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    eval_every: int = Field(50, gt=0)
+    eval_windows: int = Field(32, gt=0, description="validation windows of seq_len per language per eval")
+    log_every: int = Field(10, gt=0)
+    seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = False
+    activation_checkpointing: bool = False
+    peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; None: known GPUs")
+
+    def accum_steps(self, world_size: int) -> int:
+        if self.tokens_per_step is None:
+            return self.grad_accum_steps
+        per_micro = self.batch_size * self.seq_len * world_size
+        return max(1, round(self.tokens_per_step / per_micro))
+
+
+@dataclass
+class EvalSet:
+    """Held-out tokens of one language (or 'all') and its bytes per token, for bits-per-byte."""
+
+    name: str
+    tokens: np.ndarray
+    bytes_per_token: float
+
+
+@dataclass
+class FitResult:
+    step: int
+    best_val_loss: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    out = model(inputs, targets)
+    extra = {} if out.aux_loss is None else {"aux_loss": float(out.aux_loss.detach())}
+    return out.loss, extra
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known accelerators (per device), for MFU; None when unknown (e.g. CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Transformer,
+        cfg: TrainConfig,
+        *,
+        device: torch.device | str = "cpu",
+        run_config: dict[str, Any] | None = None,
+        loss_fn: LossFn = lm_loss,
+        world_size: int = 1,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    ):
+        self.cfg, self.device, self.world_size = cfg, torch.device(device), world_size
+        self.model = model.to(self.device)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.run_config = run_config or {"model": model.cfg.model_dump(mode="json"), "train": cfg.model_dump()}
+        self.loss_fn = loss_fn
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.scheduler = build_scheduler(
+            self.optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.wsd_decay_fraction,
+        )
+        self.engine = wrap(self.model) if wrap else self.model  # e.g. DDP; checkpoints use self.model
+        if cfg.compile:
+            self.engine = torch.compile(self.engine)
+        self.accum = cfg.accum_steps(world_size)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
+        self.flops_per_token = model.cfg.flops_per_token(cfg.seq_len)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """Forward/backward over the micro-batches, clip, step. Returns loss, grad_norm, lr, tokens."""
+        self.engine.train()
+        counts = [int((t != -100).sum()) for _, t in micro_batches]
+        total = sum(counts)
+        if total == 0:
+            raise TrainingError("a training batch has no target tokens (all labels are -100): check the loss mask")
+        loss_sum, extras = 0.0, {}
+        for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if i < len(micro_batches) - 1 and hasattr(self.engine, "no_sync"):
+                sync = self.engine.no_sync()  # DDP: all-reduce once, on the last micro-batch
+            with sync:
+                with self._autocast():
+                    loss, extra = self.loss_fn(self.engine, x, y)
+                (loss * (n / total)).backward()
+            loss_sum += float(loss.detach()) * n / total
+            for k, v in extra.items():
+                extras[k] = extras.get(k, 0.0) + v / len(micro_batches)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(
+                f"loss became {loss_sum} at step {self.step + 1}: lower the learning rate (lr={self.cfg.lr}), "
+                "keep grad_clip > 0, or use fp32 precision"
+            )
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": float(total), **extras}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
+        """Mean validation loss (nats/token), perplexity and bits-per-byte per set."""
+        self.model.eval()
+        metrics: dict[str, float] = {}
+        for es in eval_sets:
+            total_loss, total_tokens = 0.0, 0
+            windows = list(sequential_windows(es.tokens, self.cfg.seq_len, self.cfg.eval_windows))
+            for i in range(0, len(windows), self.cfg.batch_size):
+                chunk = windows[i : i + self.cfg.batch_size]
+                x = torch.cat([w[0] for w in chunk]).to(self.device)
+                y = torch.cat([w[1] for w in chunk]).to(self.device)
+                with self._autocast():
+                    out = self.model(x, y)
+                total_loss += float(out.ce_loss) * y.numel()
+                total_tokens += y.numel()
+            if not total_tokens:
+                continue
+            loss = total_loss / total_tokens
+            metrics[f"val_loss/{es.name}"] = loss
+            metrics[f"val_ppl/{es.name}"] = math.exp(min(loss, 50.0))
+            metrics[f"val_bpb/{es.name}"] = loss / math.log(2) / es.bytes_per_token
+        losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
+        if losses:  # model selection uses the unweighted mean over languages
+            metrics["val_loss"] = sum(losses) / len(losses)
+        self.model.train()
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, root: Path, sampler: RandomWindows, metrics: dict[str, float], best: bool) -> None:
+        save_checkpoint(
+            root / "last", model=self.model, step=self.step, config=self.run_config, optimizer=self.optimizer,
+            scheduler=self.scheduler, data_state=sampler.state_dict(),
+            metrics={**metrics, "best_val_loss": self.best_val_loss},
+        )
+        if best:
+            from llm_core.io import atomic_dir
+
+            with atomic_dir(root / "best") as tmp:
+                for f in (root / "last").iterdir():
+                    shutil.copy2(f, tmp / f.name)
+
+    def resume(self, path: Path, sampler: RandomWindows) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = state["step"]
+        self.best_val_loss = state["metrics"].get("best_val_loss")
+        if state["data"] is not None:
+            sampler.load_state_dict(state["data"])
+
+    # ------------------------------------------------------------------ the loop
+    def fit(
+        self,
+        sampler: RandomWindows,
+        eval_sets: list[EvalSet],
+        *,
+        checkpoint_root: Path | None = None,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
+        progress: bool = True,
+    ) -> FitResult:
+        """Train until cfg.steps; evaluate (and checkpoint) every eval_every steps and at the end."""
+        from tqdm.auto import tqdm
+
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=None if progress else True, leave=False)
+        window_start, window_tokens = time.perf_counter(), 0.0
+        while self.step < self.cfg.steps:
+            metrics = self.train_step([sampler.next_batch() for _ in range(self.accum)])
+            window_tokens += metrics["tokens"] * self.world_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tps = window_tokens / elapsed
+                metrics["tokens_per_s"] = tps
+                metrics["tflops_per_s"] = tps * self.flops_per_token / self.world_size / 1e12
+                if self.peak_flops:
+                    metrics["mfu"] = tps * self.flops_per_token / (self.world_size * self.peak_flops)
+                if self.device.type == "cuda":
+                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                window_start, window_tokens = time.perf_counter(), 0.0
+                history.append({"step": self.step, **metrics})
+                if on_log:
+                    on_log(self.step, metrics)
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                val = self.evaluate(eval_sets)
+                val_loss = val.get("val_loss")
+                is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
+                if is_best:
+                    self.best_val_loss = val_loss
+                if checkpoint_root is not None:
+                    self.save(checkpoint_root, sampler, val, is_best)
+                history.append({"step": self.step, **val})
+                if on_eval:
+                    on_eval(self.step, val, is_best)
+        bar.close()
+        return FitResult(step=self.step, best_val_loss=self.best_val_loss, history=history)

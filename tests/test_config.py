@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm_core.config import (
+    VLLM_CPU_HEAD_DIMS,
+    ConfigError,
+    ModelConfig,
+    config_sha256,
+    list_presets,
+    load_config,
+    model_config_from_preset,
+)
+from llm_core.model import Transformer
+from tests.conftest import REPO, small_config
+
+
+def analytic_params(c: dict) -> int:
+    """Independent count from the raw YAML numbers."""
+    d, L, V = c["dim"], c["num_layers"], c["vocab_size"]
+    hd = d // c["num_heads"]
+    attn = 2 * d * d + 2 * d * c["num_kv_heads"] * hd
+    if c.get("num_experts", 0):
+        h = c.get("moe_ffn_hidden_dim") or c["ffn_hidden_dim"]
+        mlp = c["num_experts"] * 3 * d * h + c["num_experts"] * d
+        mlp += c.get("num_shared_experts", 0) * 3 * d * h + (d if c.get("num_shared_experts", 0) else 0)
+    else:
+        mlp = 3 * d * c["ffn_hidden_dim"]
+    embed = V * d * (1 if c.get("tie_embeddings", True) else 2)
+    return L * (attn + mlp + 2 * d) + d + embed
+
+
+EXPECTED_PRESETS = {"tiny", "minimind-26m", "gpt-130m", "kk-350m", "moe-small"}
+
+
+def test_presets_exist():
+    assert EXPECTED_PRESETS <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_preset_param_count_and_servable(name):
+    raw = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
+    cfg = model_config_from_preset(name)
+    assert cfg.num_params() == analytic_params(raw)
+    assert cfg.head_dim in VLLM_CPU_HEAD_DIMS, "every preset must be servable by vLLM's CPU attention"
+    if name in ("tiny", "minimind-26m", "moe-small"):  # small enough to build here
+        assert Transformer(cfg).num_params() == cfg.num_params()
+
+
+def test_preset_sizes_match_their_names():
+    assert model_config_from_preset("tiny").num_params() < 2_000_000
+    assert 24e6 < model_config_from_preset("minimind-26m").num_params() < 28e6
+    assert 120e6 < model_config_from_preset("gpt-130m").num_params() < 140e6
+    kk = model_config_from_preset("kk-350m")
+    assert 200e6 <= kk.num_params() <= 500e6 and 32_000 <= kk.vocab_size <= 64_000
+    moe = model_config_from_preset("moe-small")
+    assert moe.num_experts > 1 and moe.num_shared_experts >= 1
+    assert moe.num_active_params() < moe.num_params()
+
+
+def test_gqa_divisibility_error_names_fields():
+    with pytest.raises(ValueError, match=r"num_heads % num_kv_heads != 0 \(8 % 3\)"):
+        small_config(num_heads=8, num_kv_heads=3)
+
+
+def test_dim_heads_error():
+    with pytest.raises(ValueError, match="dim % num_heads"):
+        small_config(dim=60, num_heads=8, num_kv_heads=8)
+
+
+def test_overrides_and_unknown_keys(tmp_path: Path):
+    from pydantic import Field
+
+    from llm_core.config import StrictModel
+
+    class Job(StrictModel):
+        name: str
+        model: ModelConfig
+        lr: float = Field(1e-3, gt=0)
+
+    f = tmp_path / "job.yaml"
+    f.write_text("name: x\nmodel: tiny\n")
+    job = load_config(Job, f, ["model.dim=256", "model.num_heads=8", "model.num_kv_heads=4", "lr=3e-4"])
+    assert job.model.dim == 256 and job.model.head_dim == 32 and job.lr == 3e-4
+    assert job.model.vocab_size == model_config_from_preset("tiny").vocab_size  # rest of the preset kept
+
+    with pytest.raises(ConfigError, match=r"model\.dimm: unknown key"):
+        load_config(Job, f, ["model.dimm=3"])
+    with pytest.raises(ConfigError, match=r"lr: Input should be greater than 0 \(got -1\)"):
+        load_config(Job, f, ["lr=-1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(Job, f, ["lr"])
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'"):
+        load_config(Job, f, ["model=nope"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Job, tmp_path / "missing.yaml")
+
+
+def test_rope_scaling_factor_must_match():
+    ok = small_config(max_seq_len=256, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64})
+    assert ok.rope_scaling.factor == 4.0
+    with pytest.raises(ValueError, match="rope_scaling.factor"):
+        small_config(max_seq_len=256, rope_scaling={"type": "llama3", "factor": 2.0, "original_max_seq_len": 64})
+
+
+def test_config_hash_is_stable():
+    a, b = small_config(), small_config()
+    assert config_sha256(a) == config_sha256(b)
+    assert config_sha256(a) != config_sha256(small_config(dim=128))
+
+
+def test_every_yaml_recipe_loads():
+    """Each configs/<stage>/*.yaml validates against its job's config class."""
+    from jobs.pretrain import PretrainConfig
+
+    classes = {"pretrain": PretrainConfig}
+    found = 0
+    for stage, cls in classes.items():
+        for path in sorted((REPO / "configs" / stage).glob("*.yaml")):
+            load_config(cls, path)
+            found += 1
+    assert found >= 1

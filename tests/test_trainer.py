@@ -1,0 +1,112 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llm_core.data import DataError, RandomWindows
+from llm_core.model import Transformer
+from llm_core.optim import lr_multiplier
+from llm_core.trainer import EvalSet, TrainConfig, Trainer, TrainingError
+from tests.conftest import small_config, small_moe_config
+
+TOKENS = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16)
+
+
+def trainer(cfg=None, seed=0, **train_kw):
+    torch.manual_seed(seed)
+    tcfg = TrainConfig(**{"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 1e-3, "warmup_steps": 2,
+                          "eval_every": 3, "eval_windows": 4, "log_every": 1, **train_kw})
+    return Trainer(Transformer(cfg or small_config()), tcfg)
+
+
+@pytest.mark.parametrize("make_cfg", [small_config, small_moe_config], ids=["dense", "moe"])
+def test_grad_accumulation_equals_big_batch(make_cfg):
+    cfg = make_cfg()
+    x = torch.randint(0, 256, (8, 32))
+    y = torch.randint(0, 256, (8, 32))
+    y[:3, :10] = -100  # unequal target counts per micro-batch must still weigh every token equally
+    big, small = trainer(cfg), trainer(cfg)
+    big.model.load_state_dict(small.model.state_dict())
+    grads = {}
+    for name, t in (("big", big), ("small", small)):  # capture the (clipped) gradients the optimizer sees
+        real_step = t.optimizer.step
+
+        def step(*a, _t=t, _name=name, _real=real_step, **k):
+            grads[_name] = [p.grad.clone() for p in _t.model.parameters()]
+            return _real(*a, **k)
+
+        t.optimizer.step = step
+    m1 = big.train_step([(x, y)])
+    m2 = small.train_step([(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
+    if not cfg.is_moe:
+        assert math.isclose(m1["loss"], m2["loss"], rel_tol=1e-6)
+        assert math.isclose(m1["grad_norm"], m2["grad_norm"], rel_tol=1e-5)
+        for a, b in zip(grads["big"], grads["small"]):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    else:  # MoE's aux loss is per micro-batch by nature; the CE gradient still matches closely
+        assert math.isclose(m1["loss"], m2["loss"], rel_tol=2e-3)
+        for a, b in zip(grads["big"], grads["small"]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-2)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    eval_sets = [EvalSet("all", TOKENS[:2000], 1.0)]
+    straight = trainer()
+    sampler = RandomWindows(TOKENS, 32, 4, seed=1)
+    res = straight.fit(sampler, eval_sets, checkpoint_root=tmp_path / "a", progress=False)
+    losses = [h["loss"] for h in res.history if "loss" in h]
+
+    first = trainer(steps=6)
+    first.cfg = first.cfg.model_copy(update={"steps": 3})  # stop half way, as if interrupted
+    s1 = RandomWindows(TOKENS, 32, 4, seed=1)
+    r1 = first.fit(s1, eval_sets, checkpoint_root=tmp_path / "b", progress=False)
+    resumed = trainer(seed=99)  # different init: everything must come from the checkpoint
+    s2 = RandomWindows(TOKENS, 32, 4, seed=1)
+    resumed.resume(tmp_path / "b" / "last", s2)
+    assert resumed.step == 3 and s2.step == 3
+    r2 = resumed.fit(s2, eval_sets, checkpoint_root=tmp_path / "b", progress=False)
+    resumed_losses = [h["loss"] for h in r1.history + r2.history if "loss" in h]
+    assert resumed_losses == losses
+    assert (tmp_path / "b" / "best" / "meta.json").is_file()
+
+
+def test_training_reduces_loss_and_reports_bpb():
+    t = trainer(steps=30, lr=3e-3)
+    # a learnable stream: a repeating pattern
+    tokens = np.tile(np.arange(50, dtype=np.uint16), 400)
+    before = t.evaluate([EvalSet("x", tokens[:1000], 2.0)])
+    t.fit(RandomWindows(tokens, 32, 4), [EvalSet("x", tokens[:1000], 2.0)], progress=False)
+    after = t.evaluate([EvalSet("x", tokens[:1000], 2.0)])
+    assert after["val_loss/x"] < before["val_loss/x"] * 0.5
+    assert math.isclose(after["val_bpb/x"], after["val_loss/x"] / math.log(2) / 2.0)
+
+
+def test_nan_loss_is_a_clear_error():
+    t = trainer()
+    with torch.no_grad():
+        t.model.embed_tokens.weight.fill_(float("nan"))
+    x = torch.randint(0, 256, (2, 32))
+    with pytest.raises(TrainingError, match="loss became nan at step 1: lower the learning rate"):
+        t.train_step([(x, x)])
+
+
+def test_not_enough_tokens():
+    with pytest.raises(DataError, match="not enough tokens in the train data: need 129"):
+        RandomWindows(np.zeros(100, dtype=np.uint16), 128, 2)
+
+
+def test_tokens_per_step_sets_accumulation():
+    cfg = TrainConfig(batch_size=4, seq_len=64, tokens_per_step=4 * 64 * 2 * 3)
+    assert cfg.accum_steps(world_size=2) == 3
+
+
+def test_lr_schedules():
+    kw = dict(total_steps=100, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    assert lr_multiplier(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_multiplier(100, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(50, schedule="wsd", **kw) == 1.0
+    assert lr_multiplier(90, schedule="wsd", **kw) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_multiplier(50, schedule="linear", **kw)
