@@ -36,13 +36,17 @@ class RawTextData(StrictModel):
 
     corpus_dir: str = "corpus"
     languages: list[str] = Field(default_factory=lambda: ["kk", "ru", "en"], min_length=1)
-    max_chars_per_language: int = Field(2_000_000, gt=0, description="balanced budget so no language dominates")
+    max_chars_per_language: int = Field(
+        2_000_000, gt=0, description="balanced budget so no language dominates"
+    )
     min_chars: int = Field(20, ge=1, description="shorter documents are skipped")
     val_fraction: float = Field(0.05, gt=0, lt=1)
 
 
 class TokenizerSpec(StrictModel):
-    path: str | None = Field(None, description="an existing tokenizer dir; None trains one from the training text")
+    path: str | None = Field(
+        None, description="an existing tokenizer dir; None trains one from the training text"
+    )
     vocab_size: int | None = Field(None, gt=0, description="default: the model's vocab_size")
     min_frequency: int = Field(2, ge=1)
 
@@ -88,13 +92,17 @@ def load_text(cfg: PretrainConfig, settings: Settings) -> dict[str, tuple[list[s
         val = [d for d in docs if is_validation(d, cfg.data.val_fraction)]
         train = [d for d in docs if not is_validation(d, cfg.data.val_fraction)]
         if not val or not train:
-            raise DataError(f"{lang}: {len(docs)} documents are too few to split off validation text: add text")
+            raise DataError(
+                f"{lang}: {len(docs)} documents are too few to split off validation text: add text"
+            )
         out[lang] = (train, val)
         log.info("%s: %d train / %d val documents, %d chars", lang, len(train), len(val), sum(map(len, docs)))
     return out
 
 
-def get_tokenizer(cfg: PretrainConfig, settings: Settings, texts: dict[str, tuple[list[str], list[str]]]) -> Tokenizer:
+def get_tokenizer(
+    cfg: PretrainConfig, settings: Settings, texts: dict[str, tuple[list[str], list[str]]]
+) -> Tokenizer:
     if cfg.tokenizer.path:
         return Tokenizer.from_dir(cfg.tokenizer.path)
     vocab = cfg.tokenizer.vocab_size or cfg.model.vocab_size
@@ -143,7 +151,9 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
                 f"not enough tokens: need {cfg.train.seq_len + 1} validation tokens for {es.name}, have "
                 f"{len(es.tokens)}: raise data.max_chars_per_language or data.val_fraction, or lower train.seq_len"
             )
-    log.info("train tokens: %d; val tokens: %s", len(train_tokens), {e.name: len(e.tokens) for e in eval_sets})
+    log.info(
+        "train tokens: %d; val tokens: %s", len(train_tokens), {e.name: len(e.tokens) for e in eval_sets}
+    )
 
     run_key = f"{cfg.name}-{config_sha256(cfg)[:8]}"
     ckpt_root = Path(settings.storage) / "checkpoints" / run_key
@@ -154,7 +164,8 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         log.info("resumed %s at step %d", ckpt_root / "last", trainer.step)
     print(
         f"model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters, {len(train_tokens):,} training tokens, "
-        f"{trainer.accum * cfg.train.batch_size * cfg.train.seq_len} tokens/step, device {device}", flush=True
+        f"{trainer.accum * cfg.train.batch_size * cfg.train.seq_len} tokens/step, device {device}",
+        flush=True,
     )
 
     tags = {"tulpar.tokenizer_sha256": tokenizer.sha256, "tulpar.model_name": cfg.name}
@@ -162,8 +173,10 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
 
         def on_log(step: int, m: dict[str, float]) -> None:
             tracking.log_metrics({("train_loss" if k == "loss" else k): v for k, v in m.items()}, step)
-            print(f"step {step:5d} | train loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s",
-                  flush=True)
+            print(
+                f"step {step:5d} | train loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s",
+                flush=True,
+            )
 
         def on_eval(step: int, m: dict[str, float], is_best: bool) -> None:
             tracking.log_metrics(m, step)
@@ -171,18 +184,25 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
 
         result = trainer.fit(sampler, eval_sets, checkpoint_root=ckpt_root, on_log=on_log, on_eval=on_eval)
-        plot = tracking.plot_loss_curve(result.history, ckpt_root / "loss_curve.png", f"{cfg.name} pretraining")
+        plot = tracking.plot_loss_curve(
+            result.history, ckpt_root / "loss_curve.png", f"{cfg.name} pretraining"
+        )
         tracking.log_figure_file(plot)
 
         best = load_model_from_checkpoint(ckpt_root / "best").to(device)
         final_val = trainer.evaluate(eval_sets)  # metrics of the last step; best checkpoint's are in its meta
-        best_metrics = {k: v for k, v in read_meta(ckpt_root / "best")["metrics"].items() if isinstance(v, float)}
+        best_metrics = {
+            k: v for k, v in read_meta(ckpt_root / "best")["metrics"].items() if isinstance(v, float)
+        }
         hf_dir = settings.path("models", cfg.name, f"run-{run.info.run_id[:8]}")
         export_hf(best.cpu(), hf_dir, tokenizer=tokenizer)
         model_uri = None
         if cfg.register_model:
             model_uri, version = tracking.register_hf_model(
-                hf_dir, cfg.name, stage="pretrain", alias="pretrain-latest",
+                hf_dir,
+                cfg.name,
+                stage="pretrain",
+                alias="pretrain-latest",
                 tags={"tulpar.best_val_loss": f"{trainer.best_val_loss:.6f}"},
             )
             final_dir = settings.path("models", cfg.name, str(version))
@@ -191,8 +211,13 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             hf_dir = hf_dir.rename(final_dir)
 
         samples = {}
-        params = SamplingParams(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-                                top_p=cfg.sample.top_p, seed=cfg.sample.seed, stop_token_ids=[tokenizer.eos_id])
+        params = SamplingParams(
+            max_new_tokens=cfg.sample.max_new_tokens,
+            temperature=cfg.sample.temperature,
+            top_p=cfg.sample.top_p,
+            seed=cfg.sample.seed,
+            stop_token_ids=[tokenizer.eos_id],
+        )
         best.eval()
         for lang, prompt in cfg.sample.prompts.items():
             out = generate(best, [tokenizer.encode(prompt)], params, pad_id=tokenizer.pad_id)[0]
@@ -202,8 +227,12 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         atomic_write_json(ckpt_root / "samples.json", samples)
 
     last_train = next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan"))
-    metrics = {"train_loss": last_train, **{f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")},
-               **{f"final_{k}": v for k, v in final_val.items()}, "steps": float(result.step)}
+    metrics = {
+        "train_loss": last_train,
+        **{f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")},
+        **{f"final_{k}": v for k, v in final_val.items()},
+        "steps": float(result.step),
+    }
     outputs = {
         "checkpoint_dir": str(ckpt_root),
         "best_checkpoint": str(ckpt_root / "best"),
@@ -213,7 +242,9 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         "loss_curve": str(plot),
         "samples": samples,
     }
-    return JobResult("pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=ckpt_root)
+    return JobResult(
+        "pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=ckpt_root
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,13 @@ class Settings:
             data = next((c.resolve() for c in candidates if c.is_dir()), candidates[0].resolve())
         tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
         storage = os.environ.get("TULPAR_STORAGE") or str(home)
-        return cls(data=data, home=home, storage=storage, mlflow_tracking_uri=tracking,
-                   ray_address=os.environ.get("RAY_ADDRESS") or None)
+        return cls(
+            data=data,
+            home=home,
+            storage=storage,
+            mlflow_tracking_uri=tracking,
+            ray_address=os.environ.get("RAY_ADDRESS") or None,
+        )
 
     def require_data(self, *parts: str) -> Path:
         """A path under TULPAR_DATA that must exist, or a ValueError saying how to get it."""
@@ -89,8 +94,13 @@ class JobResult:
     output_dir: Path | None = None  # where result.json goes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "status": self.status, "outputs": self.outputs, "metrics": self.metrics,
-                "mlflow_run_id": self.mlflow_run_id}
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -105,7 +115,9 @@ def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[st
         prog=f"python -m jobs.{stage}",
         description=f"Tulpar {stage} job. Overrides are dotted key=value pairs, e.g. train.steps=100.",
     )
-    parser.add_argument("--config", "-c", help=f"YAML config (e.g. configs/{stage}/tiny.yaml) or a name in it")
+    parser.add_argument(
+        "--config", "-c", help=f"YAML config (e.g. configs/{stage}/tiny.yaml) or a name in it"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied after the file")
     args = parser.parse_args(argv)
     path = None
@@ -120,7 +132,9 @@ def run_job(
     stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult], argv: list[str] | None = None
 ) -> int:
     """Parse the CLI, load the config, run `main`, print the JSON result; map errors to exit codes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         path, overrides = parse_args(stage, argv)
         cfg = load_config(config_cls, path, overrides)

@@ -35,11 +35,19 @@ EXPERIMENT = {
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         commit = out.stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
             timeout=10,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
@@ -175,8 +183,9 @@ def register_hf_model(
     with contextlib.suppress(Exception):  # already registered (possibly by a concurrent job)
         client.create_registered_model(name)
     version_tags = {"tulpar.stage": stage, "tulpar.format": "hf", **(tags or {})}
-    mv = client.create_model_version(name, source=mlflow.get_artifact_uri("model"), run_id=run.info.run_id,
-                                     tags=version_tags)
+    mv = client.create_model_version(
+        name, source=mlflow.get_artifact_uri("model"), run_id=run.info.run_id, tags=version_tags
+    )
     client.set_registered_model_alias(name, alias, mv.version)
     mlflow.set_tag("tulpar.registered_model", f"models:/{name}/{mv.version}")
     return f"models:/{name}/{mv.version}", str(mv.version)

@@ -65,7 +65,9 @@ def save_checkpoint(
 def read_meta(path: str | Path) -> dict[str, Any]:
     p = Path(path) / "meta.json"
     if not p.is_file():
-        raise ValueError(f"{str(path)!r} is not a Tulpar checkpoint (no meta.json): pass a best/ or last/ directory")
+        raise ValueError(
+            f"{str(path)!r} is not a Tulpar checkpoint (no meta.json): pass a best/ or last/ directory"
+        )
     return json.loads(p.read_text(encoding="utf-8"))
 
 

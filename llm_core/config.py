@@ -72,7 +72,9 @@ class ModelConfig(StrictModel):
     num_experts: int = Field(0, ge=0)
     num_experts_per_token: int = Field(2, gt=0)
     num_shared_experts: int = Field(0, ge=0)
-    moe_ffn_hidden_dim: int | None = Field(None, gt=0, description="per-expert hidden size; default ffn_hidden_dim")
+    moe_ffn_hidden_dim: int | None = Field(
+        None, gt=0, description="per-expert hidden size; default ffn_hidden_dim"
+    )
     aux_loss_coef: float = Field(0.01, ge=0.0)
     norm_topk_prob: bool = True
     init_std: float = Field(0.02, gt=0)
@@ -80,7 +82,9 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.dim % self.num_heads:
-            raise ValueError(f"dim % num_heads != 0 ({self.dim} % {self.num_heads}): pick dim divisible by num_heads")
+            raise ValueError(
+                f"dim % num_heads != 0 ({self.dim} % {self.num_heads}): pick dim divisible by num_heads"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads % num_kv_heads != 0 ({self.num_heads} % {self.num_kv_heads}): "
@@ -151,7 +155,9 @@ class ModelConfig(StrictModel):
         """Training FLOPs per token (forward + backward): 6 * active matmul params + attention scores."""
         matmul = self.num_active_params() - self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         matmul += self.vocab_size * self.dim  # LM head
-        attn = 12.0 * self.num_layers * seq_len * self.dim  # QK^T and AV, fwd+bwd (PaLM appendix B accounting)
+        attn = (
+            12.0 * self.num_layers * seq_len * self.dim
+        )  # QK^T and AV, fwd+bwd (PaLM appendix B accounting)
         return 6.0 * matmul + attn
 
 
@@ -216,7 +222,11 @@ def _format_validation_error(exc: ValidationError, where: str) -> str:
         elif err["type"] == "missing":
             msg = "required but missing: set it in the YAML or as an override key=value"
         got = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            ""
+            if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
         lines.append(f"  {loc}: {msg}{shown}")
     return f"invalid config ({where}):\n" + "\n".join(lines)
 
@@ -248,7 +258,9 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}"
+            )
         where = str(p)
     data = resolve_presets(copy.deepcopy(data))
     for item in overrides or []:

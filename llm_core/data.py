@@ -90,7 +90,9 @@ class RandomWindows:
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64."""
         starts = torch.randint(0, self.num_windows + 1, (self.batch_size,), generator=self._generator(step))
-        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()])
+        rows = np.stack(
+            [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
+        )
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
@@ -104,7 +106,9 @@ class RandomWindows:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed") != self.seed:
-            raise ValueError(f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}")
+            raise ValueError(
+                f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}"
+            )
         self.step = int(state["step"])
 
 

@@ -65,7 +65,9 @@ def generate_stream(
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each sequence's new token id (None once that sequence has stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (an empty prompt has nothing to condition on)")
+        raise ValueError(
+            "every prompt needs at least one token (an empty prompt has nothing to condition on)"
+        )
     cfg = model.cfg
     longest = max(len(p) for p in prompts)
     if longest >= cfg.max_seq_len:
@@ -100,7 +102,9 @@ def generate_stream(
             tok = next_token(out.logits[:, -1], seen, params, generator)  # (B,)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             is_stop = torch.isin(tok, stops) & ~done
-            yield [None if (d or s) else int(t) for t, d, s in zip(tok.tolist(), done.tolist(), is_stop.tolist())]
+            yield [
+                None if (d or s) else int(t) for t, d, s in zip(tok.tolist(), done.tolist(), is_stop.tolist())
+            ]
             done |= is_stop
             if bool(done.all()) or step == max_new - 1:
                 break
@@ -108,14 +112,18 @@ def generate_stream(
             attn[:, longest + step] = 1  # the token just chosen becomes a key for the next step
             last_pos = last_pos + 1
             out = model(
-                tok[:, None], position_ids=last_pos[:, None], attention_mask=attn[:, : longest + step + 1],
+                tok[:, None],
+                position_ids=last_pos[:, None],
+                attention_mask=attn[:, : longest + step + 1],
                 kv_cache=cache,
             )
     finally:
         model.train(was_training)
 
 
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, pad_id: int = 0) -> list[list[int]]:
+def generate(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, pad_id: int = 0
+) -> list[list[int]]:
     """Generated token ids per prompt (prompt and stop token excluded)."""
     results: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, params, pad_id=pad_id):

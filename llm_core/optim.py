@@ -36,7 +36,13 @@ def build_optimizer(
 
 
 def lr_multiplier(
-    step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float, decay_fraction: float
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    min_lr_ratio: float,
+    decay_fraction: float,
 ) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based).
 

@@ -33,7 +33,9 @@ def iter_documents(
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                    raise ValueError(
+                        f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line"
+                    ) from None
                 text = rec.get(text_field) if isinstance(rec, dict) else None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")

@@ -18,7 +18,13 @@ from llm_core.io import atomic_dir
 
 # Special tokens, in id order for tokenizers we train. `<|endoftext|>` ends every pretraining document, is the
 # BOS/EOS of plain text and the padding token; `<|im_end|>` ends a chat turn (the chat EOS).
-ENDOFTEXT, IM_START, IM_END, THINK_START, THINK_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+ENDOFTEXT, IM_START, IM_END, THINK_START, THINK_END = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+)
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, THINK_START, THINK_END]
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -45,7 +51,9 @@ def train_bpe(
     """Train a byte-level BPE (NFC-normalised, GPT-style pre-tokenisation, digits split one by one)."""
     special_tokens = special_tokens or SPECIAL_TOKENS
     if vocab_size < 256 + len(special_tokens) + 1:
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs > {256 + len(special_tokens)}")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs > {256 + len(special_tokens)}"
+        )
     tk = HFTokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
     pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
@@ -86,7 +94,9 @@ class Tokenizer:
         p = Path(path)
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
-            raise ValueError(f"no tokenizer.json at {str(p)!r}: train one (make tokenizer) or pass its directory")
+            raise ValueError(
+                f"no tokenizer.json at {str(p)!r}: train one (make tokenizer) or pass its directory"
+            )
         tk = HFTokenizer.from_file(str(file))
         template, max_len = CHAT_TEMPLATE, 32768
         cfg_file = file.parent / "tokenizer_config.json"
@@ -102,8 +112,12 @@ class Tokenizer:
             self.tk.save(str(tmp / "tokenizer.json"))
             added = {
                 str(self.tk.token_to_id(t)): {
-                    "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                    "single_word": False, "special": True,
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
                 }
                 for t in SPECIAL_TOKENS
                 if self.tk.token_to_id(t) is not None
@@ -122,7 +136,9 @@ class Tokenizer:
                 "additional_special_tokens": [IM_START, IM_END, THINK_START, THINK_END],
                 "chat_template": self.chat_template,
             }
-            (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), "utf-8")
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(config, ensure_ascii=False, indent=2), "utf-8"
+            )
             special_map = {"eos_token": IM_END, "pad_token": ENDOFTEXT}
             (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2), "utf-8")
         return Path(path)
@@ -165,7 +181,11 @@ class Tokenizer:
         if not messages:
             raise ValueError("a chat needs at least one message")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in CHAT_ROLES
+                or not isinstance(m.get("content"), str)
+            ):
                 raise ValueError(
                     f"message {i} must be {{'role': one of {CHAT_ROLES}, 'content': str}}, got {m!r}"
                 )

@@ -39,8 +39,12 @@ class TrainConfig(StrictModel):
     steps: int = Field(300, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per worker")
     seq_len: int = Field(256, gt=1)
-    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step (ignored if tokens_per_step)")
-    tokens_per_step: int | None = Field(None, gt=0, description="target tokens per optimizer step, all workers")
+    grad_accum_steps: int = Field(
+        1, gt=0, description="micro-batches per optimizer step (ignored if tokens_per_step)"
+    )
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="target tokens per optimizer step, all workers"
+    )
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -53,10 +57,14 @@ class TrainConfig(StrictModel):
     eval_windows: int = Field(32, gt=0, description="validation windows of seq_len per language per eval")
     log_every: int = Field(10, gt=0)
     seed: int = 1337
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
     compile: bool = False
     activation_checkpointing: bool = False
-    peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; None: known GPUs")
+    peak_flops: float | None = Field(
+        None, gt=0, description="per-device peak FLOP/s for MFU; None: known GPUs"
+    )
 
     def accum_steps(self, world_size: int) -> int:
         if self.tokens_per_step is None:
@@ -92,7 +100,13 @@ def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)):
+    for key, flops in (
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("A10", 125e12),
+    ):
         if key in name:
             return flops
     return None
@@ -113,12 +127,19 @@ class Trainer:
         self.cfg, self.device, self.world_size = cfg, torch.device(device), world_size
         self.model = model.to(self.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
-        self.run_config = run_config or {"model": model.cfg.model_dump(mode="json"), "train": cfg.model_dump()}
+        self.run_config = run_config or {
+            "model": model.cfg.model_dump(mode="json"),
+            "train": cfg.model_dump(),
+        }
         self.loss_fn = loss_fn
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.scheduler = build_scheduler(
-            self.optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-            min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.wsd_decay_fraction,
+            self.optimizer,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_fraction=cfg.wsd_decay_fraction,
         )
         self.engine = wrap(self.model) if wrap else self.model  # e.g. DDP; checkpoints use self.model
         if cfg.compile:
@@ -143,7 +164,9 @@ class Trainer:
         counts = [int((t != -100).sum()) for _, t in micro_batches]
         total = sum(counts)
         if total == 0:
-            raise TrainingError("a training batch has no target tokens (all labels are -100): check the loss mask")
+            raise TrainingError(
+                "a training batch has no target tokens (all labels are -100): check the loss mask"
+            )
         loss_sum, extras = 0.0, {}
         for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -203,8 +226,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, root: Path, sampler: RandomWindows, metrics: dict[str, float], best: bool) -> None:
         save_checkpoint(
-            root / "last", model=self.model, step=self.step, config=self.run_config, optimizer=self.optimizer,
-            scheduler=self.scheduler, data_state=sampler.state_dict(),
+            root / "last",
+            model=self.model,
+            step=self.step,
+            config=self.run_config,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            data_state=sampler.state_dict(),
             metrics={**metrics, "best_val_loss": self.best_val_loss},
         )
         if best:
@@ -236,7 +264,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         history: list[dict[str, float]] = []
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=None if progress else True, leave=False)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=None if progress else True,
+            leave=False,
+        )
         window_start, window_tokens = time.perf_counter(), 0.0
         while self.step < self.cfg.steps:
             metrics = self.train_step([sampler.next_batch() for _ in range(self.accum)])
@@ -259,7 +293,9 @@ class Trainer:
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 val = self.evaluate(eval_sets)
                 val_loss = val.get("val_loss")
-                is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
+                is_best = val_loss is not None and (
+                    self.best_val_loss is None or val_loss < self.best_val_loss
+                )
                 if is_best:
                     self.best_val_loss = val_loss
                 if checkpoint_root is not None:

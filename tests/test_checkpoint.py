@@ -32,8 +32,15 @@ def test_save_load_is_exact(tmp_path):
     x = torch.randint(0, 256, (2, 16))
     for _ in range(3):
         step(model, opt, sched, x)
-    save_checkpoint(tmp_path / "last", model=model, step=3, config={"model": cfg.model_dump()}, optimizer=opt,
-                    scheduler=sched, data_state={"step": 3, "seed": 0, "rank": 0})
+    save_checkpoint(
+        tmp_path / "last",
+        model=model,
+        step=3,
+        config={"model": cfg.model_dump()},
+        optimizer=opt,
+        scheduler=sched,
+        data_state={"step": 3, "seed": 0, "rank": 0},
+    )
     noise_after = torch.rand(3)  # RNG stream after the save
     expected_next = step(model, opt, sched, x)
 

@@ -94,7 +94,9 @@ def test_moe_aux_loss_routing_and_shared_expert():
     for layer in model.layers:
         counts = layer.mlp.last_expert_counts
         assert counts.sum().item() == 4 * 64 * 2
-        assert (counts > 0).all(), f"every expert should receive tokens on random input, got {counts.tolist()}"
+        assert (counts > 0).all(), (
+            f"every expert should receive tokens on random input, got {counts.tolist()}"
+        )
     # the shared expert is always active: it receives gradient from every token position
     out.loss.backward()
     moe = model.layers[0].mlp
@@ -104,7 +106,9 @@ def test_moe_aux_loss_routing_and_shared_expert():
         base = moe(x1)
         moe.shared.down_proj.weight.add_(0.5)
         changed = moe(x1)
-    assert ((changed - base).abs().amax(dim=-1) > 0).all(), "every token's output depends on the shared expert"
+    assert ((changed - base).abs().amax(dim=-1) > 0).all(), (
+        "every token's output depends on the shared expert"
+    )
 
 
 def test_moe_matches_a_per_token_reference():
@@ -120,7 +124,9 @@ def test_moe_matches_a_per_token_reference():
             w, e = probs.topk(2)
             w = w / w.sum()
             y = sum(
-                wi * (torch.nn.functional.silu(moe.w_gate[ei] @ tok) * (moe.w_up[ei] @ tok)) @ moe.w_down[ei].t()
+                wi
+                * (torch.nn.functional.silu(moe.w_gate[ei] @ tok) * (moe.w_up[ei] @ tok))
+                @ moe.w_down[ei].t()
                 for wi, ei in zip(w, e.tolist())
             )
             ref.append(y)
@@ -132,7 +138,9 @@ def test_rope_scaling_variants_run_and_differ():
     x = torch.randint(0, 256, (1, 100))
     outs = {}
     for kind in ("llama3", "yarn"):
-        cfg = small_config(max_seq_len=256, rope_scaling={"type": kind, "factor": 4.0, "original_max_seq_len": 64})
+        cfg = small_config(
+            max_seq_len=256, rope_scaling={"type": kind, "factor": 4.0, "original_max_seq_len": 64}
+        )
         model = Transformer(cfg).eval()
         model.load_state_dict(plain.state_dict())
         with torch.no_grad():

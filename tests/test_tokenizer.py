@@ -37,7 +37,9 @@ def test_saved_tokenizer_loads_in_transformers_with_same_chat_template(tokenizer
         assert hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen) == (
             tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=gen)
         )
-    no_think = hf.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    no_think = hf.apply_chat_template(
+        MESSAGES[:2], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     text = "Алматы — ең ірі қала. Big city."
     assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)

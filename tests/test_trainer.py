@@ -15,8 +15,19 @@ TOKENS = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16)
 
 def trainer(cfg=None, seed=0, **train_kw):
     torch.manual_seed(seed)
-    tcfg = TrainConfig(**{"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 1e-3, "warmup_steps": 2,
-                          "eval_every": 3, "eval_windows": 4, "log_every": 1, **train_kw})
+    tcfg = TrainConfig(
+        **{
+            "steps": 6,
+            "batch_size": 4,
+            "seq_len": 32,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "eval_every": 3,
+            "eval_windows": 4,
+            "log_every": 1,
+            **train_kw,
+        }
+    )
     return Trainer(Transformer(cfg or small_config()), tcfg)
 
 

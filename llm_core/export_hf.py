@@ -1,0 +1,714 @@
+"""Export llm_core models to Hugging Face format, and import Hugging Face checkpoints back.
+
+A dense model becomes a `LlamaForCausalLM` directory, an MoE model a `Qwen2MoeForCausalLM` directory; both load with
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` and serve with vLLM, giving the same logits as llm_core.
+
+Layout written by `export_hf`:
+
+    config.json              HF model config (architecture, RoPE parameters, special token ids, dtype)
+    model.safetensors        weights under HF key names; MoE experts in the legacy per-expert layout
+                             (`mlp.experts.{e}.gate_proj.weight`), which both transformers and vLLM load
+    generation_config.json   special token ids and sampling defaults
+    tulpar_config.json       the exact llm_core ModelConfig, so `load_hf` restores it field for field
+    tokenizer.json, ...      when a tokenizer is given (written by `tokenizer.save(dir)`)
+
+`load_hf` reads such a directory, or any HF Llama / Qwen2-MoE checkpoint whose architecture llm_core can represent
+exactly, and raises ValueError naming the offending value and the fix otherwise.
+
+Key mapping (i = layer, e = expert):
+
+    model.embed_tokens.weight                          embed_tokens.weight
+    model.layers.i.input_layernorm.weight              layers.i.attn_norm.weight
+    model.layers.i.self_attn.{q,k,v,o}_proj.weight     layers.i.attn.{q,k,v,o}_proj.weight
+    model.layers.i.self_attn.{q,k,v}_proj.bias         (none: all zeros, MoE only; see QWEN2_MOE_ZERO_QKV_BIAS)
+    model.layers.i.post_attention_layernorm.weight     layers.i.mlp_norm.weight
+    model.layers.i.mlp.{gate,up,down}_proj.weight      layers.i.mlp.{gate,up,down}_proj.weight     (dense)
+    model.layers.i.mlp.gate.weight                     layers.i.mlp.router.weight                  (MoE)
+    model.layers.i.mlp.experts.e.gate_proj.weight      layers.i.mlp.w_gate[e]                      (MoE)
+    model.layers.i.mlp.experts.e.up_proj.weight        layers.i.mlp.w_up[e]                        (MoE)
+    model.layers.i.mlp.experts.e.down_proj.weight      layers.i.mlp.w_down[e]                      (MoE)
+    model.layers.i.mlp.shared_expert.X.weight          layers.i.mlp.shared.X.weight                (MoE)
+    model.layers.i.mlp.shared_expert_gate.weight       layers.i.mlp.shared_gate.weight             (MoE)
+    model.norm.weight                                  norm.weight
+    lm_head.weight                                     lm_head.weight     (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llm_core.config import ModelConfig, RopeScaling
+from llm_core.model import Transformer
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Qwen2-MoE exports carry explicit all-zero q/k/v biases (config qkv_bias: true). vLLM 0.32's Qwen2MoeAttention
+# builds qkv_proj with bias=True whatever config.qkv_bias says, and a checkpoint without bias tensors leaves that
+# bias uninitialised (torch.empty: NaN logits); transformers honours qkv_bias either way. Zero biases are exact in
+# both. Set False to write the bias-free layout (qkv_bias: false) once vLLM honours the flag.
+QWEN2_MOE_ZERO_QKV_BIAS = True
+
+# Sampling defaults `export_hf(generation=...)` may set in generation_config.json.
+GENERATION_KEYS = frozenset(
+    {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens"}
+)
+
+# ModelConfig fields that are not architecture: they may differ between tulpar_config.json and config.json.
+_NON_ARCH_FIELDS = frozenset({"name", "dropout", "init_std", "aux_loss_coef"})
+
+
+class TokenizerLike(Protocol):
+    """What `export_hf` needs from a tokenizer: special token ids and a `save(dir)` writing tokenizer files."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def save(self, directory: str | Path) -> Any: ...
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _dtype_name(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """HF `rope_parameters` reproducing llm_core's `rope_inv_freq` exactly (see transformers' modeling_rope_utils)."""
+    rs = cfg.rope_scaling
+    if rs is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if rs.type == "llama3":
+        return {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_seq_len,
+        }
+    # YaRN. transformers takes `factor` as given (only a missing factor falls back to max_position_embeddings /
+    # original_max_position_embeddings, which ModelConfig guarantees equal anyway), derives attention_factor =
+    # 0.1 * ln(factor) + 1 when neither attention_factor nor mscale/mscale_all_dim is set, and floors/ceils the
+    # correction range (`truncate` defaults to true): all as llm_core does, so those keys are left out.
+    return {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": rs.factor,
+        "beta_fast": rs.beta_fast,
+        "beta_slow": rs.beta_slow,
+        "original_max_position_embeddings": rs.original_max_seq_len,
+    }
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    if cfg.is_moe and cfg.num_shared_experts < 1:
+        raise ValueError(
+            f"MoE export needs num_shared_experts >= 1 (got num_shared_experts = {cfg.num_shared_experts}): "
+            "Qwen2-MoE, the HF architecture MoE models export to, always adds a gated shared expert. "
+            "Train the model with model.num_shared_experts=1 (or more) to export it."
+        )
+
+
+def hf_config(
+    cfg: ModelConfig,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """The HF `config.json` dict for `cfg`: LlamaForCausalLM when dense, Qwen2MoeForCausalLM when MoE.
+
+    Token ids are always written (None as null) so transformers' class defaults (Llama's bos 1 / eos 2) never apply.
+    MoE configs say qkv_bias: true, matching the all-zero bias tensors `to_hf_state_dict` writes (see
+    QWEN2_MOE_ZERO_QKV_BIAS). Raises ValueError for an MoE config without shared experts.
+    """
+    dtype = _dtype_name(dtype)
+    for field, value in (
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
+        if value is not None and not 0 <= value < cfg.vocab_size:
+            raise ValueError(
+                f"{field} = {value} is outside the vocabulary [0, {cfg.vocab_size}): check the tokenizer"
+            )
+    common: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": _rope_parameters(cfg),
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": dtype,
+        "torch_dtype": dtype,  # read by transformers 4 and older tools; transformers 5 prefers `dtype`
+    }
+    if not cfg.is_moe:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **common,
+            "head_dim": cfg.head_dim,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+        }
+    _check_exportable(cfg)
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        **common,
+        "qkv_bias": QWEN2_MOE_ZERO_QKV_BIAS,  # with all-zero bias tensors: see QWEN2_MOE_ZERO_QKV_BIAS
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+        "layer_types": ["full_attention"] * cfg.num_layers,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": cfg.expert_hidden_dim,
+        "shared_expert_intermediate_size": cfg.num_shared_experts * cfg.expert_hidden_dim,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_token,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "router_aux_loss_coef": cfg.aux_loss_coef,
+        "output_router_logits": False,
+    }
+
+
+# --------------------------------------------------------------------------------------- key mapping
+
+
+@dataclass(frozen=True)
+class _KeyMap:
+    """One HF tensor: its llm_core parameter, and the expert row of that parameter (None = whole tensor)."""
+
+    hf: str
+    ours: str
+    expert: int | None = None
+
+
+def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
+    """Every HF tensor of the exported layout, in file order."""
+    plan = [_KeyMap("model.embed_tokens.weight", "embed_tokens.weight")]
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        plan.append(_KeyMap(hf + "input_layernorm.weight", ours + "attn_norm.weight"))
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            plan.append(_KeyMap(f"{hf}self_attn.{proj}.weight", f"{ours}attn.{proj}.weight"))
+        plan.append(_KeyMap(hf + "post_attention_layernorm.weight", ours + "mlp_norm.weight"))
+        if not cfg.is_moe:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                plan.append(_KeyMap(f"{hf}mlp.{proj}.weight", f"{ours}mlp.{proj}.weight"))
+            continue
+        plan.append(_KeyMap(hf + "mlp.gate.weight", ours + "mlp.router.weight"))
+        for e in range(cfg.num_experts):
+            for proj, param in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
+                plan.append(_KeyMap(f"{hf}mlp.experts.{e}.{proj}.weight", f"{ours}mlp.{param}", e))
+        if cfg.num_shared_experts:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                plan.append(
+                    _KeyMap(f"{hf}mlp.shared_expert.{proj}.weight", f"{ours}mlp.shared.{proj}.weight")
+                )
+            plan.append(_KeyMap(hf + "mlp.shared_expert_gate.weight", ours + "mlp.shared_gate.weight"))
+    plan.append(_KeyMap("model.norm.weight", "norm.weight"))
+    if not cfg.tie_embeddings:
+        plan.append(_KeyMap("lm_head.weight", "lm_head.weight"))
+    return plan
+
+
+def _qkv_bias_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """HF names and lengths of the q/k/v bias tensors a Qwen2-MoE checkpoint with qkv_bias=true holds."""
+    sizes = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim}
+    sizes["v_proj"] = sizes["k_proj"]
+    return {
+        f"model.layers.{i}.self_attn.{proj}.bias": n
+        for i in range(cfg.num_layers)
+        for proj, n in sizes.items()
+    }
+
+
+def _unwrap(model: Transformer) -> Transformer:
+    return getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
+
+
+def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under HF key names, as independent contiguous CPU tensors (optionally cast to `dtype`).
+
+    MoE experts use the legacy per-expert layout, and MoE models get all-zero q/k/v biases when
+    QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
+    """
+    model = _unwrap(model)
+    cfg = model.cfg
+    _check_exportable(cfg)
+    target = DTYPES[_dtype_name(dtype)] if dtype is not None else None
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for m in _key_plan(cfg):
+        t = ours[m.ours] if m.expert is None else ours[m.ours][m.expert]
+        t = t.detach().to(device="cpu", dtype=target or t.dtype)
+        out[m.hf] = t.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
+    if cfg.is_moe and QWEN2_MOE_ZERO_QKV_BIAS:
+        bias_dtype = target or model.embed_tokens.weight.dtype
+        for name, n in _qkv_bias_sizes(cfg).items():
+            out[name] = torch.zeros(n, dtype=bias_dtype)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def _generation_config(
+    bos: int | None, eos: int | None, pad: int | None, generation: dict[str, Any] | None
+) -> dict[str, Any]:
+    gen: dict[str, Any] = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    extra = dict(generation or {})
+    unknown = sorted(set(extra) - GENERATION_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown generation keys {unknown}: generation_config.json accepts {sorted(GENERATION_KEYS)}"
+        )
+    temperature = extra.get("temperature")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"generation temperature = {temperature} must be >= 0 (0 means greedy)")
+    if temperature == 0:  # greedy: HF expresses it as do_sample=false (temperature must be > 0 there)
+        del extra["temperature"]
+        extra.setdefault("do_sample", False)
+    elif temperature is not None:
+        extra.setdefault("do_sample", True)
+    gen.update(extra)
+    return gen
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    tokenizer: TokenizerLike | None = None,
+    dtype: str = "float32",
+    generation: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (and `tokenizer`, if given) as an HF model directory; returns its path.
+
+    `generation` sets sampling defaults in generation_config.json (keys in GENERATION_KEYS; temperature 0 = greedy).
+    The directory is built beside `out_dir` and renamed into place, so readers never see a half-written export;
+    an existing `out_dir` is replaced.
+    """
+    model = _unwrap(model)
+    cfg = model.cfg
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"export path {str(out_dir)!r} exists and is not a directory: choose a directory path"
+        )
+    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        ids = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+    config = hf_config(cfg, dtype=dtype, **ids)  # validates everything before any file is written
+    gen = _generation_config(ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"], generation)
+    tensors = to_hf_state_dict(model, dtype=dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_json(tmp / "config.json", config)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "generation_config.json", gen)
+        _write_json(tmp / "tulpar_config.json", cfg.model_dump(mode="json"))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                old.rename(out_dir)  # put the previous export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -------------------------------------------------------------------------------------------- import
+
+
+def _unsupported(what: str, fix: str) -> ValueError:
+    return ValueError(f"unsupported HF config: {what}; {fix}")
+
+
+def _rope_scaling_from_hf(rope: dict[str, Any], max_pos: int) -> RopeScaling | None:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", 1.0)
+    if partial not in (None, 1.0):
+        raise _unsupported(
+            f"rope_parameters.partial_rotary_factor = {partial}",
+            "llm_core rotates the whole head (needs 1.0)",
+        )
+    if rope_type == "default":
+        return None
+    original = rope.get("original_max_position_embeddings", max_pos)
+    if rope_type == "llama3":
+        return RopeScaling(
+            type="llama3",
+            factor=rope["factor"],
+            original_max_seq_len=original,
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+        )
+    if rope_type == "yarn":
+        factor = rope.get("factor") or max_pos / original
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is not None and not math.isclose(attention_factor, 0.1 * math.log(factor) + 1.0):
+            raise _unsupported(
+                f"yarn attention_factor = {attention_factor}",
+                "llm_core uses YaRN's default 0.1 * ln(factor) + 1; remove attention_factor or set it to that",
+            )
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            raise _unsupported(
+                f"yarn mscale = {rope['mscale']}, mscale_all_dim = {rope['mscale_all_dim']} (DeepSeek-style)",
+                "llm_core supports plain YaRN only; remove mscale/mscale_all_dim",
+            )
+        if rope.get("truncate", True) is not True:
+            raise _unsupported(
+                "yarn truncate = false", "llm_core floors/ceils the correction range (truncate=true)"
+            )
+        return RopeScaling(
+            type="yarn",
+            factor=factor,
+            original_max_seq_len=original,
+            beta_fast=rope.get("beta_fast") or 32.0,
+            beta_slow=rope.get("beta_slow") or 1.0,
+        )
+    raise _unsupported(
+        f"rope_type = {rope_type!r}", "llm_core supports rope_type 'default', 'llama3' and 'yarn' only"
+    )
+
+
+def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
+    """A ModelConfig equivalent to an HF Llama or Qwen2-MoE `config.json` dict; ValueError if none is exact.
+
+    The dict goes through transformers' own config class first, so its defaults and legacy fields (`rope_scaling`,
+    top-level `rope_theta`, `torch_dtype`) are read exactly as transformers reads them.
+    """
+    from transformers import LlamaConfig, Qwen2MoeConfig  # heavy import, only needed to import checkpoints
+
+    model_type = raw.get("model_type")
+    classes = {"llama": LlamaConfig, "qwen2_moe": Qwen2MoeConfig}
+    if model_type not in classes:
+        raise _unsupported(
+            f"model_type = {model_type!r}",
+            "load_hf imports 'llama' (dense) and 'qwen2_moe' (MoE) checkpoints only",
+        )
+    try:
+        hf = classes[model_type].from_dict(dict(raw))
+    except Exception as exc:  # transformers' strict validation: wrong types or values
+        raise ValueError(f"invalid {model_type} config.json: {exc}") from exc
+
+    if hf.hidden_act != "silu":
+        raise _unsupported(f"hidden_act = {hf.hidden_act!r}", "llm_core's MLPs are SwiGLU (silu)")
+    heads, hidden = hf.num_attention_heads, hf.hidden_size
+    head_dim = getattr(hf, "head_dim", None) or raw.get("head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        raise _unsupported(
+            f"head_dim = {head_dim} != hidden_size / num_attention_heads = {hidden}/{heads}",
+            "llm_core derives head_dim = hidden_size / num_attention_heads",
+        )
+    kv_heads = hf.num_key_value_heads or heads
+    rope = dict(hf.rope_parameters or {})
+    if any(k in rope for k in ("full_attention", "sliding_attention")):
+        raise _unsupported("per-layer-type rope_parameters", "llm_core uses one RoPE for every layer")
+    rope_theta = rope.get("rope_theta") or 10000.0
+    rope_scaling = _rope_scaling_from_hf(rope, hf.max_position_embeddings)
+    fields: dict[str, Any] = {
+        "name": name,
+        "vocab_size": hf.vocab_size,
+        "dim": hidden,
+        "num_layers": hf.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "ffn_hidden_dim": hf.intermediate_size,
+        "max_seq_len": hf.max_position_embeddings,
+        "rope_theta": float(rope_theta),
+        "rope_scaling": rope_scaling,
+        "norm_eps": hf.rms_norm_eps,
+        "tie_embeddings": bool(hf.tie_word_embeddings),
+        "init_std": hf.initializer_range or 0.02,
+    }
+    if model_type == "llama":
+        if hf.attention_bias:
+            raise _unsupported("attention_bias = true", "llm_core's attention projections have no bias")
+        if hf.mlp_bias:
+            raise _unsupported("mlp_bias = true", "llm_core's MLP projections have no bias")
+    else:
+        if hf.use_sliding_window or any(t != "full_attention" for t in hf.layer_types or []):
+            raise _unsupported("sliding-window attention", "llm_core uses full attention in every layer")
+        if hf.decoder_sparse_step != 1 or hf.mlp_only_layers:
+            raise _unsupported(
+                f"decoder_sparse_step = {hf.decoder_sparse_step}, mlp_only_layers = {hf.mlp_only_layers}",
+                "llm_core needs every layer sparse (decoder_sparse_step=1, mlp_only_layers=[])",
+            )
+        if hf.num_experts < 1:
+            raise _unsupported(
+                f"num_experts = {hf.num_experts}", "a qwen2_moe checkpoint needs num_experts >= 1"
+            )
+        h, shared = hf.moe_intermediate_size, hf.shared_expert_intermediate_size
+        if shared < 1 or shared % h:
+            raise _unsupported(
+                f"shared_expert_intermediate_size = {shared} with moe_intermediate_size = {h}",
+                "llm_core's shared expert width is num_shared_experts * moe_intermediate_size (a positive multiple)",
+            )
+        fields.update(
+            num_experts=hf.num_experts,
+            num_experts_per_token=hf.num_experts_per_tok,
+            num_shared_experts=shared // h,
+            moe_ffn_hidden_dim=h,
+            norm_topk_prob=bool(hf.norm_topk_prob),
+            aux_loss_coef=hf.router_aux_loss_coef,
+        )
+    try:
+        return ModelConfig.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(
+            f"HF config cannot be represented as an llm_core ModelConfig: {problems}. For RoPE scaling, "
+            "max_position_embeddings must equal factor * original_max_position_embeddings"
+        ) from None
+
+
+def _arch_signature(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that determine the forward pass (MoE-only fields dropped for dense models)."""
+    sig = cfg.model_dump(mode="json", exclude=set(_NON_ARCH_FIELDS) | {"moe_ffn_hidden_dim"})
+    if cfg.is_moe:
+        sig["expert_hidden_dim"] = cfg.expert_hidden_dim
+    else:
+        for key in ("num_experts_per_token", "num_shared_experts", "norm_topk_prob"):
+            sig.pop(key)
+    return sig
+
+
+def _weight_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted({path / name for name in weight_map.values()})
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"shards listed in {index} are missing: {absent}")
+        return files
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} holds pytorch_model.bin weights: only safetensors are imported; re-save the model with "
+            "save_pretrained(dir) (safetensors is transformers' default)"
+        )
+    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if key in tensors:
+                    raise ValueError(f"tensor {key!r} appears in more than one shard ({f.name})")
+                tensors[key] = sf.get_tensor(key)
+    return tensors
+
+
+def _split_fused_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Rewrite transformers 5's fused expert tensors into the per-expert keys, in place.
+
+    `experts.gate_up_proj` is (E, 2h, D) with gate rows first, `experts.down_proj` is (E, D, h).
+    """
+    E, h, D = cfg.num_experts, cfg.expert_hidden_dim, cfg.dim
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        for fused, want, parts in (
+            ("gate_up_proj", (E, 2 * h, D), (("gate_proj", 0), ("up_proj", h))),
+            ("down_proj", (E, D, h), (("down_proj", 0),)),
+        ):
+            t = tensors.pop(prefix + fused, None)
+            if t is None:
+                continue
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"{prefix}{fused} has shape {tuple(t.shape)}, expected {want} from config.json"
+                )
+            rows = t.shape[1] // len(parts)
+            for e in range(E):
+                for name, start in parts:
+                    tensors[f"{prefix}{e}.{name}.weight"] = t[e, start : start + rows]
+
+
+def _check_qkv_bias(tensors: dict[str, torch.Tensor], cfg: ModelConfig, *, qkv_bias: bool) -> None:
+    """Drop a Qwen2-MoE checkpoint's q/k/v biases, in place, after checking they are all zero.
+
+    llm_core's attention has no bias, so only zero biases (what export_hf writes) import exactly. With
+    qkv_bias=false there are none to drop, and any bias tensor is left for the strict key check to report.
+    """
+    if not qkv_bias:
+        return
+    names = _qkv_bias_sizes(cfg)
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ValueError(
+            f"config.json has qkv_bias = true but the checkpoint lacks [{_listing(missing)}]: "
+            "add the bias tensors or set qkv_bias to false"
+        )
+    nonzero = [name for name in names if bool(tensors.pop(name).any())]
+    if nonzero:
+        raise _unsupported(
+            f"nonzero attention biases ({_listing(nonzero)})",
+            "llm_core's attention projections have no bias; only checkpoints with all-zero q/k/v biases "
+            "(or qkv_bias=false and none) import",
+        )
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
+    """Import an HF Llama or Qwen2-MoE directory as an llm_core Transformer (in eval mode).
+
+    Reads config.json (or tulpar_config.json, checked against it, when the directory was written by `export_hf`)
+    and model.safetensors or sharded model-*.safetensors. MoE experts may be per-expert (legacy) or fused
+    (transformers 5 in-memory layout); Qwen2-MoE q/k/v biases must be all zero (or absent with qkv_bias=false).
+    Loading is strict: missing or unexpected tensors raise ValueError.
+    `dtype` ("float32" | "bfloat16" | "float16") defaults to the checkpoint's embedding dtype.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(
+            f"HF model directory {str(path)!r} does not exist: pass the directory export_hf wrote"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{str(path)!r} has no config.json: pass an HF model directory")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    cfg = model_config_from_hf(raw, name=path.name)
+    tulpar_path = path / "tulpar_config.json"
+    if tulpar_path.is_file():
+        try:
+            tulpar = ModelConfig.model_validate_json(tulpar_path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ValueError(
+                f"{tulpar_path} is not a valid llm_core ModelConfig ({exc.error_count()} errors: "
+                f"{exc.errors()[0]['msg']}); delete it to import from config.json alone"
+            ) from None
+        ours, theirs = _arch_signature(tulpar), _arch_signature(cfg)
+        diff = {
+            k: (ours.get(k), theirs.get(k))
+            for k in ours.keys() | theirs.keys()
+            if ours.get(k) != theirs.get(k)
+        }
+        if diff:
+            detail = ", ".join(
+                f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in sorted(diff.items()))
+            )
+            raise ValueError(
+                f"tulpar_config.json and config.json in {str(path)!r} disagree ({detail}): config.json was edited "
+                "after export; delete tulpar_config.json to import from config.json alone"
+            )
+        cfg = tulpar
+
+    tensors = _read_tensors(_weight_files(path))
+    # old checkpoints store RoPE's inv_freq, a buffer both sides recompute from the config
+    for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
+        del tensors[key]
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        head = tensors.pop("lm_head.weight")
+        embed = tensors.get("model.embed_tokens.weight")
+        if embed is not None and not torch.equal(head, embed):
+            raise ValueError(
+                "lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings is true: "
+                "set tie_word_embeddings to false in config.json"
+            )
+    if raw.get("model_type") == "qwen2_moe":
+        _check_qkv_bias(tensors, cfg, qkv_bias=raw.get("qkv_bias", True))  # Qwen2MoeConfig's default is true
+        _split_fused_experts(tensors, cfg)
+
+    plan = _key_plan(cfg)
+    expected = {m.hf for m in plan}
+    missing = [m.hf for m in plan if m.hf not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match its config: "
+            f"missing tensors [{_listing(missing)}]; unexpected tensors [{_listing(unexpected)}]"
+        )
+
+    model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor | None]] = {}
+    for m in plan:
+        t = tensors[m.hf]
+        want = shapes[m.ours] if m.expert is None else shapes[m.ours][1:]
+        if tuple(t.shape) != want:
+            raise ValueError(f"{m.hf} has shape {tuple(t.shape)}, expected {want} from config.json")
+        if m.expert is None:
+            state[m.ours] = t
+        else:
+            experts.setdefault(m.ours, [None] * cfg.num_experts)[m.expert] = t
+    for name, per_expert in experts.items():
+        state[name] = torch.stack(per_expert)  # type: ignore[arg-type]  (every slot is filled: no key is missing)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    target = DTYPES[_dtype_name(dtype)] if dtype is not None else tensors["model.embed_tokens.weight"].dtype
+    # Cast the weights only: the RoPE cos/sin tables stay fp32, as transformers keeps them. A tied lm_head is the
+    # same Parameter as the embedding, so it stays tied.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(target)
+    return model.eval()

@@ -1,0 +1,559 @@
+"""HF export/import: llm_core <-> transformers LlamaForCausalLM / Qwen2MoeForCausalLM give the same logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llm_core.config import ModelConfig, RopeScaling
+from llm_core.export_hf import export_hf, hf_config, load_hf, to_hf_state_dict
+from llm_core.generate import SamplingParams, generate
+from llm_core.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=256,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_dim=96,
+        max_seq_len=128,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        init_std=0.1,  # larger than the default so logits are spread out and greedy picks are never near-ties
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def moe_cfg(**overrides) -> ModelConfig:
+    return tiny_cfg(
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_ffn_hidden_dim=48,
+        norm_topk_prob=True,
+        **overrides,
+    )
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tokens(n: int, vocab: int = 256, seed: int = 1, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, n), generator=g)
+
+
+@torch.no_grad()
+def ours_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits.float()
+
+
+@torch.no_grad()
+def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    return hf_model(input_ids=ids).logits.float()
+
+
+def load_transformers(path: Path, **kwargs):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def assert_same_greedy(model: Transformer, hf_model, prompt: list[int], max_new: int = 12) -> list[int]:
+    ours = generate(model, [prompt], SamplingParams(temperature=0, max_new_tokens=max_new))[0]
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    assert ours == theirs
+    assert len(ours) == max_new
+    return ours
+
+
+# ------------------------------------------------------------------------------------------------ dense
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_dense_export_matches_transformers(tmp_path: Path, tie: bool) -> None:
+    model = build(tiny_cfg(tie_embeddings=tie))
+    out = export_hf(model, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tulpar_config.json",
+    ]
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["architectures"] == ["LlamaForCausalLM"] and cfg_json["model_type"] == "llama"
+    assert cfg_json["tie_word_embeddings"] is tie
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    assert ("lm_head.weight" in keys) is (not tie)
+
+    hf = load_transformers(out)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.config.tie_word_embeddings is tie
+    ids = tokens(40)
+    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    print(f"dense tie={tie}: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+
+
+def test_dense_batched_left_padded_generation_matches(tmp_path: Path) -> None:
+    model = build(tiny_cfg())
+    hf = load_transformers(export_hf(model, tmp_path / "hf"))
+    prompts = [tokens(5, seed=3, batch=1)[0].tolist(), tokens(11, seed=4, batch=1)[0].tolist()]
+    ours = generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=8), pad_id=0)
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 11 - len(p) :] = torch.tensor(p)
+        mask[i, 11 - len(p) :] = 1
+    with torch.no_grad():
+        out = hf.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0
+        )
+    assert ours == out[:, 11:].tolist()
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        RopeScaling(
+            type="llama3", factor=4.0, original_max_seq_len=64, low_freq_factor=1.0, high_freq_factor=4.0
+        ),
+        RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64, beta_fast=32.0, beta_slow=1.0),
+    ],
+    ids=lambda s: s.type,
+)
+def test_rope_scaling_export_matches_transformers(tmp_path: Path, scaling: RopeScaling) -> None:
+    cfg = tiny_cfg(max_seq_len=256, rope_theta=500.0, rope_scaling=scaling)
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf")
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == scaling.type and rope["original_max_position_embeddings"] == 64
+    hf = load_transformers(out)
+
+    # the frequencies and YaRN's attention scale are the same numbers, not just close
+    from llm_core.model import rope_inv_freq
+
+    inv_freq, scale = rope_inv_freq(cfg)
+    assert torch.equal(hf.model.rotary_emb.inv_freq, inv_freq)
+    assert hf.model.rotary_emb.attention_scaling == pytest.approx(scale, rel=1e-12)
+
+    ids = tokens(150)  # well past original_max_seq_len = 64
+    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    print(f"dense rope={scaling.type}: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+    assert_same_greedy(model, hf, ids[0, :100].tolist())
+
+
+# -------------------------------------------------------------------------------------------------- MoE
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_moe_export_matches_qwen2_moe(tmp_path: Path, tie: bool) -> None:
+    model = build(moe_cfg(tie_embeddings=tie))
+    out = export_hf(model, tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    # zero q/k/v biases with qkv_bias true: vLLM 0.32 builds Qwen2-MoE's qkv_proj with a bias regardless
+    assert cfg_json["model_type"] == "qwen2_moe" and cfg_json["qkv_bias"] is True
+    assert cfg_json["moe_intermediate_size"] == 48 and cfg_json["shared_expert_intermediate_size"] == 48
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in keys  # legacy per-expert layout
+    assert "model.layers.0.mlp.gate.weight" in keys and "model.layers.0.mlp.shared_expert_gate.weight" in keys
+    biases = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if k.endswith(".bias")}
+    assert len(biases) == 3 * model.cfg.num_layers and not any(bool(b.any()) for b in biases.values())
+
+    hf = load_transformers(out)
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    for i, layer in enumerate(model.layers):
+        theirs = hf.model.layers[i].mlp
+        ours = layer.mlp
+        assert torch.equal(theirs.gate.weight, ours.router.weight)
+        assert torch.equal(theirs.experts.gate_up_proj, torch.cat([ours.w_gate, ours.w_up], dim=1))
+        assert torch.equal(theirs.experts.down_proj, ours.w_down)
+        assert torch.equal(theirs.shared_expert.gate_proj.weight, ours.shared.gate_proj.weight)
+        assert torch.equal(theirs.shared_expert.up_proj.weight, ours.shared.up_proj.weight)
+        assert torch.equal(theirs.shared_expert.down_proj.weight, ours.shared.down_proj.weight)
+        assert torch.equal(theirs.shared_expert_gate.weight, ours.shared_gate.weight)
+        attn = hf.model.layers[i].self_attn
+        assert not any(bool(p.bias.any()) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    ids = tokens(40)
+    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    print(f"moe tie={tie}: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+
+
+def test_moe_with_two_shared_experts_and_no_topk_norm(tmp_path: Path) -> None:
+    cfg = tiny_cfg(
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=2,
+        moe_ffn_hidden_dim=32,
+        norm_topk_prob=False,
+    )
+    model = build(cfg)
+    hf = load_transformers(export_hf(model, tmp_path / "hf"))
+    assert hf.config.shared_expert_intermediate_size == 64 and hf.config.norm_topk_prob is False
+    ids = tokens(30)
+    assert (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense-untied", "moe", "yarn"])
+def test_round_trip_is_exact(tmp_path: Path, kind: str) -> None:
+    cfg = {
+        "dense": tiny_cfg(),
+        "dense-untied": tiny_cfg(tie_embeddings=False),
+        "moe": moe_cfg(),
+        "yarn": tiny_cfg(
+            max_seq_len=256, rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64)
+        ),
+    }[kind]
+    model = build(cfg)
+    loaded = load_hf(export_hf(model, tmp_path / "hf"))
+    assert loaded.cfg == cfg
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    if cfg.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = tokens(40)
+    assert torch.equal(ours_logits(model, ids), ours_logits(loaded, ids))
+
+
+def test_import_model_saved_by_transformers(tmp_path: Path) -> None:
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded: exercises the index file
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+
+    model = load_hf(tmp_path / "hf")
+    assert (
+        model.cfg.tie_embeddings is False and model.cfg.num_kv_heads == 2 and model.cfg.ffn_hidden_dim == 96
+    )
+    ids = tokens(40)
+    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    print(f"transformers-saved llama -> load_hf: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+
+
+def test_import_qwen2_moe_saved_by_transformers(tmp_path: Path) -> None:
+    hf_cfg = transformers.Qwen2MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        norm_topk_prob=True,
+        qkv_bias=False,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2MoeForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+
+    model = load_hf(tmp_path / "hf")
+    assert model.cfg.num_shared_experts == 2 and model.cfg.expert_hidden_dim == 32
+    ids = tokens(40)
+    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    print(f"transformers-saved qwen2_moe -> load_hf: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+
+
+def test_import_fused_expert_layout(tmp_path: Path) -> None:
+    model = build(moe_cfg())
+    out = export_hf(model, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    cfg = model.cfg
+    for i in range(cfg.num_layers):  # rewrite into transformers 5's in-memory (fused) layout
+        p = f"model.layers.{i}.mlp.experts."
+        gate = [tensors.pop(f"{p}{e}.gate_proj.weight") for e in range(cfg.num_experts)]
+        up = [tensors.pop(f"{p}{e}.up_proj.weight") for e in range(cfg.num_experts)]
+        down = [tensors.pop(f"{p}{e}.down_proj.weight") for e in range(cfg.num_experts)]
+        tensors[p + "gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1).contiguous()
+        tensors[p + "down_proj"] = torch.stack(down).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_hf(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------------------------------- dtype, files
+
+
+def test_bf16_export(tmp_path: Path) -> None:
+    model = build(tiny_cfg())
+    out = export_hf(model, tmp_path / "hf", dtype="bfloat16")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["dtype"] == "bfloat16" and cfg_json["torch_dtype"] == "bfloat16"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.embed_tokens.weight.bfloat16())
+
+    loaded = load_hf(out)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    hf = load_transformers(out)
+    assert hf.dtype == torch.bfloat16
+    # the same bf16-rounded weights evaluated in fp32 on both sides agree as tightly as an fp32 export
+    hf32 = load_transformers(out, dtype=torch.float32)
+    ids = tokens(30)
+    diff = (ours_logits(loaded.float(), ids) - hf_logits(hf32, ids)).abs().max().item()
+    print(f"bf16 export evaluated in fp32: max abs logit diff {diff:.3e}")
+    assert diff < TOL
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=ids).logits).all()
+
+
+class FakeTokenizer:
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "tokenizer.json").write_text("{}")
+        Path(directory, "tokenizer_config.json").write_text('{"model_max_length": 128}')
+
+
+def test_tokenizer_ids_generation_config_and_atomic_replace(tmp_path: Path) -> None:
+    model = build(tiny_cfg())
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "stale.bin").write_text("from an older export")
+    out = export_hf(
+        model,
+        target,
+        tokenizer=FakeTokenizer(),
+        generation={"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64},
+    )
+    assert out == target
+    assert not (target / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp or old directories left behind
+    assert (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file()
+    cfg_json = json.loads((target / "config.json").read_text())
+    assert (cfg_json["bos_token_id"], cfg_json["eos_token_id"], cfg_json["pad_token_id"]) == (1, 2, 0)
+    gen = transformers.GenerationConfig.from_pretrained(target)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 0)
+    assert gen.do_sample is True and gen.temperature == 0.7 and gen.top_p == 0.9 and gen.max_new_tokens == 64
+    assert ModelConfig.model_validate_json((target / "tulpar_config.json").read_text()) == model.cfg
+
+
+def test_to_hf_state_dict_is_contiguous_and_unshared() -> None:
+    model = build(moe_cfg())
+    sd = to_hf_state_dict(model)
+    assert "lm_head.weight" not in sd
+    assert all(t.is_contiguous() for t in sd.values())
+    ptrs = [t.untyped_storage().data_ptr() for t in sd.values()]
+    assert len(set(ptrs)) == len(ptrs)
+    per_layer = (
+        2 + 4 + 3 + 1 + 3 * model.cfg.num_experts + 3 + 1
+    )  # norms, attn, zero qkv biases, router, experts
+    assert len(sd) == 1 + 1 + model.cfg.num_layers * per_layer
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_moe_without_shared_experts_is_rejected(tmp_path: Path) -> None:
+    cfg = tiny_cfg(num_experts=4, num_experts_per_token=2, num_shared_experts=0)
+    with pytest.raises(ValueError, match="num_shared_experts"):
+        hf_config(cfg)
+    with pytest.raises(ValueError, match="num_shared_experts"):
+        export_hf(build(cfg), tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_attention_bias_is_rejected(tmp_path: Path) -> None:
+    out = export_hf(build(tiny_cfg()), tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json["attention_bias"] = True
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ValueError, match="attention_bias"):
+        load_hf(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"head_dim": 32}, "head_dim"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+        ({"model_type": "gpt2"}, "model_type"),
+    ],
+)
+def test_unsupported_llama_configs_are_rejected(tmp_path: Path, change: dict, match: str) -> None:
+    out = export_hf(build(tiny_cfg()), tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json.update(change)
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ValueError, match=match):
+        load_hf(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ],
+)
+def test_unsupported_qwen2_moe_configs_are_rejected(tmp_path: Path, change: dict, match: str) -> None:
+    out = export_hf(build(moe_cfg()), tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json.update(change)
+    if "use_sliding_window" in change:
+        cfg_json.pop("layer_types")
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ValueError, match=match):
+        load_hf(out)
+
+
+def test_missing_directory_is_rejected(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match="nope"):
+        load_hf(missing)
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path: Path) -> None:
+    out = export_hf(build(tiny_cfg()), tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.layers\.1\.mlp\.extra"
+    ):
+        load_hf(out)
+
+
+def test_edited_config_disagreeing_with_tulpar_config_is_rejected(tmp_path: Path) -> None:
+    out = export_hf(build(tiny_cfg()), tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json["rms_norm_eps"] = 1e-6
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ValueError, match="norm_eps"):
+        load_hf(out)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "moe"])
+def test_import_from_config_json_alone_including_transformers4_style(tmp_path: Path, kind: str) -> None:
+    if kind == "llama3":
+        scaling = RopeScaling(
+            type="llama3", factor=4.0, original_max_seq_len=64, low_freq_factor=1.0, high_freq_factor=4.0
+        )
+        cfg = tiny_cfg(max_seq_len=256, rope_theta=500000.0, rope_scaling=scaling, tie_embeddings=False)
+    else:
+        cfg = moe_cfg()
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf")
+    (out / "tulpar_config.json").unlink()
+    cfg_json = json.loads((out / "config.json").read_text())
+    # transformers 4 wrote rope_theta at top level, scaling under rope_scaling, and only torch_dtype
+    rope = cfg_json.pop("rope_parameters")
+    cfg_json["rope_theta"] = rope.pop("rope_theta")
+    if rope["rope_type"] != "default":
+        cfg_json["rope_scaling"] = rope
+    del cfg_json["dtype"]
+    (out / "config.json").write_text(json.dumps(cfg_json))
+
+    loaded = load_hf(out)
+    assert loaded.cfg.model_dump(exclude={"name", "moe_ffn_hidden_dim"}) == cfg.model_dump(
+        exclude={"name", "moe_ffn_hidden_dim"}
+    )
+    assert loaded.cfg.expert_hidden_dim == cfg.expert_hidden_dim
+    ids = tokens(100 if kind == "llama3" else 30)
+    assert torch.equal(ours_logits(model, ids), ours_logits(loaded, ids))
+
+
+def test_qwen2_moe_attention_biases(tmp_path: Path) -> None:
+    model = build(moe_cfg())
+    out = export_hf(model, tmp_path / "hf")
+    (out / "tulpar_config.json").unlink()
+    path = str(out / "model.safetensors")
+    tensors = load_file(path)
+    cfg_json = json.loads((out / "config.json").read_text())
+    bias = "model.layers.1.self_attn.k_proj.bias"
+
+    tensors[bias][3] = 0.5  # a real Qwen1.5-MoE-style bias cannot be represented
+    save_file(tensors, path)
+    with pytest.raises(
+        ValueError, match=r"nonzero attention biases \(model\.layers\.1\.self_attn\.k_proj\.bias\)"
+    ):
+        load_hf(out)
+
+    cfg_json["qkv_bias"] = False  # bias-free layout: loads without the tensors...
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    no_bias = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
+    save_file(no_bias, path)
+    loaded = load_hf(out)
+    ids = tokens(30)
+    assert torch.equal(ours_logits(model, ids), ours_logits(loaded, ids))
+    hf = load_transformers(out)
+    assert (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+
+    save_file(tensors, path)  # ...and reports bias tensors as unexpected when qkv_bias is false
+    with pytest.raises(ValueError, match="unexpected tensors.*self_attn.k_proj.bias"):
+        load_hf(out)
+
+    del cfg_json["qkv_bias"]  # absent means true (Qwen2MoeConfig's default): the biases are then required
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    save_file(no_bias, path)
+    with pytest.raises(ValueError, match="qkv_bias = true but the checkpoint lacks"):
+        load_hf(out)
