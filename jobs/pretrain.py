@@ -1,54 +1,44 @@
 """Pretraining: `python -m jobs.pretrain --config configs/pretrain/<preset>.yaml [key=value ...]`.
 
-Reads Kazakh/Russian/English text, trains (or loads) a BPE tokenizer, trains an llm_core model with the shared
-Trainer, keeps best/last checkpoints (resuming a partial run), exports the best one to HF format, registers it in
-MLflow as `<model_name>` with alias `@pretrain-latest`, and prints a sample per language.
+Trains an llm_core model on the token shards written by `jobs.preprocess`, with Ray Train (`TorchTrainer`): on a
+local Ray here, on a GPU Ray cluster unchanged. Keeps best/last checkpoints (a re-run of the same config resumes),
+logs to MLflow (experiment tulpar-train), exports the best checkpoint to HF format, registers it as a new version
+of `<name>` with alias `@pretrain-latest`, and prints a sample per language.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from jobs import tracking
+from jobs.distributed import RayTrainConfig, best_and_last, launch, link_best_last
 from jobs.runtime import JobResult, Settings, main_entry
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
-from llm_core.data import DataError, RandomWindows, concat_documents
+from llm_core.data import DataError
 from llm_core.export_hf import export_hf
 from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_write_json
 from llm_core.model import Transformer
-from llm_core.text import is_validation, sample_language
-from llm_core.tokenizer import Tokenizer, train_bpe
-from llm_core.trainer import EvalSet, TrainConfig, Trainer
+from llm_core.shards import TokenDataset, file_sha256
+from llm_core.tokenizer import Tokenizer
+from llm_core.trainer import TrainConfig
 
 log = logging.getLogger("tulpar.pretrain")
 
 
-class RawTextData(StrictModel):
-    """Plain text per language from TULPAR_DATA/<corpus_dir>/<lang>/ (.txt: a document per line; .jsonl: `text`)."""
-
-    corpus_dir: str = "corpus"
-    languages: list[str] = Field(default_factory=lambda: ["kk", "ru", "en"], min_length=1)
-    max_chars_per_language: int = Field(
-        2_000_000, gt=0, description="balanced budget so no language dominates"
+class DataSpec(StrictModel):
+    dataset: str = Field(
+        description="a jobs.preprocess output: a path, or a name under $TULPAR_HOME/datasets/"
     )
-    min_chars: int = Field(20, ge=1, description="shorter documents are skipped")
-    val_fraction: float = Field(0.05, gt=0, lt=1)
-
-
-class TokenizerSpec(StrictModel):
-    path: str | None = Field(
-        None, description="an existing tokenizer dir; None trains one from the training text"
+    languages: list[str] | None = Field(
+        None, description="languages to evaluate on; default: all in the dataset"
     )
-    vocab_size: int | None = Field(None, gt=0, description="default: the model's vocab_size")
-    min_frequency: int = Field(2, ge=1)
+    verify: bool = Field(False, description="check every shard's sha256 against the manifest before training")
 
 
 class SampleSpec(StrictModel):
@@ -64,178 +54,170 @@ class SampleSpec(StrictModel):
 class PretrainConfig(StrictModel):
     name: str = Field(description="run name; also the registered model name (e.g. kk-350m)")
     model: ModelConfig
-    data: RawTextData = Field(default_factory=RawTextData)
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec
     train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     sample: SampleSpec = Field(default_factory=SampleSpec)
-    device: str = Field("auto", description="auto | cpu | cuda")
     register_model: bool = Field(True, description="log the HF export to MLflow and register a model version")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA GPU is visible: use device=cpu or device=auto")
-    return torch.device(name)
+def resolve_dataset(spec: str, settings: Settings) -> str:
+    """A dataset path/URI from a path or a bare name under $TULPAR_HOME/datasets/."""
+    if "://" in spec:
+        return spec
+    p = Path(spec)
+    if not p.exists() and "/" not in spec:
+        p = settings.home / "datasets" / spec
+    if not (p / "manifest.json").is_file():
+        raise DataError(
+            f"no dataset at {spec!r} (looked for {p / 'manifest.json'}): run `make preprocess` first, or set "
+            "data.dataset to a preprocessing output directory"
+        )
+    return str(p.resolve())
 
 
-def load_text(cfg: PretrainConfig, settings: Settings) -> dict[str, tuple[list[str], list[str]]]:
-    """Per language: (train documents, validation documents)."""
-    root = settings.require_data(cfg.data.corpus_dir)
-    out = {}
-    for lang in cfg.data.languages:
-        lang_dir = root / lang
-        if not lang_dir.is_dir():
-            raise DataError(f"no text for language {lang!r}: {lang_dir} does not exist (set data.languages)")
-        docs = sample_language(lang_dir, cfg.data.max_chars_per_language, cfg.data.min_chars)
-        val = [d for d in docs if is_validation(d, cfg.data.val_fraction)]
-        train = [d for d in docs if not is_validation(d, cfg.data.val_fraction)]
-        if not val or not train:
+def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
+    """The dataset, tokenizer and model must agree before any worker starts."""
+    if dataset.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"the shards were tokenized with a {dataset.vocab_size}-token vocabulary but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size={dataset.vocab_size} or re-tokenize the data"
+        )
+    tok_path = dataset.manifest["tokenizer"].get("path")
+    if not tok_path or not Path(tok_path).exists():
+        raise DataError(
+            f"the dataset's tokenizer {tok_path!r} is missing: re-run preprocessing with a tokenizer"
+        )
+    tokenizer = Tokenizer.from_dir(tok_path)
+    if tokenizer.sha256 != dataset.tokenizer_sha256:
+        raise DataError(
+            f"tokenizer at {tok_path} changed since the dataset was built (sha256 {tokenizer.sha256[:12]} != "
+            f"{dataset.tokenizer_sha256[:12]}): re-run preprocessing"
+        )
+    for lang in cfg.data.languages or []:
+        if lang not in dataset.languages:
             raise DataError(
-                f"{lang}: {len(docs)} documents are too few to split off validation text: add text"
+                f"language {lang!r} is not in the dataset (has {dataset.languages}): fix data.languages"
             )
-        out[lang] = (train, val)
-        log.info("%s: %d train / %d val documents, %d chars", lang, len(train), len(val), sum(map(len, docs)))
+    tokens = dataset.tokens("train")
+    need = cfg.train.seq_len + 1
+    if len(tokens) < need:
+        raise DataError(
+            f"not enough tokens for one training batch: need {need}, have {len(tokens)}: add text"
+        )
+    return tokenizer
+
+
+def sample(model: Transformer, tokenizer: Tokenizer, spec: SampleSpec) -> dict[str, str]:
+    params = SamplingParams(
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        seed=spec.seed,
+        stop_token_ids=[tokenizer.eos_id],
+    )
+    model.eval()
+    out = {}
+    for lang, prompt in spec.prompts.items():
+        ids = generate(model, [tokenizer.encode(prompt)], params, pad_id=tokenizer.pad_id)[0]
+        out[lang] = prompt + tokenizer.decode(ids)
     return out
 
 
-def get_tokenizer(
-    cfg: PretrainConfig, settings: Settings, texts: dict[str, tuple[list[str], list[str]]]
-) -> Tokenizer:
-    if cfg.tokenizer.path:
-        return Tokenizer.from_dir(cfg.tokenizer.path)
-    vocab = cfg.tokenizer.vocab_size or cfg.model.vocab_size
-    train_docs = [d for lang in sorted(texts) for d in texts[lang][0]]
-    key = config_sha256(cfg.data)[:8] + f"-v{vocab}-m{cfg.tokenizer.min_frequency}"
-    out_dir = settings.path("tokenizers", f"{cfg.name}-{key}")
-    if (out_dir / "tokenizer.json").is_file():
-        log.info("reusing tokenizer %s", out_dir)
-        return Tokenizer.from_dir(out_dir)
-    log.info("training a %d-token BPE on %d documents", vocab, len(train_docs))
-    tok = train_bpe(train_docs, vocab, min_frequency=cfg.tokenizer.min_frequency)
-    tok.save(out_dir)
-    return tok
-
-
 def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ValueError(
             f"train.seq_len {cfg.train.seq_len} > model.max_seq_len {cfg.model.max_seq_len}: lower train.seq_len "
             "or raise model.max_seq_len"
         )
-    texts = load_text(cfg, settings)
-    tokenizer = get_tokenizer(cfg, settings, texts)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}: set "
-            f"model.vocab_size={tokenizer.vocab_size} (or more) or use a smaller tokenizer"
-        )
-
-    # Token streams: training documents of all languages shuffled together; validation kept per language.
-    train_docs = [(lang, d) for lang, (tr, _) in texts.items() for d in tr]
-    random.Random(cfg.train.seed).shuffle(train_docs)
-    train_tokens = concat_documents(tokenizer.iter_documents(d for _, d in train_docs), cfg.model.vocab_size)
-    eval_sets = []
-    for lang, (_, val) in texts.items():
-        tokens = concat_documents(tokenizer.iter_documents(val), cfg.model.vocab_size)
-        n_bytes = sum(len(d.encode("utf-8")) for d in val)
-        eval_sets.append(EvalSet(lang, tokens, n_bytes / max(1, len(tokens) - len(val))))
-    sampler = RandomWindows(train_tokens, cfg.train.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
-    for es in eval_sets:
-        if len(es.tokens) <= cfg.train.seq_len:
-            raise DataError(
-                f"not enough tokens: need {cfg.train.seq_len + 1} validation tokens for {es.name}, have "
-                f"{len(es.tokens)}: raise data.max_chars_per_language or data.val_fraction, or lower train.seq_len"
-            )
-    log.info(
-        "train tokens: %d; val tokens: %s", len(train_tokens), {e.name: len(e.tokens) for e in eval_sets}
-    )
+    dataset_path = resolve_dataset(cfg.data.dataset, settings)
+    dataset = TokenDataset.open(dataset_path, verify=cfg.data.verify)
+    tokenizer = check_inputs(cfg, dataset)
+    tracking.check_server(settings)  # fail before training if the tracking server is unreachable
 
     run_key = f"{cfg.name}-{config_sha256(cfg)[:8]}"
-    ckpt_root = Path(settings.storage) / "checkpoints" / run_key
-    model = Transformer(cfg.model)
-    trainer = Trainer(model, cfg.train, device=device, run_config=config_to_dict(cfg))
-    if (ckpt_root / "last" / "meta.json").is_file():
-        trainer.resume(ckpt_root / "last", sampler)
-        log.info("resumed %s at step %d", ckpt_root / "last", trainer.step)
+    local_storage = "://" not in settings.storage
+    # Ray Train writes checkpoints under <storage>/checkpoints/<run>; the job's own small files stay local
+    run_dir = (Path(settings.storage) if local_storage else settings.home) / "checkpoints" / run_key
+    run_dir.mkdir(parents=True, exist_ok=True)
     print(
-        f"model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters, {len(train_tokens):,} training tokens, "
-        f"{trainer.accum * cfg.train.batch_size * cfg.train.seq_len} tokens/step, device {device}",
+        f"model {cfg.model.name}: {cfg.model.num_params() / 1e6:.2f}M parameters | dataset {dataset_path}: "
+        f"{len(dataset.tokens('train')):,} training tokens | {cfg.ray.num_workers} Ray Train worker(s), "
+        f"{'GPU' if cfg.ray.use_gpu else 'CPU'}",
         flush=True,
     )
+    tags = {
+        "tulpar.tokenizer_sha256": tokenizer.sha256,
+        "tulpar.dataset_manifest_sha256": file_sha256(dataset.root / "manifest.json"),
+        "tulpar.model_name": cfg.name,
+    }
+    with tracking.start_run(
+        settings, "pretrain", cfg, run_name=run_key, tags=tags, system_metrics=True
+    ) as run:
+        worker_config = {
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "dataset": dataset_path,
+            "languages": cfg.data.languages,
+            "run_config": config_to_dict(cfg),
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+            "fault_marker": str(run_dir / ".fault-injected"),
+        }
+        result = launch(settings=settings, run_name=run_key, ray_cfg=cfg.ray, worker_config=worker_config)
+        best_ckpt, last_ckpt = best_and_last(result)
+        if best_ckpt is None:
+            raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
+        if local_storage:
+            link_best_last(run_dir, best_ckpt.path, last_ckpt.path)
+        atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
 
-    tags = {"tulpar.tokenizer_sha256": tokenizer.sha256, "tulpar.model_name": cfg.name}
-    with tracking.start_run(settings, "pretrain", cfg, run_name=run_key, tags=tags) as run:
-
-        def on_log(step: int, m: dict[str, float]) -> None:
-            tracking.log_metrics({("train_loss" if k == "loss" else k): v for k, v in m.items()}, step)
-            print(
-                f"step {step:5d} | train loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s",
-                flush=True,
-            )
-
-        def on_eval(step: int, m: dict[str, float], is_best: bool) -> None:
-            tracking.log_metrics(m, step)
-            losses = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in m.items() if k.startswith("val_loss/"))
-            print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
-
-        result = trainer.fit(sampler, eval_sets, checkpoint_root=ckpt_root, on_log=on_log, on_eval=on_eval)
-        plot = tracking.plot_loss_curve(
-            result.history, ckpt_root / "loss_curve.png", f"{cfg.name} pretraining"
+        with best_ckpt.as_directory() as best_dir:
+            best_meta = read_meta(best_dir)
+            best = load_model_from_checkpoint(best_dir)
+        history = tracking.metric_history(
+            run.info.run_id, ["train_loss"] + [f"val_loss/{lang}" for lang in dataset.languages]
         )
+        plot = tracking.plot_loss_curve(history, run_dir / "loss_curve.png", f"{cfg.name} pretraining")
         tracking.log_figure_file(plot)
 
-        best = load_model_from_checkpoint(ckpt_root / "best").to(device)
-        final_val = trainer.evaluate(eval_sets)  # metrics of the last step; best checkpoint's are in its meta
-        best_metrics = {
-            k: v for k, v in read_meta(ckpt_root / "best")["metrics"].items() if isinstance(v, float)
-        }
-        hf_dir = settings.path("models", cfg.name, f"run-{run.info.run_id[:8]}")
-        export_hf(best.cpu(), hf_dir, tokenizer=tokenizer)
-        model_uri = None
+        staging = settings.path("models", cfg.name, f".staging-{run.info.run_id[:8]}")
+        export_hf(best, staging, tokenizer=tokenizer)
+        model_uri, hf_dir = None, staging
         if cfg.register_model:
             model_uri, version = tracking.register_hf_model(
-                hf_dir,
+                staging,
                 cfg.name,
                 stage="pretrain",
                 alias="pretrain-latest",
-                tags={"tulpar.best_val_loss": f"{trainer.best_val_loss:.6f}"},
+                tags={
+                    "tulpar.best_val_loss": f"{best_meta['metrics'].get('val_loss', float('nan')):.6f}",
+                    "tulpar.checkpoint": best_ckpt.path,
+                },
             )
-            final_dir = settings.path("models", cfg.name, str(version))
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            hf_dir = hf_dir.rename(final_dir)
+            hf_dir = settings.path("models", cfg.name, str(version))
+            if hf_dir.exists():
+                shutil.rmtree(hf_dir)
+            staging.rename(hf_dir)
 
-        samples = {}
-        params = SamplingParams(
-            max_new_tokens=cfg.sample.max_new_tokens,
-            temperature=cfg.sample.temperature,
-            top_p=cfg.sample.top_p,
-            seed=cfg.sample.seed,
-            stop_token_ids=[tokenizer.eos_id],
-        )
-        best.eval()
-        for lang, prompt in cfg.sample.prompts.items():
-            out = generate(best, [tokenizer.encode(prompt)], params, pad_id=tokenizer.pad_id)[0]
-            samples[lang] = prompt + tokenizer.decode(out)
-            print(f"sample [{lang}] {samples[lang]!r}", flush=True)
+        samples = sample(best, tokenizer, cfg.sample)
+        for lang, text in samples.items():
+            print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
-        atomic_write_json(ckpt_root / "samples.json", samples)
 
-    last_train = next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan"))
-    metrics = {
-        "train_loss": last_train,
-        **{f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")},
-        **{f"final_{k}": v for k, v in final_val.items()},
-        "steps": float(result.step),
+    best_metrics = {
+        f"best_{k}": v for k, v in best_meta["metrics"].items() if k.startswith("val_") and v is not None
     }
+    final = result.metrics or {}
+    metrics = {**best_metrics, "steps": float(final.get("step", best_meta["step"]))}
+    train_losses = [h["train_loss"] for h in history if "train_loss" in h]
+    if train_losses:
+        metrics["final_train_loss"] = train_losses[-1]
     outputs = {
-        "checkpoint_dir": str(ckpt_root),
-        "best_checkpoint": str(ckpt_root / "best"),
+        "checkpoint_dir": str(run_dir),
+        "best_checkpoint": best_ckpt.path,
+        "last_checkpoint": last_ckpt.path,
+        "dataset": dataset_path,
         "tokenizer_sha256": tokenizer.sha256,
         "hf_dir": str(hf_dir),
         "model_uri": model_uri,
@@ -243,7 +225,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         "samples": samples,
     }
     return JobResult(
-        "pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=ckpt_root
+        "pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=run_dir
     )
 
 

@@ -97,6 +97,7 @@ def start_run(
     *,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """An MLflow run for one stage with standard tags, flattened params and the resolved config artifact."""
     import mlflow
@@ -111,13 +112,54 @@ def start_run(
     parent = os.environ.get("TULPAR_PARENT_RUN_ID")
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=all_tags, log_system_metrics=system_metrics
+    ) as run:
         params = {k: str(v)[:6000] for k, v in flatten(config_to_dict(cfg)).items()}
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps params per batch
             mlflow.log_params(dict(items[i : i + 100]))
         mlflow.log_dict(config_to_dict(cfg), "config/resolved.yaml")
         yield run
+
+
+def check_server(settings: Settings) -> None:
+    """Fail early, with the fix, when the tracking server cannot be reached."""
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    if (
+        settings.mlflow_tracking_uri.startswith(("sqlite:", "file:"))
+        or "://" not in settings.mlflow_tracking_uri
+    ):
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:
+        raise ValueError(
+            f"MLflow tracking server {settings.mlflow_tracking_uri} is unreachable ({type(exc).__name__}): start it, "
+            "fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store"
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def metric_history(run_id: str, keys: list[str]) -> list[dict[str, float]]:
+    """Logged values of `keys` merged per step: [{"step": s, key: value, ...}, ...] sorted by step."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    by_step: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            by_step.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -136,7 +178,8 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path, title: str = "l
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    key = "train_loss" if any("train_loss" in h for h in history) else "loss"
+    train = [(h["step"], h[key]) for h in history if key in h]
     if train:
         ax.plot(*zip(*train), label="train", lw=1.2)
     val_keys = sorted({k for h in history for k in h if k.startswith("val_loss/")})

@@ -44,13 +44,22 @@ def save_checkpoint(
     scheduler: Any | None = None,
     data_state: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint to `path` atomically: an interrupted save leaves the previous one intact."""
-    unwrapped = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in .module
-    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+    """Write a checkpoint to `path` atomically: an interrupted save leaves the previous one intact.
+
+    `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given (e.g. the
+    full, gathered state of an FSDP-sharded model)."""
+    if model_state is None:
+        unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+        model_state = unwrapped.state_dict()
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     state = {
-        "model": unwrapped.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
         "data": data_state,
@@ -80,7 +89,8 @@ def load_checkpoint(
     restore_rng: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Restore what is passed in; returns {"step", "metrics", "config", "data"}."""
+    """Restore what is passed in; returns {"step", "metrics", "config", "data", "model_state", "optimizer_state"}
+    (the raw states, for callers that restore them differently, e.g. into a sharded model)."""
     meta = read_meta(path)
     state = torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False)
     if model is not None:
@@ -92,7 +102,14 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    return {"step": meta["step"], "metrics": meta["metrics"], "config": meta["config"], "data": state["data"]}
+    return {
+        "step": meta["step"],
+        "metrics": meta["metrics"],
+        "config": meta["config"],
+        "data": state["data"],
+        "model_state": state["model"],
+        "optimizer_state": state["optimizer"],
+    }
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):

@@ -46,11 +46,13 @@ def read_tokens(path: str | Path, dtype: np.dtype | str) -> np.ndarray:
 
 
 class RandomWindows:
-    """Random (input, target) windows of `seq_len` tokens from a flat token array.
+    """Random (input, target) windows of `seq_len` tokens from a flat token array, for data-parallel training.
 
-    Deterministic and resumable: the batch at sampler step s depends only on (seed, rank, s), so the data
-    position saved in a checkpoint is just `step`. Each data-parallel rank draws from its own contiguous
-    slice of the stream (rank r of world_size reads slice r), so ranks never see the same window.
+    Deterministic, resumable and world-size invariant: optimizer step s draws one *global* batch of
+    accum_steps x world_size x batch_size window starts from a generator seeded by (seed, s); rank r's micro-batch m
+    is rows [(m * world_size + r) * batch_size, ... + batch_size). So 1 worker x batch 8, 1 worker x batch 4 x
+    accumulation 2 and 2 workers x batch 4 all train on the same 8 windows per step, and the data position saved
+    in a checkpoint is just `step`. Each worker reads only its own rows from the memory-mapped stream.
     """
 
     def __init__(
@@ -66,43 +68,47 @@ class RandomWindows:
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        per_rank = len(tokens) // world_size
-        self.tokens = tokens[rank * per_rank : (rank + 1) * per_rank]
         need = seq_len + 1
-        if len(self.tokens) < need:
+        if len(tokens) < need:
             raise DataError(
-                f"not enough tokens in the {name} data: need {need} (seq_len {seq_len} + 1) per data-parallel "
-                f"worker, have {len(self.tokens)} (of {len(tokens)} over {world_size} workers): add text, lower "
-                "seq_len or use fewer workers"
+                f"not enough tokens in the {name} data for one training batch: need {need} (seq_len {seq_len} + 1), "
+                f"have {len(tokens)}: add text, or lower seq_len"
             )
+        self.tokens = tokens
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
 
     @property
     def num_windows(self) -> int:
         return len(self.tokens) - self.seq_len
 
-    def _generator(self, step: int) -> torch.Generator:
-        seed = np.random.SeedSequence([self.seed, self.rank, step]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    def _starts(self, step: int, count: int) -> list[int]:
+        seed = np.random.SeedSequence([self.seed, step]).generate_state(1, dtype=np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.randint(0, self.num_windows + 1, (count,), generator=gen).tolist()
 
-    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (batch_size, seq_len) int64."""
-        starts = torch.randint(0, self.num_windows + 1, (self.batch_size,), generator=self._generator(step))
-        rows = np.stack(
-            [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
-        )
+    def _rows(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch_at(self.step)
+    def batches_at(self, step: int, accum_steps: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step `step`: accum_steps pairs of (batch_size, seq_len) int64."""
+        B, W = self.batch_size, self.world_size
+        starts = self._starts(step, accum_steps * W * B)
+        return [
+            self._rows(starts[(m * W + self.rank) * B : (m * W + self.rank + 1) * B])
+            for m in range(accum_steps)
+        ]
+
+    def next_step(self, accum_steps: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.batches_at(self.step, accum_steps)
         self.step += 1
-        return batch
+        return batches
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed, "rank": self.rank}
+        return {"step": self.step, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed") != self.seed:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pydantic import Field
 from llm_core.checkpoint import load_checkpoint, save_checkpoint
 from llm_core.config import StrictModel
 from llm_core.data import RandomWindows, sequential_windows
+from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 from llm_core.optim import build_optimizer, build_scheduler
 
@@ -90,8 +93,16 @@ class FitResult:
 
 
 def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy (+ MoE load-balancing loss); reports MoE expert utilisation."""
     out = model(inputs, targets)
-    extra = {} if out.aux_loss is None else {"aux_loss": float(out.aux_loss.detach())}
+    extra: dict[str, float] = {}
+    if out.aux_loss is not None:
+        extra["aux_loss"] = float(out.aux_loss.detach())
+        core = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+        loads = torch.stack([layer.mlp.last_expert_counts.float() for layer in core.layers])  # (L, E)
+        share = loads / loads.sum(dim=1, keepdim=True)
+        extra["expert_load_max"] = float(share.max() * loads.size(1))  # 1.0 = perfectly balanced
+        extra["experts_used_fraction"] = float((loads > 0).float().mean())
     return out.loss, extra
 
 
@@ -112,7 +123,35 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if _dist()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
 class Trainer:
+    """One model, one optimizer, one schedule. Works alone or inside a torch.distributed process group.
+
+    `parallelism` is "none" (single process), "ddp" (replicated; gradients all-reduced once per optimizer step) or
+    "fsdp" (FSDP2 `fully_shard` per block and at the root; checkpoints gather the full state on every rank).
+    """
+
     def __init__(
         self,
         model: Transformer,
@@ -121,10 +160,13 @@ class Trainer:
         device: torch.device | str = "cpu",
         run_config: dict[str, Any] | None = None,
         loss_fn: LossFn = lm_loss,
-        world_size: int = 1,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        parallelism: Literal["none", "ddp", "fsdp"] = "none",
     ):
-        self.cfg, self.device, self.world_size = cfg, torch.device(device), world_size
+        self.cfg, self.device = cfg, torch.device(device)
+        self.rank, self.world_size = _dist()
+        if parallelism != "none" and self.world_size == 1 and not torch.distributed.is_initialized():
+            parallelism = "none"
+        self.parallelism = parallelism
         self.model = model.to(self.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.run_config = run_config or {
@@ -132,6 +174,21 @@ class Trainer:
             "train": cfg.model_dump(),
         }
         self.loss_fn = loss_fn
+        self.engine: torch.nn.Module = self.model
+        if parallelism == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.engine = DistributedDataParallel(self.model, device_ids=ids)
+        elif parallelism == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.layers:
+                fully_shard(block)
+            fully_shard(self.model)
+        if cfg.compile:
+            self.engine = torch.compile(self.engine)
+        # the optimizer is built after sharding so that it holds the (sharded) parameters
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -141,14 +198,12 @@ class Trainer:
             min_lr_ratio=cfg.min_lr_ratio,
             decay_fraction=cfg.wsd_decay_fraction,
         )
-        self.engine = wrap(self.model) if wrap else self.model  # e.g. DDP; checkpoints use self.model
-        if cfg.compile:
-            self.engine = torch.compile(self.engine)
-        self.accum = cfg.accum_steps(world_size)
+        self.accum = cfg.accum_steps(self.world_size)
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.step = 0
         self.best_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
         self.flops_per_token = model.cfg.flops_per_token(cfg.seq_len)
 
@@ -159,93 +214,151 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """Forward/backward over the micro-batches, clip, step. Returns loss, grad_norm, lr, tokens."""
+        """Forward/backward over this rank's micro-batches, clip, step. Returns loss, grad_norm, lr, tokens.
+
+        Each micro-batch's loss is weighted by its share of the step's target tokens over all ranks, so the
+        gradient equals that of one big batch whatever the split into workers and micro-batches."""
         self.engine.train()
         counts = [int((t != -100).sum()) for _, t in micro_batches]
-        total = sum(counts)
+        total = int(_all_reduce_sum([float(sum(counts))], self.device)[0])
         if total == 0:
             raise TrainingError(
                 "a training batch has no target tokens (all labels are -100): check the loss mask"
             )
+        scale = self.world_size / total  # DDP/FSDP average gradients over ranks: undo that, weight by tokens
         loss_sum, extras = 0.0, {}
-        for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            sync = contextlib.nullcontext()
-            if i < len(micro_batches) - 1 and hasattr(self.engine, "no_sync"):
-                sync = self.engine.no_sync()  # DDP: all-reduce once, on the last micro-batch
-            with sync:
-                with self._autocast():
-                    loss, extra = self.loss_fn(self.engine, x, y)
-                (loss * (n / total)).backward()
-            loss_sum += float(loss.detach()) * n / total
-            for k, v in extra.items():
-                extras[k] = extras.get(k, 0.0) + v / len(micro_batches)
-        if not math.isfinite(loss_sum):
+        try:
+            for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if i < len(micro_batches) - 1 and hasattr(self.engine, "no_sync"):
+                    sync = self.engine.no_sync()  # DDP: all-reduce once, on the last micro-batch
+                with sync:
+                    with self._autocast():
+                        loss, extra = self.loss_fn(self.engine, x, y)
+                    (loss * (n * scale)).backward()
+                loss_sum += float(loss.detach()) * n
+                for k, v in extra.items():
+                    extras[k] = extras.get(k, 0.0) + v / len(micro_batches)
+        except torch.OutOfMemoryError:
             raise TrainingError(
-                f"loss became {loss_sum} at step {self.step + 1}: lower the learning rate (lr={self.cfg.lr}), "
-                "keep grad_clip > 0, or use fp32 precision"
+                f"out of memory at micro-batch size {self.cfg.batch_size} x seq_len {self.cfg.seq_len}: lower "
+                "train.batch_size and raise train.grad_accum_steps (or set train.tokens_per_step), or enable "
+                "train.activation_checkpointing"
+            ) from None
+        loss_sum = _all_reduce_sum([loss_sum], self.device)[0] / total
+        if not math.isfinite(loss_sum):  # every rank sees the same reduced value, so all stop together
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise TrainingError(
+                f"loss became {loss_sum} at step {self.step + 1}{where}: lower the learning rate "
+                f"(lr={self.cfg.lr}), keep grad_clip > 0, or use fp32 precision"
             )
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": float(total), **extras}
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": float(total), **extras}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
-        """Mean validation loss (nats/token), perplexity and bits-per-byte per set."""
-        self.model.eval()
+        """Validation loss (nats/token), perplexity and bits-per-byte per set, and `val_loss` = their mean.
+
+        Windows are split across ranks and the sums all-reduced, so every rank returns the same numbers."""
+        self.engine.eval()
         metrics: dict[str, float] = {}
         for es in eval_sets:
-            total_loss, total_tokens = 0.0, 0
-            windows = list(sequential_windows(es.tokens, self.cfg.seq_len, self.cfg.eval_windows))
+            windows = list(sequential_windows(es.tokens, self.cfg.seq_len, self.cfg.eval_windows))[
+                self.rank :: self.world_size
+            ]
+            loss_sum, n_tokens = 0.0, 0
             for i in range(0, len(windows), self.cfg.batch_size):
                 chunk = windows[i : i + self.cfg.batch_size]
                 x = torch.cat([w[0] for w in chunk]).to(self.device)
                 y = torch.cat([w[1] for w in chunk]).to(self.device)
                 with self._autocast():
-                    out = self.model(x, y)
-                total_loss += float(out.ce_loss) * y.numel()
-                total_tokens += y.numel()
-            if not total_tokens:
+                    out = self.engine(x, y) if self.parallelism == "fsdp" else self.model(x, y)
+                loss_sum += float(out.ce_loss) * y.numel()
+                n_tokens += y.numel()
+            loss_sum, n_tokens = _all_reduce_sum([loss_sum, float(n_tokens)], self.device)
+            if not n_tokens:
                 continue
-            loss = total_loss / total_tokens
+            loss = loss_sum / n_tokens
             metrics[f"val_loss/{es.name}"] = loss
             metrics[f"val_ppl/{es.name}"] = math.exp(min(loss, 50.0))
             metrics[f"val_bpb/{es.name}"] = loss / math.log(2) / es.bytes_per_token
         losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
         if losses:  # model selection uses the unweighted mean over languages
             metrics["val_loss"] = sum(losses) / len(losses)
-        self.model.train()
+        self.engine.train()
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, root: Path, sampler: RandomWindows, metrics: dict[str, float], best: bool) -> None:
+    def _full_states(self) -> tuple[dict, dict]:
+        """Full model and optimizer state dicts (gathered on every rank when sharded)."""
+        if self.parallelism != "fsdp":
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (
+            get_model_state_dict(self.model, options=opts),
+            get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+        )
+
+    def save_to(self, path: Path, sampler: RandomWindows, metrics: dict[str, float]) -> Path | None:
+        """Write this step's checkpoint to `path` (rank 0 writes; every rank must call it when sharded)."""
+        model_state, optim_state = self._full_states()
+        if self.rank != 0:
+            return None
         save_checkpoint(
-            root / "last",
+            path,
             model=self.model,
             step=self.step,
             config=self.run_config,
-            optimizer=self.optimizer,
             scheduler=self.scheduler,
             data_state=sampler.state_dict(),
             metrics={**metrics, "best_val_loss": self.best_val_loss},
+            model_state=model_state,
+            optimizer_state=optim_state,
         )
-        if best:
-            from llm_core.io import atomic_dir
+        self.last_checkpoint = Path(path)
+        return Path(path)
 
+    def save(self, root: Path, sampler: RandomWindows, metrics: dict[str, float], best: bool) -> None:
+        """Local layout: root/last (every eval) and root/best (lowest mean validation loss)."""
+        if self.save_to(root / "last", sampler, metrics) is not None and best:
             with atomic_dir(root / "best") as tmp:
                 for f in (root / "last").iterdir():
                     shutil.copy2(f, tmp / f.name)
 
     def resume(self, path: Path, sampler: RandomWindows) -> None:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(path, scheduler=self.scheduler, map_location="cpu")
+        if self.parallelism == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model_state"], options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer_state"], options=opts)
+        else:
+            self.model.load_state_dict(state["model_state"])
+            self.optimizer.load_state_dict(state["optimizer_state"])
         self.step = state["step"]
         self.best_val_loss = state["metrics"].get("best_val_loss")
+        self.last_checkpoint = Path(path)
         if state["data"] is not None:
             sampler.load_state_dict(state["data"])
 
@@ -260,32 +373,29 @@ class Trainer:
         on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
         progress: bool = True,
     ) -> FitResult:
-        """Train until cfg.steps; evaluate (and checkpoint) every eval_every steps and at the end."""
+        """Train until cfg.steps; evaluate every eval_every steps and at the end. With `checkpoint_root`, keep
+        root/best and root/last there; otherwise `on_eval` decides where checkpoints go (e.g. Ray Train)."""
         from tqdm.auto import tqdm
 
         history: list[dict[str, float]] = []
+        show = progress and self.rank == 0
         bar = tqdm(
-            total=self.cfg.steps,
-            initial=self.step,
-            desc="train",
-            disable=None if progress else True,
-            leave=False,
+            total=self.cfg.steps, initial=self.step, desc="train", disable=None if show else True, leave=False
         )
         window_start, window_tokens = time.perf_counter(), 0.0
         while self.step < self.cfg.steps:
-            metrics = self.train_step([sampler.next_batch() for _ in range(self.accum)])
-            window_tokens += metrics["tokens"] * self.world_size
+            metrics = self.train_step(sampler.next_step(self.accum))
+            window_tokens += metrics["tokens"]
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                tps = window_tokens / elapsed
+                tps = window_tokens / elapsed  # all ranks together
                 metrics["tokens_per_s"] = tps
-                metrics["tflops_per_s"] = tps * self.flops_per_token / self.world_size / 1e12
+                metrics["tflops_per_s"] = tps * self.flops_per_token / 1e12
                 if self.peak_flops:
                     metrics["mfu"] = tps * self.flops_per_token / (self.world_size * self.peak_flops)
-                if self.device.type == "cuda":
-                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                metrics["peak_memory_gb"] = peak_memory_gb(self.device)
                 window_start, window_tokens = time.perf_counter(), 0.0
                 history.append({"step": self.step, **metrics})
                 if on_log:

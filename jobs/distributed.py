@@ -1,0 +1,296 @@
+"""Ray Train plumbing shared by the training stages: launch a TorchTrainer and run llm_core's Trainer per worker.
+
+The driver (a job's `main`) calls `launch(...)`; every Ray Train worker runs `worker_loop`, which builds the model,
+opens the token dataset (memory-mapped), restores the latest checkpoint if Ray Train hands one back (after a worker
+failure, or when the same run is started again), trains, and reports each evaluation to Ray Train together with a
+checkpoint. Rank 0 logs step metrics straight to the job's MLflow run. Nothing here is specific to one machine:
+on a cluster only `RAY_ADDRESS`, `num_workers`/`use_gpu`, `TULPAR_STORAGE` and `MLFLOW_TRACKING_URI` change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from jobs.runtime import Settings
+from llm_core.config import StrictModel
+
+log = logging.getLogger("tulpar.distributed")
+
+
+class RayTrainConfig(StrictModel):
+    """How a training stage runs on Ray Train."""
+
+    num_workers: int = Field(
+        1, ge=1, description="data-parallel workers (processes); one GPU each with use_gpu"
+    )
+    use_gpu: bool = Field(False, description="NCCL + one GPU per worker; false: gloo on CPU")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicas; fsdp: FSDP2 sharding (large presets)"
+    )
+    max_failures: int = Field(
+        1, ge=0, description="worker-group restarts from the latest checkpoint before giving up"
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="intra-op threads per worker; default cpus_per_worker"
+    )
+    fault_injection_kill_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="testing only: rank 0 kills its own process once at this step, to exercise recovery",
+    )
+
+
+def init_ray(settings: Settings) -> None:
+    """Connect to RAY_ADDRESS, or start a local Ray whose workers see the same settings."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("TULPAR_", "MLFLOW_", "AWS_"))}
+    env.setdefault("TULPAR_HOME", str(settings.home))
+    env.setdefault("TULPAR_DATA", str(settings.data))
+    ray.init(
+        address=settings.ray_address,
+        runtime_env={"env_vars": env},
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def _storage_path(settings: Settings) -> str:
+    storage = settings.storage.rstrip("/")
+    return f"{storage}/checkpoints" if "://" in storage else str(Path(storage, "checkpoints").resolve())
+
+
+def _user_error_from(exc: BaseException) -> str | None:
+    """The message of a ValueError raised inside a worker, recovered from Ray's wrapped exception text."""
+    text = str(exc)
+    found = re.findall(r"(?:TrainingError|DataError|ConfigError|ValueError): (.+)", text)
+    return found[-1].strip() if found else None
+
+
+def launch(
+    *,
+    settings: Settings,
+    run_name: str,
+    ray_cfg: RayTrainConfig,
+    worker_config: dict[str, Any],
+    train_loop: Callable[[dict[str, Any]], None] | None = None,
+):
+    """Run `train_loop` (default: worker_loop) on Ray Train; returns the ray.train.Result.
+
+    Checkpoints go to <TULPAR_STORAGE>/checkpoints/<run_name>/step-XXXXXX; Ray Train keeps the best one by mean
+    validation loss and the latest one. Raises TrainingError with the worker's message on user errors."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llm_core.trainer import TrainingError
+
+    init_ray(settings)
+    resources = {"CPU": ray_cfg.cpus_per_worker}
+    scaling = ScalingConfig(
+        num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
+    )
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=_storage_path(settings),
+        failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+    )
+    error_file = f"{_storage_path(settings)}/{run_name}/fatal_error.txt"
+    _delete(error_file)  # a stale error from an earlier attempt of this run
+    config = {**worker_config, "ray": ray_cfg.model_dump(), "run_name": run_name, "error_file": error_file}
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop or worker_loop,
+        train_loop_config=config,
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        message = _user_error_from(exc)
+        if message:
+            raise TrainingError(message) from None
+        raise
+    fatal = _read(error_file)
+    if fatal:
+        raise TrainingError(fatal)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def _fs(uri: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(uri)  # local paths and s3:// alike
+
+
+def _write(uri: str, text: str) -> None:
+    filesystem, path = _fs(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _read(uri: str) -> str | None:
+    from pyarrow import fs
+
+    filesystem, path = _fs(uri)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def _delete(uri: str) -> None:
+    from pyarrow import fs
+
+    filesystem, path = _fs(uri)
+    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
+        filesystem.delete_file(path)
+
+
+def best_and_last(result) -> tuple[Any, Any]:
+    """(best checkpoint by val_loss, latest checkpoint) of a Ray Train result."""
+    latest = result.checkpoint
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m and m.get("val_loss") is not None]
+    best = min(ranked, key=lambda cm: cm[1]["val_loss"])[0] if ranked else latest
+    return best, latest
+
+
+def link_best_last(run_dir: Path, best_path: str, last_path: str) -> None:
+    """Local storage: best/ and last/ as relative symlinks to Ray Train's checkpoint dirs."""
+    for name, target in (("best", best_path), ("last", last_path)):
+        link = run_dir / name
+        tmp = run_dir / f".{name}.link-tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(Path(target).name)
+        os.replace(tmp, link)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _mlflow_logger(config: dict[str, Any], rank: int) -> Callable[[int, dict[str, float]], None]:
+    """Log step metrics to the driver's MLflow run from rank 0 (no-op on other ranks)."""
+    run_id, uri = config.get("mlflow_run_id"), config.get("mlflow_tracking_uri")
+    if rank != 0 or not run_id or not uri:
+        return lambda step, metrics: None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            client.log_batch(run_id, metrics=items[i : i + 500], synchronous=True)
+
+    return log
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: next-token pretraining on a token dataset (used by jobs.pretrain)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from llm_core.config import ModelConfig
+    from llm_core.data import RandomWindows
+    from llm_core.model import Transformer
+    from llm_core.shards import TokenDataset
+    from llm_core.trainer import EvalSet, TrainConfig, Trainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ray_cfg = RayTrainConfig.model_validate(config["ray"])
+    torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
+    train_cfg = TrainConfig.model_validate(config["train"])
+    model_cfg = ModelConfig.model_validate(config["model"])
+    device = ray.train.torch.get_device()
+    log_metrics = _mlflow_logger(config, rank)
+    try:
+        torch.manual_seed(train_cfg.seed)
+        dataset = TokenDataset.open(config["dataset"])
+        languages = config.get("languages") or dataset.languages
+        sampler = RandomWindows(
+            dataset.tokens("train"),
+            train_cfg.seq_len,
+            train_cfg.batch_size,
+            seed=train_cfg.seed,
+            rank=rank,
+            world_size=world,
+        )
+        eval_sets = [
+            EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
+            for lang in languages
+        ]
+        parallelism = "none" if world == 1 else ray_cfg.parallelism
+        trainer = Trainer(
+            Transformer(model_cfg),
+            train_cfg,
+            device=device,
+            run_config=config["run_config"],
+            parallelism=parallelism,
+        )
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as ckpt_dir:
+                trainer.resume(Path(ckpt_dir), sampler)
+            if rank == 0:
+                print(f"resumed from checkpoint at step {trainer.step}", flush=True)
+        kill_at = ray_cfg.fault_injection_kill_at_step
+        marker = config.get("fault_marker")
+
+        def on_log(step: int, metrics: dict[str, float]) -> None:
+            log_metrics(step, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()})
+            if rank == 0:
+                print(
+                    f"step {step:5d} | train loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                    f"{metrics['tokens_per_s']:,.0f} tok/s",
+                    flush=True,
+                )
+            if kill_at and step >= kill_at and rank == 0 and marker and not Path(marker).exists():
+                Path(marker).write_text(f"killed at step {step}\n")
+                os.kill(os.getpid(), signal.SIGKILL)  # a real worker crash: Ray Train restarts the group
+
+        def on_eval(step: int, metrics: dict[str, float], is_best: bool) -> None:
+            log_metrics(step, metrics)
+            if rank == 0:
+                losses = " ".join(
+                    f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss/")
+                )
+                print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
+                path = trainer.save_to(Path(tmp) / "checkpoint", sampler, metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
+                ray.train.report(
+                    {**metrics, "step": step, "is_best": float(is_best)},
+                    checkpoint=checkpoint,
+                    checkpoint_dir_name=f"step-{step:06d}",
+                )
+
+        trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, progress=False)
+    except ValueError as exc:
+        # A user error (bad data, diverged loss) is the same on every rank and would recur on a retry: record it
+        # for the driver and end normally instead of letting Ray Train restart the workers.
+        if rank == 0:
+            _write(config["error_file"], str(exc))
