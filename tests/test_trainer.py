@@ -148,3 +148,16 @@ def test_grad_accumulation_equals_big_batch_after_several_steps():
     # Adam normalises tiny float-summation differences, so parameters agree to ~1e-6, not bit for bit
     for a, b in zip(big.model.parameters(), small.model.parameters()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_moe_training_reports_aux_loss_and_expert_utilisation():
+    t = trainer(small_moe_config(num_experts=4), steps=3)
+    logged = []
+    t.fit(
+        RandomWindows(TOKENS, 32, 4),
+        [EvalSet("x", TOKENS[:2000], 1.0)],
+        on_log=lambda s, m: logged.append(m),
+        progress=False,
+    )
+    assert all(m["aux_loss"] > 0 for m in logged)
+    assert all(1.0 <= m["expert_load_max"] <= 4.0 and m["experts_used_fraction"] == 1.0 for m in logged)
