@@ -29,9 +29,22 @@ from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 from llm_core.optim import build_optimizer, build_scheduler
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-# loss_fn(model, inputs, targets) -> (loss averaged over target tokens, extra metrics)
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# A batch is a dict of tensors with at least "input_ids" and "targets" (B, T) (-100 = no loss), and optionally
+# "segment_ids"/"position_ids" (packed samples) and task keys (e.g. DPO's "ref_logps"). "weight" (a 0-d tensor)
+# says how many units the batch's mean loss averages over (default: its number of target tokens); micro-batches
+# and ranks are weighted by it. Samplers may also yield (input_ids, targets) tuples.
+Batch = dict[str, torch.Tensor]
+# loss_fn(model, batch) -> (loss averaged over the batch's units, extra float metrics; "ce_loss" if it differs)
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def as_batch(b: Batch | tuple[torch.Tensor, torch.Tensor]) -> Batch:
+    return {"input_ids": b[0], "targets": b[1]} if isinstance(b, tuple) else b
+
+
+def batch_weight(b: Batch) -> int:
+    w = b.get("weight")
+    return int(w) if w is not None else int((b["targets"] != -100).sum())
 
 
 class TrainingError(ValueError):
@@ -84,6 +97,28 @@ class EvalSet:
     tokens: np.ndarray
     bytes_per_token: float
 
+    def batches(self, seq_len: int, batch_size: int, max_windows: int) -> list[Batch]:
+        windows = list(sequential_windows(self.tokens, seq_len, max_windows))
+        return [
+            {
+                "input_ids": torch.cat([w[0] for w in windows[i : i + batch_size]]),
+                "targets": torch.cat([w[1] for w in windows[i : i + batch_size]]),
+            }
+            for i in range(0, len(windows), batch_size)
+        ]
+
+
+@dataclass
+class EvalBatches:
+    """Held-out batches (e.g. SFT conversations or DPO pairs) evaluated with the training loss function."""
+
+    name: str
+    items: list[Batch]
+    bytes_per_token: float | None = None
+
+    def batches(self, seq_len: int, batch_size: int, max_windows: int) -> list[Batch]:
+        return self.items
+
 
 @dataclass
 class FitResult:
@@ -92,10 +127,15 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy (+ MoE load-balancing loss); reports MoE expert utilisation."""
-    out = model(inputs, targets)
-    extra: dict[str, float] = {}
+def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy over targets != -100 (+ MoE load-balancing loss); reports expert utilisation."""
+    out = model(
+        batch["input_ids"],
+        batch["targets"],
+        segment_ids=batch.get("segment_ids"),
+        position_ids=batch.get("position_ids"),
+    )
+    extra: dict[str, float] = {"ce_loss": float(out.ce_loss.detach())}
     if out.aux_loss is not None:
         extra["aux_loss"] = float(out.aux_loss.detach())
         core = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
@@ -219,7 +259,8 @@ class Trainer:
         Each micro-batch's loss is weighted by its share of the step's target tokens over all ranks, so the
         gradient equals that of one big batch whatever the split into workers and micro-batches."""
         self.engine.train()
-        counts = [int((t != -100).sum()) for _, t in micro_batches]
+        micro_batches = [as_batch(b) for b in micro_batches]
+        counts = [batch_weight(b) for b in micro_batches]
         total = int(_all_reduce_sum([float(sum(counts))], self.device)[0])
         if total == 0:
             raise TrainingError(
@@ -228,14 +269,14 @@ class Trainer:
         scale = self.world_size / total  # DDP/FSDP average gradients over ranks: undo that, weight by tokens
         loss_sum, extras = 0.0, {}
         try:
-            for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for i, (batch, n) in enumerate(zip(micro_batches, counts)):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 sync = contextlib.nullcontext()
                 if i < len(micro_batches) - 1 and hasattr(self.engine, "no_sync"):
                     sync = self.engine.no_sync()  # DDP: all-reduce once, on the last micro-batch
                 with sync:
                     with self._autocast():
-                        loss, extra = self.loss_fn(self.engine, x, y)
+                        loss, extra = self.loss_fn(self.engine, batch)
                     (loss * (n * scale)).backward()
                 loss_sum += float(loss.detach()) * n
                 for k, v in extra.items():
@@ -266,34 +307,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits-per-byte per set, and `val_loss` = their mean.
+    def evaluate(self, eval_sets: list[EvalSet | EvalBatches]) -> dict[str, float]:
+        """Per set: val_loss (the loss function's `ce_loss`, else its loss), perplexity, bits-per-byte when the
+        set knows its bytes per token, and the loss function's other metrics; `val_loss` = mean over sets.
 
-        Windows are split across ranks and the sums all-reduced, so every rank returns the same numbers."""
+        Batches are split across ranks and sums all-reduced, so every rank returns the same numbers. Ranks run
+        the same number of forward passes (padding with zero-weight repeats) because FSDP's forward is collective.
+        """
         self.engine.eval()
         metrics: dict[str, float] = {}
         for es in eval_sets:
-            windows = list(sequential_windows(es.tokens, self.cfg.seq_len, self.cfg.eval_windows))[
-                self.rank :: self.world_size
-            ]
-            loss_sum, n_tokens = 0.0, 0
-            for i in range(0, len(windows), self.cfg.batch_size):
-                chunk = windows[i : i + self.cfg.batch_size]
-                x = torch.cat([w[0] for w in chunk]).to(self.device)
-                y = torch.cat([w[1] for w in chunk]).to(self.device)
+            batches = es.batches(self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_windows)
+            mine = batches[self.rank :: self.world_size]
+            rounds = math.ceil(len(batches) / self.world_size) if batches else 0
+            sums: dict[str, float] = {}
+            names: set[str] = set()  # every rank runs the same forwards, so every rank finds the same names
+            weight_sum = 0.0
+            for r in range(rounds):
+                real = r < len(mine)
+                batch = {k: v.to(self.device) for k, v in (mine[r] if real else batches[0]).items()}
                 with self._autocast():
-                    out = self.engine(x, y) if self.parallelism == "fsdp" else self.model(x, y)
-                loss_sum += float(out.ce_loss) * y.numel()
-                n_tokens += y.numel()
-            loss_sum, n_tokens = _all_reduce_sum([loss_sum, float(n_tokens)], self.device)
-            if not n_tokens:
+                    loss, extra = self.loss_fn(
+                        self.engine if self.parallelism == "fsdp" else self.model, batch
+                    )
+                if not real:
+                    continue
+                w = batch_weight(batch)
+                weight_sum += w
+                sums["loss"] = sums.get("loss", 0.0) + extra.get("ce_loss", float(loss)) * w
+                for k, v in extra.items():
+                    if k != "ce_loss":
+                        sums[k] = sums.get(k, 0.0) + v * w
+            keys = ["loss", *sorted(names - {"loss"})]
+            reduced = _all_reduce_sum([weight_sum] + [sums.get(k, 0.0) for k in keys], self.device)
+            total, values = reduced[0], dict(zip(keys, reduced[1:]))
+            if not total:
                 continue
-            loss = loss_sum / n_tokens
+            loss = values.pop("loss") / total
             metrics[f"val_loss/{es.name}"] = loss
             metrics[f"val_ppl/{es.name}"] = math.exp(min(loss, 50.0))
-            metrics[f"val_bpb/{es.name}"] = loss / math.log(2) / es.bytes_per_token
+            if es.bytes_per_token:
+                metrics[f"val_bpb/{es.name}"] = loss / math.log(2) / es.bytes_per_token
+            for k, v in values.items():
+                metrics[f"val_{k}/{es.name}"] = v / total
         losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
-        if losses:  # model selection uses the unweighted mean over languages
+        if losses:  # model selection uses the unweighted mean over sets (languages)
             metrics["val_loss"] = sum(losses) / len(losses)
         self.engine.train()
         return metrics
