@@ -9,6 +9,7 @@ on a cluster only `RAY_ADDRESS`, `num_workers`/`use_gpu`, `TULPAR_STORAGE` and `
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +71,7 @@ def init_ray(settings: Settings) -> None:
     )
 
 
-def _storage_path(settings: Settings) -> str:
+def checkpoint_storage_path(settings: Settings) -> str:
     storage = settings.storage.rstrip("/")
     return f"{storage}/checkpoints" if "://" in storage else str(Path(storage, "checkpoints").resolve())
 
@@ -105,13 +107,13 @@ def launch(
     )
     run_config = RunConfig(
         name=run_name,
-        storage_path=_storage_path(settings),
+        storage_path=checkpoint_storage_path(settings),
         failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         checkpoint_config=CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
     )
-    error_file = f"{_storage_path(settings)}/{run_name}/fatal_error.txt"
+    error_file = f"{checkpoint_storage_path(settings)}/{run_name}/fatal_error.txt"
     _delete(error_file)  # a stale error from an earlier attempt of this run
     config = {**worker_config, "ray": ray_cfg.model_dump(), "run_name": run_name, "error_file": error_file}
     trainer = TorchTrainer(
@@ -135,14 +137,14 @@ def launch(
     return result
 
 
-def _fs(uri: str):
+def filesystem_for(uri: str):
     from pyarrow import fs
 
     return fs.FileSystem.from_uri(uri)  # local paths and s3:// alike
 
 
 def _write(uri: str, text: str) -> None:
-    filesystem, path = _fs(uri)
+    filesystem, path = filesystem_for(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
@@ -151,7 +153,7 @@ def _write(uri: str, text: str) -> None:
 def _read(uri: str) -> str | None:
     from pyarrow import fs
 
-    filesystem, path = _fs(uri)
+    filesystem, path = filesystem_for(uri)
     if filesystem.get_file_info(path).type == fs.FileType.NotFound:
         return None
     with filesystem.open_input_stream(path) as f:
@@ -161,7 +163,7 @@ def _read(uri: str) -> str | None:
 def _delete(uri: str) -> None:
     from pyarrow import fs
 
-    filesystem, path = _fs(uri)
+    filesystem, path = filesystem_for(uri)
     if filesystem.get_file_info(path).type != fs.FileType.NotFound:
         filesystem.delete_file(path)
 
@@ -207,50 +209,54 @@ def _mlflow_logger(config: dict[str, Any], rank: int) -> Callable[[int, dict[str
     return log
 
 
+@dataclass
+class TaskSetup:
+    """What a training stage hands the shared worker loop: the model, its data and its loss."""
+
+    model: Any  # llm_core Transformer (possibly with LoRA adapters)
+    sampler: Any  # RandomWindows or RowSampler: next_step(accum), state_dict(), load_state_dict()
+    eval_sets: list[Any]  # EvalSet / EvalBatches
+    loss_fn: Callable | None = None  # None: next-token cross-entropy
+
+
+def import_string(path: str) -> Callable:
+    """'package.module:function' -> the function."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: next-token pretraining on a token dataset (used by jobs.pretrain)."""
+    """One Ray Train worker of any training stage: `config["task_builder"]` ("module:function") builds the
+    TaskSetup; this loop restores the latest checkpoint, trains with llm_core's Trainer and reports to Ray Train."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from llm_core.config import ModelConfig
-    from llm_core.data import RandomWindows
-    from llm_core.model import Transformer
-    from llm_core.shards import TokenDataset
-    from llm_core.trainer import EvalSet, TrainConfig, Trainer
+    from llm_core.trainer import TrainConfig, Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ray_cfg = RayTrainConfig.model_validate(config["ray"])
     torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
     train_cfg = TrainConfig.model_validate(config["train"])
-    model_cfg = ModelConfig.model_validate(config["model"])
     device = ray.train.torch.get_device()
     log_metrics = _mlflow_logger(config, rank)
     try:
         torch.manual_seed(train_cfg.seed)
-        dataset = TokenDataset.open(config["dataset"])
-        languages = config.get("languages") or dataset.languages
-        sampler = RandomWindows(
-            dataset.tokens("train"),
-            train_cfg.seq_len,
-            train_cfg.batch_size,
-            seed=train_cfg.seed,
-            rank=rank,
-            world_size=world,
+        task: TaskSetup = import_string(config["task_builder"])(
+            config, rank=rank, world_size=world, device=device
         )
-        eval_sets = [
-            EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
-            for lang in languages
-        ]
         parallelism = "none" if world == 1 else ray_cfg.parallelism
+        extra = {"loss_fn": task.loss_fn} if task.loss_fn is not None else {}
         trainer = Trainer(
-            Transformer(model_cfg),
+            task.model,
             train_cfg,
             device=device,
             run_config=config["run_config"],
             parallelism=parallelism,
+            **extra,
         )
+        sampler, eval_sets = task.sampler, task.eval_sets
         restored = ray.train.get_checkpoint()
         if restored is not None:
             with restored.as_directory() as ckpt_dir:

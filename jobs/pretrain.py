@@ -15,18 +15,18 @@ from pathlib import Path
 from pydantic import Field
 
 from jobs import tracking
-from jobs.distributed import RayTrainConfig, best_and_last, launch, link_best_last
+from jobs.distributed import RayTrainConfig, TaskSetup, best_and_last, launch, link_best_last
 from jobs.runtime import JobResult, Settings, main_entry
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
-from llm_core.data import DataError
+from llm_core.data import DataError, RandomWindows
 from llm_core.export_hf import export_hf
 from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_write_json
 from llm_core.model import Transformer
 from llm_core.shards import TokenDataset, file_sha256
 from llm_core.tokenizer import Tokenizer
-from llm_core.trainer import TrainConfig
+from llm_core.trainer import EvalSet, TrainConfig
 
 log = logging.getLogger("tulpar.pretrain")
 
@@ -108,6 +108,25 @@ def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
     return tokenizer
 
 
+def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
+    """Ray Train worker side: memory-mapped token shards, random windows, per-language validation sets."""
+    train_cfg = TrainConfig.model_validate(config["train"])
+    dataset = TokenDataset.open(config["dataset"])
+    sampler = RandomWindows(
+        dataset.tokens("train"),
+        train_cfg.seq_len,
+        train_cfg.batch_size,
+        seed=train_cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    languages = config.get("languages") or dataset.languages
+    eval_sets = [
+        EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang)) for lang in languages
+    ]
+    return TaskSetup(Transformer(ModelConfig.model_validate(config["model"])), sampler, eval_sets)
+
+
 def sample(model: Transformer, tokenizer: Tokenizer, spec: SampleSpec) -> dict[str, str]:
     params = SamplingParams(
         max_new_tokens=spec.max_new_tokens,
@@ -155,6 +174,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         settings, "pretrain", cfg, run_name=run_key, tags=tags, system_metrics=True
     ) as run:
         worker_config = {
+            "task_builder": "jobs.pretrain:build_task",
             "model": cfg.model.model_dump(mode="json"),
             "train": cfg.train.model_dump(mode="json"),
             "dataset": dataset_path,

@@ -204,6 +204,18 @@ def log_figure_file(path: Path, artifact_path: str = "plots") -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
 
+def log_dict(obj: dict, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_artifacts(local_dir: Path, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(local_dir), artifact_path)
+
+
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 

@@ -1,0 +1,280 @@
+"""What SFT, DPO and distillation share: where the starting model comes from, shipping prepared data to the Ray
+Train workers, and turning the best checkpoint into a registered model version (with a PEFT adapter for LoRA).
+
+Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names a worker-side
+`build_task`, and calls `run_posttrain`. The training loop itself is llm_core's Trainer via jobs.distributed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from jobs import tracking
+from jobs.distributed import (
+    RayTrainConfig,
+    best_and_last,
+    checkpoint_storage_path,
+    filesystem_for,
+    launch,
+    link_best_last,
+)
+from jobs.runtime import JobResult, Settings
+from llm_core.checkpoint import load_checkpoint, read_meta
+from llm_core.config import StrictModel, config_sha256, config_to_dict
+from llm_core.export_hf import export_hf, load_hf
+from llm_core.generate import SamplingParams, generate
+from llm_core.io import atomic_dir, atomic_write_json
+from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter, strip_lora
+from llm_core.model import Transformer
+from llm_core.tokenizer import Tokenizer
+
+log = logging.getLogger("tulpar.posttrain")
+
+
+class ChatSampleSpec(StrictModel):
+    """Prompts answered by the trained model at the end, one chat turn per language."""
+
+    prompts: dict[str, str] = Field(
+        default_factory=lambda: {
+            "kk": "Қазақстанның астанасы қай қала?",
+            "ru": "Какая столица у Казахстана?",
+            "en": "What is the capital of Kazakhstan?",
+        }
+    )
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.0, ge=0)
+
+
+# ---------------------------------------------------------------------------------------- model sources
+
+
+def resolve_model(source: str, settings: Settings) -> tuple[Path, str]:
+    """A local HF-format directory for `source` and its canonical URI.
+
+    `source` is a registered model (`models:/<name>@<alias>` or `models:/<name>/<version>`, downloaded once into
+    $TULPAR_HOME/cache/models/<name>/<version>) or a local HF directory (config.json + safetensors)."""
+    if source.startswith("models:/"):
+        import mlflow
+        from mlflow import MlflowClient
+
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        ref = source.removeprefix("models:/")
+        client = MlflowClient()
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = ref.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+        except Exception as exc:
+            raise ValueError(
+                f"registered model {source!r} not found in {settings.mlflow_tracking_uri} ({type(exc).__name__}): "
+                "train it first (make pretrain) or check the name and alias"
+            ) from None
+        canonical = f"models:/{mv.name}/{mv.version}"
+        dst = settings.home / "cache" / "models" / mv.name / str(mv.version)
+        if not (dst / "config.json").is_file():
+            with atomic_dir(dst) as tmp:
+                mlflow.artifacts.download_artifacts(canonical, dst_path=str(tmp))
+                nested = [p for p in tmp.iterdir() if p.is_dir()]  # some stores add the artifact dir's name
+                if not (tmp / "config.json").is_file() and len(nested) == 1:
+                    for item in nested[0].iterdir():
+                        item.rename(tmp / item.name)
+                    nested[0].rmdir()
+        return dst, canonical
+    path = Path(source)
+    if (path / "config.json").is_file():
+        return path.resolve(), str(path.resolve())
+    if (path / "meta.json").is_file():
+        raise ValueError(
+            f"{source!r} is a training checkpoint: start from its HF export ($TULPAR_HOME/models/<name>/<version>) "
+            "or its registered model URI (models:/<name>@pretrain-latest)"
+        )
+    raise ValueError(
+        f"model {source!r} is neither models:/<name>@<alias> nor an HF directory with config.json"
+    )
+
+
+def build_model(init_dir: Path, lora: LoRAConfig | None) -> Transformer:
+    model = load_hf(init_dir)
+    model.train()
+    return apply_lora(model, lora) if lora is not None else model
+
+
+# ---------------------------------------------------------------------------------------- data transfer
+
+
+def put_object(uri: str, obj: Any) -> None:
+    """torch.save `obj` to a local path or object-store URI (workers read it with get_object)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    filesystem, path = filesystem_for(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(buf.getvalue())
+
+
+def get_object(uri: str) -> Any:
+    filesystem, path = filesystem_for(uri)
+    with filesystem.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Prepared:
+    """Rows for training and evaluation, prepared once on the driver."""
+
+    train: list[dict[str, torch.Tensor]]
+    val: list[dict[str, torch.Tensor]]
+    stats: dict[str, Any]
+
+
+def chat_samples(model: Transformer, tokenizer: Tokenizer, spec: ChatSampleSpec) -> dict[str, str]:
+    params = SamplingParams(
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id],
+        seed=0,
+    )
+    model.eval()
+    out = {}
+    for lang, question in spec.prompts.items():
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True
+        )
+        out[lang] = tokenizer.decode(
+            generate(model, [tokenizer.encode(text)], params, pad_id=tokenizer.pad_id)[0]
+        )
+    return out
+
+
+def run_posttrain(
+    *,
+    stage: str,
+    cfg: BaseModel,
+    settings: Settings,
+    init: str,
+    prepare: Callable[[Tokenizer, Path], Prepared],
+    task_builder: str,
+    worker_extra: dict[str, Any] | None = None,
+    lora: LoRAConfig | None = None,
+    tags: dict[str, str] | None = None,
+) -> JobResult:
+    """Resolve the starting model, prepare rows, train on Ray Train, export + register the best checkpoint."""
+    name: str = cfg.name  # type: ignore[attr-defined]
+    train_cfg = cfg.train  # type: ignore[attr-defined]
+    ray_cfg: RayTrainConfig = cfg.ray  # type: ignore[attr-defined]
+    init_dir, parent_uri = resolve_model(init, settings)
+    tokenizer = Tokenizer.from_dir(init_dir)
+    model_cfg = load_hf(init_dir).cfg
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"train.seq_len {train_cfg.seq_len} > the model's max_seq_len {model_cfg.max_seq_len}: lower train.seq_len"
+        )
+    prepared = prepare(tokenizer, init_dir)
+    print(f"{stage}: {json.dumps(prepared.stats, ensure_ascii=False)}", flush=True)
+    tracking.check_server(settings)
+
+    run_key = f"{name}-{stage}-{config_sha256(cfg)[:8]}"
+    local_storage = "://" not in settings.storage
+    run_dir = (Path(settings.storage) if local_storage else settings.home) / "checkpoints" / run_key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared_uri = f"{checkpoint_storage_path(settings)}/{run_key}/prepared.pt"
+    put_object(prepared_uri, {"train": prepared.train, "val": prepared.val})
+    all_tags = {
+        "tulpar.parent_model_uri": parent_uri,
+        "tulpar.tokenizer_sha256": tokenizer.sha256,
+        "tulpar.model_name": name,
+        **(tags or {}),
+    }
+    with tracking.start_run(
+        settings, stage, cfg, run_name=run_key, tags=all_tags, system_metrics=True
+    ) as run:
+        tracking.log_dict(prepared.stats, "data/stats.json")
+        worker_config = {
+            "task_builder": task_builder,
+            "init": str(init_dir),
+            "lora": lora.model_dump() if lora else None,
+            "prepared": prepared_uri,
+            "train": train_cfg.model_dump(mode="json"),
+            "run_config": config_to_dict(cfg),
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+            "fault_marker": str(run_dir / ".fault-injected"),
+            **(worker_extra or {}),
+        }
+        result = launch(settings=settings, run_name=run_key, ray_cfg=ray_cfg, worker_config=worker_config)
+        best_ckpt, last_ckpt = best_and_last(result)
+        if best_ckpt is None:
+            raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
+        if local_storage:
+            link_best_last(run_dir, best_ckpt.path, last_ckpt.path)
+        model = build_model(init_dir, lora)
+        with best_ckpt.as_directory() as best_dir:
+            best_meta = read_meta(best_dir)
+            state = load_checkpoint(best_dir, restore_rng=False)
+        model.load_state_dict(state["model_state"])
+        model.eval()
+        samples = chat_samples(model, tokenizer, cfg.sample)  # type: ignore[attr-defined]
+        for lang, text in samples.items():
+            print(f"sample [{lang}] {text!r}", flush=True)
+        tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
+
+        staging = settings.path("models", name, f".staging-{run.info.run_id[:8]}")
+        adapter_dir = None
+        if lora is not None:
+            adapter_dir = settings.path("adapters", name, run.info.run_id[:8])
+            save_peft_adapter(model, adapter_dir, base_model_name_or_path=parent_uri)
+            tracking.log_artifacts(adapter_dir, "adapter")
+            model = strip_lora(model)
+        export_hf(model, staging, tokenizer=tokenizer)
+        model_uri, hf_dir = None, staging
+        version_tags = {
+            "tulpar.parent_model_uri": parent_uri,
+            "tulpar.best_val_loss": f"{best_meta['metrics'].get('val_loss', float('nan')):.6f}",
+            "tulpar.checkpoint": best_ckpt.path,
+        }
+        if adapter_dir is not None:
+            version_tags["tulpar.adapter_uri"] = f"runs:/{run.info.run_id}/adapter"
+        if cfg.register_model:  # type: ignore[attr-defined]
+            model_uri, version = tracking.register_hf_model(
+                staging, name, stage=stage, alias=f"{stage}-latest", tags=version_tags
+            )
+            hf_dir = settings.path("models", name, str(version))
+            if hf_dir.exists():
+                shutil.rmtree(hf_dir)
+            staging.rename(hf_dir)
+
+    metrics = {
+        f"best_{k}": v for k, v in best_meta["metrics"].items() if k.startswith("val_") and v is not None
+    }
+    metrics["steps"] = float(best_meta["step"])
+    outputs = {
+        "checkpoint_dir": str(run_dir),
+        "best_checkpoint": best_ckpt.path,
+        "parent_model_uri": parent_uri,
+        "hf_dir": str(hf_dir),
+        "model_uri": model_uri,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "samples": samples,
+        "data": prepared.stats,
+    }
+    result_obj = JobResult(
+        stage, outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=run_dir
+    )
+    atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
+    return result_obj
