@@ -247,6 +247,20 @@ def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
     return plan
 
 
+def hf_module_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our module name -> HF module name for every module whose whole `.weight` is one HF tensor.
+
+    E.g. `layers.0.attn.q_proj` -> `model.layers.0.self_attn.q_proj`, `layers.0.mlp.shared.up_proj` ->
+    `model.layers.0.mlp.shared_expert.up_proj`. Stacked MoE experts are left out (not one tensor each).
+    Used to name PEFT LoRA adapter tensors (llm_core/lora.py).
+    """
+    return {
+        m.ours.removesuffix(".weight"): m.hf.removesuffix(".weight")
+        for m in _key_plan(cfg)
+        if m.expert is None and m.ours.endswith(".weight")
+    }
+
+
 def _qkv_bias_sizes(cfg: ModelConfig) -> dict[str, int]:
     """HF names and lengths of the q/k/v bias tensors a Qwen2-MoE checkpoint with qkv_bias=true holds."""
     sizes = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim}

@@ -1,0 +1,34 @@
+"""Small real models for tests that need one (serving, evaluation): trained in-process in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm_core.config import model_config_from_preset
+from llm_core.data import RandomWindows, concat_documents
+from llm_core.export_hf import export_hf
+from llm_core.model import Transformer
+from llm_core.text import sample_language
+from llm_core.tokenizer import train_bpe
+from llm_core.trainer import TrainConfig, Trainer
+
+
+def train_tiny_hf(out_dir: Path, data_dir: Path, *, steps: int = 150, vocab: int = 1024, seed: int = 0) -> Path:
+    """Train the `tiny` preset (vocab shrunk) on a little kk/ru/en text and export it in HF format."""
+    docs = [d for lang in ("kk", "ru", "en") for d in sample_language(data_dir / "corpus" / lang, 100_000, 20)]
+    tok = train_bpe(docs, vocab)
+    tokens = concat_documents(tok.iter_documents(docs), vocab)
+    torch.manual_seed(seed)
+    cfg = model_config_from_preset("tiny", [f"vocab_size={vocab}"])
+    model = Transformer(cfg)
+    if steps:
+        tcfg = TrainConfig(steps=steps, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10, eval_every=10**6)
+        trainer = Trainer(model, tcfg)
+        sampler = RandomWindows(np.asarray(tokens), 64, 16, seed=seed)
+        for _ in range(steps):
+            trainer.train_step(sampler.next_step())
+    export_hf(model.eval(), out_dir, tokenizer=tok)
+    return out_dir
