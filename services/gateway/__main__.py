@@ -1,0 +1,71 @@
+"""python -m services.gateway --config configs/gateway/local.yaml [dotted.key=value ...]
+
+Exit codes follow jobs.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve),
+printed as `error: <message>` without a traceback; 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jobs.runtime import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.gateway",
+        description="Tulpar API gateway. Overrides are dotted key=value pairs, e.g. port=8081; env "
+        "TULPAR_GATEWAY__<SECTION>__<KEY> also overrides the file.",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("TULPAR_GATEWAY_CONFIG") or None,
+        help="YAML config, e.g. configs/gateway/local.yaml (default: $TULPAR_GATEWAY_CONFIG, else built-in defaults)",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied last")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        from services.gateway.app import Gateway
+        from services.gateway.config import load_gateway_config
+
+        cfg = load_gateway_config(args.config, args.overrides)
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        gateway = Gateway(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception:
+        logging.exception("gateway failed to start")
+        return EXIT_INTERNAL_ERROR
+
+    import uvicorn
+
+    log = logging.getLogger("tulpar.gateway")
+    log.info(
+        "gateway on http://%s:%d/v1 -> %s; models: %s",
+        cfg.host,
+        cfg.port,
+        cfg.upstream.base_url,
+        ", ".join(gateway.router.public_models()) or "(from upstream)",
+    )
+    uvicorn.run(
+        gateway.app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        limit_concurrency=cfg.limit_concurrency,
+        timeout_graceful_shutdown=30,
+        proxy_headers=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
