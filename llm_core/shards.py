@@ -64,7 +64,7 @@ _SHARD_KEYS = (
 
 
 def dtype_name(vocab_size: int) -> str:
-    """"uint16" when every id fits in 16 bits (vocab_size <= 65536), else "uint32"."""
+    """The shard dtype name: uint16 when every id fits in 16 bits (vocab_size <= 65536), else uint32."""
     return "uint16" if token_dtype(vocab_size) == np.uint16 else "uint32"
 
 
@@ -313,7 +313,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         m = json.loads(mp.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{mp} is corrupt ({exc}): delete the dataset directory and re-run preprocessing") from None
+        raise DataError(
+            f"{mp} is corrupt ({exc}): delete the dataset directory and re-run preprocessing"
+        ) from None
     return validate_manifest(m, str(mp))
 
 
@@ -347,7 +349,9 @@ class TokenDataset:
             raise DataError(f"shard {p} listed in the manifest is missing: re-run preprocessing")
         expected = int(s["num_tokens"]) * self.dtype.itemsize
         if p.stat().st_size != expected:
-            raise DataError(f"shard {p} has {p.stat().st_size} bytes, manifest says {expected}: re-run preprocessing")
+            raise DataError(
+                f"shard {p} has {p.stat().st_size} bytes, manifest says {expected}: re-run preprocessing"
+            )
         if not (self.root / s["docs_path"]).is_file():
             raise DataError(f"document index {self.root / s['docs_path']} is missing: re-run preprocessing")
         if verify:
@@ -355,7 +359,9 @@ class TokenDataset:
             if digest != s["sha256"]:
                 raise DataError(f"shard {p} is corrupt: sha256 {digest} != manifest {s['sha256']}")
             ends = self._ends(s)
-            ok = len(ends) == int(s["num_documents"]) and (len(ends) == 0 or int(ends[-1]) == int(s["num_tokens"]))
+            ok = len(ends) == int(s["num_documents"]) and (
+                len(ends) == 0 or int(ends[-1]) == int(s["num_tokens"])
+            )
             if not ok or (len(ends) > 1 and np.any(np.diff(ends) <= 0)):
                 raise DataError(f"document index {s['docs_path']} does not match shard {s['path']}")
 
@@ -432,7 +438,9 @@ class TokenDataset:
         chosen = self.shards(split, language)
         n_tok = sum(int(s["num_tokens"]) for s in chosen)
         if n_tok == 0:
-            raise DataError(f"no {split} tokens{f' for {language}' if language else ''} in dataset {self.name}")
+            raise DataError(
+                f"no {split} tokens{f' for {language}' if language else ''} in dataset {self.name}"
+            )
         return sum(int(s["num_bytes"]) for s in chosen) / n_tok
 
     def __repr__(self) -> str:

@@ -1,0 +1,262 @@
+"""Per-document text clean-up: normalisation, quality heuristics and PII scrubbing (pure Python, no Ray).
+
+Each function takes one document's text and returns the new text and/or a verdict; `jobs.prep.stages` applies
+them to Arrow batches and the benchmark's plain loop calls them one document at a time.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from jobs.prep.config import NormalizeConfig, PiiConfig, QualityConfig
+
+# ------------------------------------------------------------------------------------------ normalise
+
+_KEEP_CONTROL = {"\n", "\t"}
+_SPACES = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
+_CYR = r"\u0400-\u04ff\u0500-\u052f"
+_MIXED_WORD = re.compile(rf"\w*[{_CYR}]\w*")
+_LATIN_IN_WORD = re.compile(r"[A-Za-z\u0259\u018f\u0275\u019f]")
+
+
+@lru_cache(maxsize=8)
+def _invisible_table() -> dict[int, None]:
+    """Code points deleted by normalisation: controls (but \\n, \\t), format characters, U+FFFD."""
+    drop: dict[int, None] = {}
+    # every Cc and Cf code point lies in these ranges (checked in tests against the full Unicode range)
+    for cp in (*range(0x30000), *range(0xE0000, 0xE1000)):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        if (cat == "Cc" and ch not in _KEEP_CONTROL) or cat == "Cf" or cp == 0xFFFD:
+            drop[cp] = None
+    drop[ord("\r")] = None
+    return drop
+
+
+@lru_cache(maxsize=8)
+def _lookalike_table(items: tuple[tuple[str, str], ...]) -> dict[int, str]:
+    return {ord(k): v for k, v in items}
+
+
+def normalize_text(text: str, cfg: NormalizeConfig) -> tuple[str, int]:
+    """(normalised text, number of look-alike letters fixed)."""
+    if cfg.unescape_html and "&" in text:
+        text = html.unescape(text)
+    text = unicodedata.normalize(cfg.unicode_form, text)
+    if cfg.remove_invisible:
+        text = text.translate(_invisible_table())
+    fixes = 0
+    if cfg.fix_lookalikes and _LATIN_IN_WORD.search(text) and re.search(f"[{_CYR}]", text):
+        table = _lookalike_table(tuple(sorted(cfg.lookalikes.items())))
+
+        def fix(m: re.Match) -> str:
+            nonlocal fixes
+            word = m.group(0)
+            if not _LATIN_IN_WORD.search(word):
+                return word
+            new = word.translate(table)
+            if _LATIN_IN_WORD.search(new):  # other Latin letters remain: a real mixed token (e.g. a code)
+                return word
+            fixes += sum(a != b for a, b in zip(word, new))
+            return new
+
+        text = _MIXED_WORD.sub(fix, text)
+        if fixes:
+            text = unicodedata.normalize(cfg.unicode_form, text)
+    if cfg.collapse_whitespace:
+        text = _SPACES.sub(" ", text)
+        text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+        text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip(), fixes
+
+
+# -------------------------------------------------------------------------------------------- quality
+
+_WORD = re.compile(r"\S+")
+_PUNCT_OK = set(".,;:!?'\"()[]-–—«»„“”‘’…/%")
+
+
+@dataclass(frozen=True)
+class QualityStats:
+    chars: int
+    words: int
+    mean_word_length: float
+    symbol_ratio: float
+    digit_ratio: float
+    alpha_word_ratio: float
+    duplicate_line_ratio: float
+    top_ngram_ratio: float
+    duplicate_ngram_ratio: float
+
+
+def _top_repeated_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
+    """Characters covered by the most frequent word n-gram that occurs more than once."""
+    if len(words) < 2 * n or not total_chars:
+        return 0.0
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    gram, count = counts.most_common(1)[0]
+    return 0.0 if count < 2 else count * sum(len(w) for w in gram) / total_chars
+
+
+def _duplicate_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
+    """Characters inside word n-grams that occur more than once (each word counted once)."""
+    if len(words) < 2 * n or not total_chars:
+        return 0.0
+    grams = list(zip(*(words[i:] for i in range(n))))
+    counts = Counter(grams)
+    covered = bytearray(len(words))
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i : i + n] = b"\x01" * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+
+
+def quality_stats(text: str) -> QualityStats:
+    words = _WORD.findall(text)
+    n_words = len(words)
+    word_chars = sum(len(w) for w in words)
+    non_space = word_chars
+    digits = symbols = 0
+    for ch in text:
+        if ch.isdigit():
+            digits += 1
+        elif not ch.isalnum() and not ch.isspace() and ch not in _PUNCT_OK:
+            symbols += 1
+    symbols += text.count("...")  # Gopher counts ellipses with hashes as "symbols"
+    alpha_words = sum(1 for w in words if any(c.isalpha() for c in w))
+    alnum_words = sum(1 for w in words if any(c.isalnum() for c in w))
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    dup_lines = len(lines) - len(set(lines))
+    lowered = [w.lower() for w in words]
+    return QualityStats(
+        chars=len(text),
+        words=n_words,
+        mean_word_length=word_chars / n_words if n_words else 0.0,
+        symbol_ratio=symbols / non_space if non_space else 0.0,
+        digit_ratio=digits / non_space if non_space else 0.0,
+        alpha_word_ratio=alpha_words / alnum_words if alnum_words else 0.0,
+        duplicate_line_ratio=dup_lines / len(lines) if lines else 0.0,
+        top_ngram_ratio=_top_repeated_ngram_ratio(lowered, 2, word_chars),
+        duplicate_ngram_ratio=_duplicate_ngram_ratio(lowered, 5, word_chars),
+    )
+
+
+@lru_cache(maxsize=8)
+def _boilerplate_re(patterns: tuple[str, ...]) -> re.Pattern | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE | re.MULTILINE)
+
+
+def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
+    """(text without boilerplate lines when configured, boilerplate lines, all non-empty lines)."""
+    rx = _boilerplate_re(tuple(cfg.boilerplate_patterns))
+    lines = text.split("\n")
+    n_lines = sum(1 for ln in lines if ln.strip())
+    if rx is None or not rx.search(text):
+        return text, 0, n_lines
+    keep, bad = [], 0
+    for ln in lines:
+        if ln.strip() and rx.search(ln):
+            bad += 1
+        else:
+            keep.append(ln)
+    if cfg.remove_boilerplate_lines:
+        text = "\n".join(keep).strip()
+    return text, bad, n_lines
+
+
+def quality_verdict(text: str, cfg: QualityConfig) -> tuple[str, str]:
+    """(text, reason or "" when the document passes); a passing text loses its boilerplate lines when
+    `remove_boilerplate_lines`, a failing one is returned unchanged (for the report's examples)."""
+    original = text
+    text, bad, n_lines = strip_boilerplate(text, cfg)
+    if n_lines and bad / n_lines > cfg.max_boilerplate_line_ratio:
+        return original, "boilerplate"
+    reason = _first_failure(quality_stats(text), cfg)
+    return (original, reason) if reason else (text, "")
+
+
+def _first_failure(s: QualityStats, cfg: QualityConfig) -> str:
+    long_enough = s.words >= cfg.repetition_min_words  # n-gram repetition says little about a short sentence
+    checks = (
+        (s.chars < cfg.min_chars, "too_short"),
+        (s.words < cfg.min_words, "too_few_words"),
+        (s.words > cfg.max_words, "too_many_words"),
+        (not cfg.min_mean_word_length <= s.mean_word_length <= cfg.max_mean_word_length, "mean_word_length"),
+        (s.symbol_ratio > cfg.max_symbol_ratio, "symbol_ratio"),
+        (s.digit_ratio > cfg.max_digit_ratio, "digit_ratio"),
+        (s.alpha_word_ratio < cfg.min_alpha_word_ratio, "alpha_words"),
+        (s.duplicate_line_ratio > cfg.max_duplicate_line_ratio, "duplicate_lines"),
+        (long_enough and s.top_ngram_ratio > cfg.max_top_ngram_ratio, "repeated_ngrams"),
+        (long_enough and s.duplicate_ngram_ratio > cfg.max_duplicate_ngram_ratio, "duplicate_ngrams"),
+    )
+    return next((reason for failed, reason in checks if failed), "")
+
+
+# ------------------------------------------------------------------------------------------------ PII
+
+EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,24}(?![\w-])")
+# 10-15 digits written with optional +, spaces, dots, dashes and one pair of parentheses: +7 (701) 123-45-67,
+# 8 777 123 4567, +1-202-555-0147. Years, dates and short numbers have too few digits to match.
+PHONE_RE = re.compile(r"(?<![\w+])(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{1,5}\)[\s.-]?)?\d(?:[\s.-]?\d){4,13}(?![\w])")
+# IBAN: two letters, two check digits, 11-30 alphanumerics, optionally grouped by spaces (KZ86 125K ZT50 0410 0100).
+IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+
+
+def _digits(s: str) -> int:
+    return sum(c.isdigit() for c in s)
+
+
+def _plausible_phone(s: str) -> bool:
+    """10-15 digits that look dialled rather than counted: a leading +, an area code in parentheses, dashes
+    between short groups, a Kazakh/Russian 7/8 trunk prefix with 11 digits, or ...-45-67-style pairs at the end.
+    `2 000 000 000` (a grouped amount) and `1805 1806 1807` are not phone numbers."""
+    n = _digits(s)
+    if not 10 <= n <= 15:
+        return False
+    groups = [g for g in re.split(r"[\s.()+-]+", s) if g]
+    return (
+        s.startswith("+")
+        or "(" in s
+        or ("-" in s and all(len(g) <= 4 for g in groups[1:]))
+        or (n == 11 and groups[0] in ("7", "8", s[:11]) and s[0] in "78")
+        or (len(groups) >= 3 and len(groups[-1]) == 2 and len(groups[-2]) == 2)
+    )
+
+
+def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
+    """(text with PII replaced, counts per kind)."""
+    counts = {"email": 0, "phone": 0, "iban": 0}
+    if not cfg.enabled:
+        return text, counts
+    if cfg.email is not None and "@" in text:
+        text, counts["email"] = EMAIL_RE.subn(cfg.email, text)
+    if cfg.iban is not None:
+
+        def iban(m: re.Match) -> str:
+            raw = m.group(0).replace(" ", "")
+            if 15 <= len(raw) <= 34 and _digits(raw) >= 8:
+                counts["iban"] += 1
+                return cfg.iban
+            return m.group(0)
+
+        text = IBAN_RE.sub(iban, text)
+    if cfg.phone is not None:
+
+        def phone(m: re.Match) -> str:
+            s = m.group(0)
+            if _plausible_phone(s):
+                counts["phone"] += 1
+                return cfg.phone
+            return s
+
+        text = PHONE_RE.sub(phone, text)
+    return text, counts
