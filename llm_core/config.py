@@ -238,6 +238,11 @@ def _validate(cls: type[C], data: dict[str, Any], where: str) -> C:
         raise ConfigError(_format_validation_error(exc, where)) from None
 
 
+def validate_config(cls: type[C], data: dict[str, Any], where: str) -> C:
+    """Validate a dict into `cls`; ConfigError naming each bad key and value."""
+    return _validate(cls, data, where)
+
+
 def resolve_presets(data: dict[str, Any]) -> dict[str, Any]:
     """A `model:` given as a preset name becomes that preset's dict (overrides then apply on top)."""
     if isinstance(data.get("model"), str):

@@ -1,0 +1,106 @@
+"""`python -m services.llm_serve --model models:/<name>@<alias> [--config configs/serve/<name>.yaml] [k=v ...]`
+
+Serves registered models with Ray Serve + vLLM behind an OpenAI-compatible endpoint (http://host:port/v1) on the
+local Ray (or RAY_ADDRESS), until interrupted. With --model alone, a one-model app with the defaults of
+ServeConfig; --config gives the whole app (several models, LoRA, autoscaling); --model then replaces the first
+model's source. Problems with a model stop it before Ray starts, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+from jobs.runtime import EXIT_USER_ERROR, Settings
+from llm_core.config import load_config, validate_config
+from services.llm_serve.app import build_from, prepare
+from services.llm_serve.config import ServeConfig
+
+
+def parse(argv: list[str] | None) -> tuple[ServeConfig, bool]:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.llm_serve", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or an HF directory")
+    parser.add_argument("--config", help="a ServeConfig YAML (configs/serve/<name>.yaml)")
+    parser.add_argument("--check", action="store_true", help="resolve and validate the models, then exit")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. port=8001 use_gpu=true"
+    )
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.insert(0, f"models.0.source={args.model}")
+    if args.config is None and not args.model:
+        raise ValueError("pass --model models:/<name>@<alias> (or --config configs/serve/<name>.yaml)")
+    base = (
+        {"models": [{"source": args.model}]}
+        if args.config is None
+        else load_config(ServeConfig, args.config).model_dump()
+    )
+    return _apply(base, overrides), args.check
+
+
+def _apply(data: dict, overrides: list[str]) -> ServeConfig:
+    """Dotted overrides on a config dict, list indices included (models.0.dtype=bfloat16)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node: object = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})  # type: ignore[index,union-attr]
+        last = parts[-1]
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value  # type: ignore[index]
+    return validate_config(ServeConfig, data, "serve config")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, check_only = parse(argv)
+        settings = Settings.from_env()
+        resolved = prepare(cfg, settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"stage": "serve", "status": "error", "error": str(exc)}))
+        return EXIT_USER_ERROR
+    summary = {m.served_name: m.uri for m in resolved}
+    if check_only:
+        print(json.dumps({"stage": "serve", "status": "ok", "outputs": {"models": summary}}))
+        return 0
+
+    import ray
+    from ray import serve
+
+    from jobs.distributed import init_ray
+
+    init_ray(settings)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_from(cfg, resolved), name=cfg.app_name, route_prefix="/", blocking=False)
+    url = f"http://{cfg.host}:{cfg.port}/v1"
+    print(
+        json.dumps({"stage": "serve", "status": "ok", "outputs": {"url": url, "models": summary}}), flush=True
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set():
+        time.sleep(0.5)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

