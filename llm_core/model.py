@@ -37,10 +37,13 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         high_wavelen = rs.original_max_seq_len / rs.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (rs.original_max_seq_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smooth = (rs.original_max_seq_len / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled), 1.0
+
     # YaRN: interpolate low frequencies, extrapolate high ones, blend by a linear ramp over dimensions.
     def correction_dim(num_rotations: float) -> float:
         return (hd * math.log(rs.original_max_seq_len / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
@@ -52,7 +55,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, hd, 2).float() / hd)
     extrapolation_weight = 1 - ramp
-    inv_freq = (1.0 / (rs.factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    inv_freq = (1.0 / (rs.factor * pos_freqs)) * (1 - extrapolation_weight) + (
+        1.0 / pos_freqs
+    ) * extrapolation_weight
     return inv_freq, 0.1 * math.log(rs.factor) + 1.0
 
 
@@ -60,7 +65,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq, scale = rope_inv_freq(cfg)
-        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)  # (max_seq_len, hd/2)
+        freqs = torch.outer(
+            torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq
+        )  # (max_seq_len, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
@@ -140,12 +147,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        if self.num_kv_heads != self.num_heads:  # GQA: each K/V head serves H/K query heads
+        # GQA: each K/V head serves H/K query heads. SDPA's enable_gqa does that without materialising repeated
+        # K/V (exact on CPU, masked or not); CUDA's fused kernels take it only without a mask, so repeat there.
+        gqa = self.num_kv_heads != self.num_heads
+        if gqa and mask is not None and x.device.type != "cpu":
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+            gqa = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=gqa,
         )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
 
@@ -222,6 +238,56 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, kv_cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits over targets != -100, computed a few rows at a time.
+
+    Same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=-100), but each (rows, V)
+    fp32 temporary stays in the CPU cache and the gradient is written once, in the logits' dtype. The plain
+    call makes several passes over full (N, V) fp32 tensors (upcast copy, log-softmax, zero-filled NLL grad,
+    softmax grad, downcast), which on a CPU can cost as much as the LM head's three matmuls in bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, (1 << 21) // logits.size(1))  # ~8 MiB of fp32 per chunk: fits in L3, few ops per call
+        valid = targets != -100
+        tgt = targets.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
+        logp_tgt = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)  # (N, 1)
+        for s in range(0, logits.size(0), rows):
+            logp = F.log_softmax(logits[s : s + rows], dim=-1, dtype=torch.float32)
+            logp_tgt[s : s + rows] = logp.gather(1, tgt[s : s + rows])
+        count = valid.sum()
+        ctx.save_for_backward(logits, tgt, valid, count)
+        ctx.rows = rows
+        # nll_loss over the gathered log-probs reduces in F.cross_entropy's order: the same value bit for bit
+        return F.nll_loss(logp_tgt, targets.masked_fill(valid, 0), ignore_index=-100)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, tgt, valid, count = ctx.saved_tensors
+        scale = (grad_out / count * valid).unsqueeze(1)  # (N, 1), 0 for ignored rows
+        grad = torch.empty_like(logits)
+        minus_one = torch.full((min(ctx.rows, logits.size(0)), 1), -1.0, device=logits.device)
+        for s in range(0, logits.size(0), ctx.rows):
+            # d(-log p_t)/dz = softmax(z) - onehot(t), times dloss/d(-log p_t) = grad_out / count
+            p = F.softmax(logits[s : s + ctx.rows], dim=-1, dtype=torch.float32)
+            p.scatter_add_(1, tgt[s : s + ctx.rows], minus_one[: p.size(0)])
+            grad[s : s + ctx.rows] = p.mul_(scale[s : s + ctx.rows])
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 of (N, V) logits and (N,) targets, -100 = ignored."""
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _ChunkedCrossEntropy.apply(logits, targets)
+    # GPUs stream full-size tensors fast and torch.compile fuses this itself
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -318,6 +384,6 @@ class Transformer(nn.Module):
             aux = torch.stack([layer.mlp.aux_loss for layer in self.layers]).mean()
         if targets is None:
             return ModelOutput(logits=logits, aux_loss=aux)
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        ce = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         loss = ce if aux is None else ce + self.cfg.aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux)
