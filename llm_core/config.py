@@ -201,15 +201,28 @@ def _split_override(item: str) -> tuple[str, Any]:
 
 
 def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
-        node = nxt
-    node[keys[-1]] = value
+    """data[k1][k2]... = value; integer keys index lists (text.0.max_docs=40)."""
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(keys[:i])} has {len(node)} items, no index {k!r}"
+                )
+            if last:
+                node[int(k)] = value
+                return
+            node = node[int(k)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(keys[:i])} is a value, not a section")
+        if last:
+            node[k] = value
+            return
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
 
 
 def _format_validation_error(exc: ValidationError, where: str) -> str:
@@ -236,6 +249,14 @@ def _validate(cls: type[C], data: dict[str, Any], where: str) -> C:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, where)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted key=value overrides (values parsed as YAML scalars; list indices allowed) to a dict."""
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(data, key.split("."), value, item)
+    return data
 
 
 def validate_config(cls: type[C], data: dict[str, Any], where: str) -> C:

@@ -330,6 +330,7 @@ class Trainer:
                     loss, extra = self.loss_fn(
                         self.engine if self.parallelism == "fsdp" else self.model, batch
                     )
+                names.update(k for k in extra if k != "ce_loss")
                 if not real:
                     continue
                 w = batch_weight(batch)

@@ -161,3 +161,16 @@ def test_moe_training_reports_aux_loss_and_expert_utilisation():
     )
     assert all(m["aux_loss"] > 0 for m in logged)
     assert all(1.0 <= m["expert_load_max"] <= 4.0 and m["experts_used_fraction"] == 1.0 for m in logged)
+
+
+def test_evaluate_reports_the_loss_functions_metrics():
+    from llm_core.trainer import EvalBatches
+
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], batch["targets"])
+        return out.loss, {"ce_loss": float(out.ce_loss), "custom": 2.0}
+
+    t = Trainer(Transformer(small_config()), TrainConfig(steps=1, batch_size=2, seq_len=16), loss_fn=loss_fn)
+    x = torch.randint(0, 256, (2, 16))
+    m = t.evaluate([EvalBatches("set", [{"input_ids": x, "targets": x}])])
+    assert m["val_custom/set"] == 2.0 and m["val_loss"] == m["val_loss/set"]

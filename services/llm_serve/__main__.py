@@ -16,7 +16,7 @@ import threading
 import time
 
 from jobs.runtime import EXIT_USER_ERROR, Settings
-from llm_core.config import load_config, validate_config
+from llm_core.config import apply_overrides, load_config, validate_config
 from services.llm_serve.app import build_from, prepare
 from services.llm_serve.config import ServeConfig
 
@@ -46,24 +46,7 @@ def parse(argv: list[str] | None) -> tuple[ServeConfig, bool]:
 
 
 def _apply(data: dict, overrides: list[str]) -> ServeConfig:
-    """Dotted overrides on a config dict, list indices included (models.0.dtype=bfloat16)."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        node: object = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})  # type: ignore[index,union-attr]
-        last = parts[-1]
-        value = yaml.safe_load(raw) if raw else ""
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value  # type: ignore[index]
-    return validate_config(ServeConfig, data, "serve config")
+    return validate_config(ServeConfig, apply_overrides(data, overrides), "serve config")
 
 
 def main(argv: list[str] | None = None) -> int:
