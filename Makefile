@@ -35,10 +35,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> .venv ready"
 
-demo: setup ## run the tiny pipeline end to end on this machine
-	$(PY) -m jobs.pretrain --config configs/pretrain/$(CONFIG).yaml $(ARGS)
+demo: setup ## the whole pipeline on a tiny config, train to serve (KEEP_SERVING=1 leaves the endpoint up)
+	$(PY) -m pipelines.train_to_serve --config configs/pipelines/$(or $(PIPELINE),demo).yaml $(if $(KEEP_SERVING),--keep-serving) $(ARGS)
 
-test: setup lint ## lint, then run the test suite (GPU tests skip without a GPU)
+test: setup lint browser ## lint, then run the test suite (GPU tests skip without a GPU)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
@@ -53,8 +53,99 @@ format: setup ## apply ruff fixes and formatting
 pretrain: setup ## pretrain: make pretrain CONFIG=tiny ARGS="train.steps=100"
 	$(PY) -m jobs.pretrain --config configs/pretrain/$(CONFIG).yaml $(ARGS)
 
+sft: setup ## supervised fine-tuning: make sft CONFIG=tiny (or tiny-lora)
+	$(PY) -m jobs.sft --config configs/sft/$(CONFIG).yaml $(ARGS)
+
+dpo: setup ## preference optimisation: make dpo CONFIG=tiny
+	$(PY) -m jobs.dpo --config configs/dpo/$(CONFIG).yaml $(ARGS)
+
+distill: setup ## distillation: make distill CONFIG=tiny-whitebox (or tiny-blackbox)
+	$(PY) -m jobs.distill --config configs/distill/$(CONFIG).yaml $(ARGS)
+
+serve: setup ## OpenAI-compatible endpoint (Ray Serve + vLLM) on :8000: make serve CONFIG=tiny ARGS="port=8001"
+	$(PY) -m services.llm_serve --config configs/serve/$(CONFIG).yaml $(ARGS)
+
+mlflow-ui: setup ## MLflow tracking UI for $(TULPAR_HOME) on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(TULPAR_HOME)/mlflow.db --default-artifact-root $(TULPAR_HOME)/mlartifacts --host 127.0.0.1 --port 5000
+
+.PHONY: sft dpo distill serve mlflow-ui
+
 clean: ## remove run outputs (.tulpar: checkpoints, MLflow db, artifacts)
 	rm -rf .tulpar
 
 clean-venv: ## remove the virtualenv
 	rm -rf $(VENV)
+
+preprocess: setup ## corpus -> token shards + report (Ray Data): make preprocess CONFIG=tiny ARGS="execution.num_workers=2"
+	$(PY) -m jobs.preprocess --config configs/preprocess/$(CONFIG).yaml $(ARGS)
+
+data: setup ## download a kk/ru/en mix from the Hugging Face hub into $TULPAR_DATA: make data ARGS="max_mb_per_language=50"
+	$(PY) -m jobs.download_data --config configs/data/$(or $(DATA_CONFIG),hf-mix).yaml $(ARGS)
+.PHONY: preprocess data
+
+tokenizer: setup ## train a tokenizer + its report: make tokenizer CONFIG=kk-ru-en-32k (default tiny: seconds)
+	$(PY) -m jobs.tokenizer --config configs/tokenizer/$(CONFIG).yaml $(ARGS)
+
+tokenizer-report: setup ## compare tokenizers on FLORES/NTREX: make tokenizer-report CONFIG=references
+	$(PY) -m jobs.tokenizer_report --config configs/tokenizer_report/$(CONFIG).yaml $(ARGS)
+.PHONY: tokenizer tokenizer-report
+
+# --- Kubernetes: images, charts, submission (docs/kubernetes.md) ---
+REGISTRY ?= ghcr.io/tulpar-ai
+IMAGE_TAG ?= 0.1.0
+IMAGES ?= train train-cpu serve serve-cpu gateway chat-ui mlflow
+TARGET ?=
+NAMESPACE ?= tulpar
+SET ?=
+STAGE ?= pretrain
+RENDER_DIR ?= build/k8s
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION := 3.3.30
+
+images: ## build images with docker buildx bake (needs Docker; PUSH=1 pushes): make images REGISTRY=ghcr.io/me IMAGE_TAG=0.1.0
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) docker buildx bake -f infra/images/docker-bake.hcl $(if $(PUSH),--push,--load) $(IMAGES)
+
+charts-deps: setup ## vendor chart dependencies (tulpar-lib; the released KubeRay operator chart: needs network)
+	$(PY) -m pipelines.charts deps
+
+charts-lint: setup ## helm lint --strict every chart with each of its ci/*.yaml (offline)
+	$(PY) -m pipelines.charts lint
+
+charts-check: setup ## render every chart x ci/*.yaml into build/k8s, validate (Kubernetes + KubeRay CRD schemas)
+	$(PY) -m pipelines.chart_schemas --check
+	$(PY) -m pipelines.charts check --out $(RENDER_DIR)
+
+render: setup ## RayJob YAML for kubectl apply: make render STAGE=sft CONFIG=tiny-lora (-> build/k8s/rayjob-<stage>-<config>.yaml)
+	$(PY) -m pipelines.submit $(STAGE) --config $(CONFIG) --namespace $(NAMESPACE) $(foreach s,$(SET),--set $(s)) --render $(RENDER_DIR)/rayjob-$(STAGE)-$(CONFIG).yaml $(ARGS)
+
+submit-%: setup ## submit a stage: make submit-pretrain CONFIG=tiny TARGET=k8s|local|http://<ray dashboard>:8265 ARGS="k=v"
+	$(PY) -m pipelines.submit $* --config $(CONFIG) $(if $(TARGET),--target $(TARGET)) --namespace $(NAMESPACE) $(foreach s,$(SET),--set $(s)) $(ARGS)
+
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check "checkov==$(CHECKOV_VERSION)"
+
+checkov: charts-check $(CHECKOV_VENV)/bin/checkov ## checkov on the rendered manifests and the Dockerfiles (own venv: it pins old deps)
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --config-file .checkov.yaml -d $(RENDER_DIR) --framework kubernetes
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --config-file .checkov.yaml -d infra/images --framework dockerfile
+.PHONY: images charts-deps charts-lint charts-check render checkov
+
+# --- gateway and chat UI (docs/serving.md) ---
+GATEWAY_CONFIG ?= local
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+gateway: setup ## OpenAI-compatible gateway on :8080 in front of `make serve`: make gateway GATEWAY_CONFIG=local ARGS="port=8081"
+	$(PY) -m services.gateway --config configs/gateway/$(GATEWAY_CONFIG).yaml $(ARGS)
+
+chat-ui: setup ## chat web UI on :8501 talking to the gateway (key: TULPAR_CHAT_API_KEY): make chat-ui ARGS="--port 8502"
+	$(PY) -m services.chat_ui $(ARGS)
+
+browser: setup ## Debian's chromium for the chat UI browser test (apt; idempotent; tests skip without it)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; } \
+	  || echo "chromium could not be installed: the chat UI browser test will be skipped"
+	@$(PY) -c "import playwright.sync_api" && (chromium --version || true)
+.PHONY: gateway chat-ui browser
+
+eval: setup ## evaluate a model (+ gate): make eval MODEL=models:/tulpar-tiny@pretrain-latest CONFIG=tiny ARGS="--promote"
+	$(PY) -m jobs.eval --model $(or $(MODEL),models:/tulpar-tiny@pretrain-latest) --config configs/eval/$(CONFIG).yaml $(ARGS)
+.PHONY: eval
