@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 demo: setup ## the whole pipeline on a tiny config, train to serve (KEEP_SERVING=1 leaves the endpoint up)
 	$(PY) -m pipelines.train_to_serve --config configs/pipelines/$(or $(PIPELINE),demo).yaml $(if $(KEEP_SERVING),--keep-serving) $(ARGS)
 
-test: setup lint browser ## lint, then run the test suite (GPU tests skip without a GPU)
+test: setup lint browser postgres ## lint, then run the test suite (GPU tests skip without a GPU)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
@@ -145,6 +145,12 @@ browser: setup ## Debian's chromium for the chat UI browser test (apt; idempoten
 	  || echo "chromium could not be installed: the chat UI browser test will be skipped"
 	@$(PY) -c "import playwright.sync_api" && (chromium --version || true)
 .PHONY: gateway chat-ui browser
+
+postgres: ## Debian's PostgreSQL for the production-shaped MLflow stack test (apt as root; idempotent; else skipped)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	  || echo "postgresql could not be installed: the MLflow stack test will be skipped"
+.PHONY: postgres
 
 eval: setup ## evaluate a model (+ gate): make eval MODEL=models:/tulpar-tiny@pretrain-latest CONFIG=tiny ARGS="--promote"
 	$(PY) -m jobs.eval --model $(or $(MODEL),models:/tulpar-tiny@pretrain-latest) --config configs/eval/$(CONFIG).yaml $(ARGS)

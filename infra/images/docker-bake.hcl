@@ -1,0 +1,73 @@
+// `make images` = docker buildx bake -f infra/images/docker-bake.hcl [--push|--load] <targets>
+// Build context: the repo root (filtered by /.dockerignore). Tags: ${REGISTRY}/tulpar-<target>:${IMAGE_TAG}.
+// Versions: pyproject.toml pins the Python dependencies; TORCH_VERSION must equal the Makefile's.
+
+variable "REGISTRY" { default = "ghcr.io/tulpar-ai" }
+variable "IMAGE_TAG" { default = "0.1.0" }
+variable "TORCH_VERSION" { default = "2.13.0" }
+variable "CUDA_RUNTIME" { default = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" }
+variable "CPU_RUNTIME" { default = "debian:12.12-slim" }
+variable "TORCH_CPU_INDEX" { default = "https://download.pytorch.org/whl/cpu" }
+
+group "default" {
+  targets = ["train", "train-cpu", "serve", "serve-cpu", "gateway", "chat-ui", "mlflow"]
+}
+
+target "_common" {
+  context    = "."
+  dockerfile = "infra/images/Dockerfile"
+  platforms  = ["linux/amd64"]
+  labels = {
+    "org.opencontainers.image.source"  = "https://github.com/tulpar-ai/tulpar"
+    "org.opencontainers.image.version" = "${IMAGE_TAG}"
+    "org.opencontainers.image.licenses" = "Apache-2.0"
+  }
+}
+
+target "train" {
+  inherits = ["_common"]
+  target   = "ray"
+  args     = { RUNTIME_BASE = CUDA_RUNTIME, TORCH_VERSION = TORCH_VERSION, EXTRAS = "" }
+  tags     = ["${REGISTRY}/tulpar-train:${IMAGE_TAG}"]
+}
+
+target "train-cpu" {
+  inherits = ["_common"]
+  target   = "ray"
+  args     = { RUNTIME_BASE = CPU_RUNTIME, TORCH_VERSION = TORCH_VERSION, TORCH_INDEX = TORCH_CPU_INDEX, EXTRAS = "" }
+  tags     = ["${REGISTRY}/tulpar-train-cpu:${IMAGE_TAG}"]
+}
+
+target "serve" {
+  inherits = ["_common"]
+  target   = "ray"
+  args     = { RUNTIME_BASE = CUDA_RUNTIME, TORCH_VERSION = TORCH_VERSION, EXTRAS = "gpu" }
+  tags     = ["${REGISTRY}/tulpar-serve:${IMAGE_TAG}"]
+}
+
+target "serve-cpu" {
+  inherits = ["_common"]
+  target   = "ray"
+  args     = { RUNTIME_BASE = CPU_RUNTIME, TORCH_VERSION = TORCH_VERSION, TORCH_INDEX = TORCH_CPU_INDEX, EXTRAS = "cpu" }
+  tags     = ["${REGISTRY}/tulpar-serve-cpu:${IMAGE_TAG}"]
+}
+
+target "gateway" {
+  inherits = ["_common"]
+  target   = "web"
+  args     = { RUNTIME_BASE = CPU_RUNTIME, TORCH_VERSION = TORCH_VERSION, TORCH_INDEX = TORCH_CPU_INDEX, MODULE = "services.gateway", PORT = "8080" }
+  tags     = ["${REGISTRY}/tulpar-gateway:${IMAGE_TAG}"]
+}
+
+target "chat-ui" {
+  inherits = ["_common"]
+  target   = "web"
+  args     = { RUNTIME_BASE = CPU_RUNTIME, TORCH_VERSION = TORCH_VERSION, TORCH_INDEX = TORCH_CPU_INDEX, EXTRAS = "ui", MODULE = "services.chat_ui", PORT = "8501", HEALTH_PATH = "/_stcore/health" }
+  tags     = ["${REGISTRY}/tulpar-chat-ui:${IMAGE_TAG}"]
+}
+
+target "mlflow" {
+  inherits   = ["_common"]
+  dockerfile = "infra/images/mlflow/Dockerfile"
+  tags       = ["${REGISTRY}/tulpar-mlflow:${IMAGE_TAG}"]
+}
