@@ -22,6 +22,7 @@ class SamplingParams(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 disables; >1 discourages repeats")
     stop_token_ids: list[int] = Field(default_factory=list)
+    min_new_tokens: int = Field(0, ge=0, description="stop tokens cannot be chosen before this many tokens")
     seed: int | None = None
 
 
@@ -99,7 +100,10 @@ def generate_stream(
         last_pos = positions[:, -1]  # (B,)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new):
-            tok = next_token(out.logits[:, -1], seen, params, generator)  # (B,)
+            logits = out.logits[:, -1]
+            if step < params.min_new_tokens and params.stop_token_ids:
+                logits = logits.index_fill(-1, stops, float("-inf"))
+            tok = next_token(logits, seen, params, generator)  # (B,)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             is_stop = torch.isin(tok, stops) & ~done
             yield [

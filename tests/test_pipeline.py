@@ -62,7 +62,7 @@ def test_pipeline_end_to_end_cached_rerun_and_failure(tmp_path, data_dir):
     v = {n: client.get_model_version("tulpar-ci", n) for n in ("1", "2", "3")}
     assert v["2"].tags["tulpar.parent_model_uri"] == "models:/tulpar-ci/1"
     assert v["3"].tags["tulpar.parent_model_uri"] == "models:/tulpar-ci/2"
-    assert client.get_model_version_by_alias("tulpar-ci", "champion").version == "3"
+    assert str(client.get_model_version_by_alias("tulpar-ci", "champion").version) == "3"
     pretrain_run = next(r for r in children if r.data.tags["tulpar.stage"] == "pretrain")
     assert pretrain_run.data.tags["tulpar.dataset_manifest_sha256"]
 

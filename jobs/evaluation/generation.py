@@ -1,0 +1,91 @@
+"""Generation checks: the model answers a fixed prompt set per language (greedy by default). Chat models get each
+prompt as a user turn of the chat template; base (pretrain) models get "Question: <prompt>\nAnswer:" with the
+labels in the prompt's language.
+
+Per language (and `all`): mean answer length in tokens and characters, `truncated_rate` (answers that hit
+max_new_tokens), `refusal_rate` (answers matching any refusal pattern), `lang_consistency` (answers whose language,
+by the preprocessing stage's detector `jobs.prep.langid.detect`, is the prompt's; undetected answers count as
+inconsistent) and `undetected_rate` (answers too short or too unclear for the detector).
+"""
+
+from __future__ import annotations
+
+import re
+
+from jobs.evaluation.config import GenerationSpec
+from jobs.evaluation.multiple_choice import LABELS
+from jobs.prep.langid import detect
+from llm_core.generate import SamplingParams, generate
+from llm_core.tokenizer import Tokenizer
+
+
+def use_chat(spec: GenerationSpec, stage: str | None) -> bool:
+    if spec.chat == "auto":
+        return stage != "pretrain"
+    return spec.chat == "always"
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool, lang: str = "en") -> list[int]:
+    """A chat turn (chat models), or for base models a document start and "Question: ...\nAnswer:" in the
+    prompt's language, so that the answer is a continuation rather than the end of the document."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        return tokenizer.encode(text)
+    _, q_label, a_label = LABELS.get(lang, LABELS["en"])
+    return [tokenizer.eos_id, *tokenizer.encode(f"{q_label}: {prompt}\n{a_label}:")]
+
+
+def run_generation(model, tokenizer: Tokenizer, spec: GenerationSpec, *, chat: bool) -> list[dict]:
+    """One record per prompt: {lang, prompt, answer, tokens, truncated, refusal, detected, confidence}."""
+    params = SamplingParams(
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        seed=spec.seed,
+        stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id],
+        min_new_tokens=spec.min_new_tokens if spec.min_new_tokens is not None else (0 if chat else 16),
+    )
+    refusal = [re.compile(p, re.IGNORECASE) for p in spec.refusal_patterns]
+    records = []
+    for lang, prompts in spec.prompts.items():
+        if not prompts:
+            continue
+        ids = [prompt_ids(tokenizer, p, chat, lang) for p in prompts]
+        outs = generate(model, ids, params, pad_id=tokenizer.pad_id)
+        for prompt, ids in zip(prompts, outs):
+            answer = tokenizer.decode(ids).strip()
+            detected, confidence = detect(answer, spec.langid) if answer else ("", 0.0)
+            records.append(
+                {
+                    "lang": lang,
+                    "prompt": prompt,
+                    "answer": answer,
+                    "tokens": len(ids),
+                    "chars": len(answer),
+                    "truncated": len(ids) >= spec.max_new_tokens,
+                    "refusal": any(r.search(answer) for r in refusal),
+                    "detected": detected,
+                    "confidence": round(confidence, 4),
+                }
+            )
+    return records
+
+
+def generation_metrics(records: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["lang"], []).append(r)
+    if records:
+        groups["all"] = records
+    for lang, rs in groups.items():
+        n = len(rs)
+        out[f"gen/{lang}/mean_tokens"] = sum(r["tokens"] for r in rs) / n
+        out[f"gen/{lang}/mean_chars"] = sum(r["chars"] for r in rs) / n
+        out[f"gen/{lang}/truncated_rate"] = sum(r["truncated"] for r in rs) / n
+        out[f"gen/{lang}/refusal_rate"] = sum(r["refusal"] for r in rs) / n
+        out[f"gen/{lang}/lang_consistency"] = sum(r["detected"] == r["lang"] for r in rs) / n
+        out[f"gen/{lang}/undetected_rate"] = sum(r["detected"] == "" for r in rs) / n
+    return out
