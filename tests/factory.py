@@ -16,9 +16,13 @@ from llm_core.tokenizer import train_bpe
 from llm_core.trainer import TrainConfig, Trainer
 
 
-def train_tiny_hf(out_dir: Path, data_dir: Path, *, steps: int = 150, vocab: int = 1024, seed: int = 0) -> Path:
+def train_tiny_hf(
+    out_dir: Path, data_dir: Path, *, steps: int = 150, vocab: int = 1024, seed: int = 0
+) -> Path:
     """Train the `tiny` preset (vocab shrunk) on a little kk/ru/en text and export it in HF format."""
-    docs = [d for lang in ("kk", "ru", "en") for d in sample_language(data_dir / "corpus" / lang, 100_000, 20)]
+    docs = [
+        d for lang in ("kk", "ru", "en") for d in sample_language(data_dir / "corpus" / lang, 100_000, 20)
+    ]
     tok = train_bpe(docs, vocab)
     tokens = concat_documents(tok.iter_documents(docs), vocab)
     torch.manual_seed(seed)

@@ -228,5 +228,7 @@ def test_blackbox_distillation_from_a_local_openai_server(chain):
     rec = records[0]
     assert rec["messages"][-1]["content"].startswith("<think>\nshort\n</think>")
     assert rec["provenance"]["teacher_model"] == "tulpar-tiny" and rec["provenance"]["endpoint"] == url
-    data = r["outputs"]["data"]  # long prompts may leave no room for the answer in seq_len: counted, not silent
+    data = r["outputs"][
+        "data"
+    ]  # long prompts may leave no room for the answer in seq_len: counted, not silent
     assert data["read"] == 8 and data["kept"] + sum(data["skipped"].values()) == 8 and data["kept"] > 0

@@ -67,16 +67,28 @@ def env(tmp_path_factory, data_dir):
 def s3(env):
     pytest.importorskip("moto", reason="moto provides the local S3-compatible server")
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for(endpoint + "/moto-api/", 30, proc)
     import boto3
 
-    s3_env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-              "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="tulpar")
+    s3_env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket="tulpar")
     yield s3_env
     proc.terminate()
     proc.wait(10)
@@ -88,7 +100,9 @@ def adapter(env):
     from llm_core.export_hf import load_hf
     from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter
 
-    model = apply_lora(load_hf(env["base"]), LoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = apply_lora(
+        load_hf(env["base"]), LoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -103,17 +117,28 @@ def server(env, s3, adapter):
     port = free_port()
     cfg = {
         "port": port,
-        "models": [{
-            "source": "models:/tulpar-tiny@pretrain-latest",
-            "max_model_len": 256,
-            "lora": {"dynamic_lora_loading_path": "s3://tulpar/lora/tulpar-tiny", "adapters": {"style": str(adapter[0])}},
-        }],
+        "models": [
+            {
+                "source": "models:/tulpar-tiny@pretrain-latest",
+                "max_model_len": 256,
+                "lora": {
+                    "dynamic_lora_loading_path": "s3://tulpar/lora/tulpar-tiny",
+                    "adapters": {"style": str(adapter[0])},
+                },
+            }
+        ],
     }
     path = env["root"] / "serve.yaml"
     path.write_text(json.dumps(cfg))
     log = (env["root"] / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.llm_serve", "--config", str(path)], cwd=REPO,
-                            env={**env["env"], **s3}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.llm_serve", "--config", str(path)],
+        cwd=REPO,
+        env={**env["env"], **s3},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_for(base_url + "/models", 600, proc)
@@ -150,8 +175,13 @@ def test_models_and_greedy_completion_match_llm_core(server, env):
     ids = [m.id for m in c.models.list().data]
     assert "tulpar-tiny-v1" in ids
     for prompt in ("Қазақстан", "Москва — столица", "The history of"):
-        r = c.completions.create(model="tulpar-tiny-v1", prompt=prompt, max_tokens=16, temperature=0,
-                                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        r = c.completions.create(
+            model="tulpar-tiny-v1",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True, "skip_special_tokens": False},
+        )
         assert r.choices[0].text == ours_greedy(env["base"], prompt, 16), prompt
         assert r.usage.completion_tokens == 16
 
@@ -159,11 +189,18 @@ def test_models_and_greedy_completion_match_llm_core(server, env):
 def test_chat_stream_and_non_stream_agree_and_respect_limits(server):
     c = client(server)
     msgs = [{"role": "user", "content": "Сәлем! Қалың қалай?"}]
-    full = c.chat.completions.create(model="tulpar-tiny-v1", messages=msgs, max_tokens=12, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    full = c.chat.completions.create(
+        model="tulpar-tiny-v1", messages=msgs, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert full.usage.completion_tokens == 12
-    chunks = c.chat.completions.create(model="tulpar-tiny-v1", messages=msgs, max_tokens=12, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = c.chat.completions.create(
+        model="tulpar-tiny-v1",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == full.choices[0].message.content
 
@@ -173,8 +210,14 @@ def test_stop_sequences(server, env):
     text = ours_greedy(env["base"], "The history of", 16)
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), "need a visible stop string"
-    r = c.completions.create(model="tulpar-tiny-v1", prompt="The history of", max_tokens=16, temperature=0,
-                             stop=[stop], extra_body={"ignore_eos": True})
+    r = c.completions.create(
+        model="tulpar-tiny-v1",
+        prompt="The history of",
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].text
     assert text.startswith(r.choices[0].text)
 
@@ -182,8 +225,13 @@ def test_stop_sequences(server, env):
 def test_lora_adapter_from_s3_changes_outputs_as_llm_core_does(server, env, adapter):
     c = client(server)
     _, lora_model = adapter
-    r = c.completions.create(model="tulpar-tiny-v1:style", prompt="Қазақстан", max_tokens=12, temperature=0,
-                             extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    r = c.completions.create(
+        model="tulpar-tiny-v1:style",
+        prompt="Қазақстан",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
     assert r.choices[0].text == ours_greedy(env["base"], "Қазақстан", 12, model=lora_model)
     assert r.choices[0].text != ours_greedy(env["base"], "Қазақстан", 12)
 
@@ -200,21 +248,33 @@ def test_lora_adapter_from_s3_changes_outputs_as_llm_core_does(server, env, adap
     ids=["malformed-json", "unknown-model", "negative-max-tokens", "huge-max-tokens", "prompt-too-long"],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, raw):
-    r = httpx.post(server + "/completions", content=raw if raw is not None else json.dumps(body).encode(),
-                   headers={"Content-Type": "application/json"}, timeout=60)
+    r = httpx.post(
+        server + "/completions",
+        content=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     ok = client(server).completions.create(model="tulpar-tiny-v1", prompt="hi", max_tokens=2)
     assert ok.choices[0].text is not None
 
 
 def run_check(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.llm_serve", "--check", *args], cwd=REPO, env=env["env"],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.llm_serve", "--check", *args],
+        cwd=REPO,
+        env=env["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_refuses_to_start_with_a_clear_message(env, tmp_path):
     r = run_check(env, "--model", "models:/tulpar-tiny@no-such-alias")
-    assert r.returncode == 2 and "models:/tulpar-tiny@no-such-alias" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2 and "models:/tulpar-tiny@no-such-alias" in r.stderr and "Traceback" not in r.stderr
+    )
 
     import shutil
 
@@ -235,8 +295,21 @@ def test_refuses_to_start_with_a_clear_message(env, tmp_path):
     ac["base_model_name_or_path"] = "models:/someone-else/3"
     (other / "adapter_config.json").write_text(json.dumps(ac))
     cfg = tmp_path / "serve.json"
-    cfg.write_text(json.dumps({"models": [{"source": "models:/tulpar-tiny/1", "lora": {
-        "dynamic_lora_loading_path": "s3://tulpar/x", "adapters": {"bad": str(other)}}}]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "source": "models:/tulpar-tiny/1",
+                        "lora": {
+                            "dynamic_lora_loading_path": "s3://tulpar/x",
+                            "adapters": {"bad": str(other)},
+                        },
+                    }
+                ]
+            }
+        )
+    )
     r = run_check(env, "--config", str(cfg))
     assert r.returncode == 2 and "was trained on models:/someone-else/3" in r.stderr
 
