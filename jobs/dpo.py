@@ -17,7 +17,15 @@ from jobs.distributed import RayTrainConfig, TaskSetup
 from jobs.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
 from jobs.runtime import JobResult, Settings, main_entry
 from jobs.sft import limited
-from llm_core.chat_data import RowSampler, Stats, collate, preference_rows, read_jsonl, split_holdout
+from llm_core.chat_data import (
+    RowSampler,
+    Stats,
+    batches_of,
+    collate,
+    preference_rows,
+    read_jsonl,
+    split_holdout,
+)
 from llm_core.config import StrictModel
 from llm_core.export_hf import load_hf
 from llm_core.lora import LoRAConfig
@@ -116,10 +124,7 @@ def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup
     sampler = RowSampler(
         data["train"], train_cfg.batch_size, seed=train_cfg.seed, rank=rank, world_size=world_size
     )
-    val = [
-        collate(data["val"][i : i + train_cfg.batch_size])
-        for i in range(0, len(data["val"]), train_cfg.batch_size)
-    ]
+    val = batches_of(data["val"], train_cfg.batch_size)
     return TaskSetup(
         policy,
         sampler,

@@ -119,7 +119,7 @@ def prepare_sft(cfg: SFTConfig, settings: Settings, tokenizer: Tokenizer) -> Pre
 
 def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
     """Ray Train worker side: the starting model (+ LoRA), the prepared rows, assistant-only CE loss."""
-    from llm_core.chat_data import RowSampler, collate
+    from llm_core.chat_data import RowSampler, batches_of
 
     train_cfg = TrainConfig.model_validate(config["train"])
     lora = LoRAConfig.model_validate(config["lora"]) if config.get("lora") else None
@@ -127,10 +127,7 @@ def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup
     sampler = RowSampler(
         data["train"], train_cfg.batch_size, seed=train_cfg.seed, rank=rank, world_size=world_size
     )
-    val = [
-        collate(data["val"][i : i + train_cfg.batch_size])
-        for i in range(0, len(data["val"]), train_cfg.batch_size)
-    ]
+    val = batches_of(data["val"], train_cfg.batch_size)
     return TaskSetup(
         build_model(Path(config["init"]), lora), sampler, [EvalBatches("chat", val)] if val else []
     )

@@ -284,6 +284,11 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def batches_of(rows: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Rows collated into consecutive batches (for evaluation)."""
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
 class RowSampler:
     """Global batches of rows drawn epoch by epoch from a seeded permutation: deterministic, resumable (the
     position is `step`) and, like RandomWindows, the same rows per optimizer step for any world size and

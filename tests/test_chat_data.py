@@ -158,3 +158,12 @@ def test_row_sampler_is_world_size_invariant_and_resumable():
     resumed = RowSampler(rows, 4, seed=3)
     resumed.load_state_dict(one.state_dict())
     assert torch.equal(resumed.next_step()[0]["input_ids"], one.next_step()[0]["input_ids"])
+
+
+def test_batches_of_keeps_every_row_in_order():
+    from llm_core.chat_data import batches_of
+
+    rows = [{"input_ids": torch.full((3,), i), "targets": torch.full((3,), i)} for i in range(5)]
+    out = batches_of(rows, 2)
+    assert [b["input_ids"].shape[0] for b in out] == [2, 2, 1]
+    assert torch.cat([b["input_ids"][:, 0] for b in out]).tolist() == [0, 1, 2, 3, 4]
