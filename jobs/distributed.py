@@ -36,7 +36,11 @@ class RayTrainConfig(StrictModel):
         1, ge=1, description="data-parallel workers (processes); one GPU each with use_gpu"
     )
     use_gpu: bool = Field(False, description="NCCL + one GPU per worker; false: gloo on CPU")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker; default: 1 with GPUs, else the cluster's CPUs / num_workers",
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: replicas; fsdp: FSDP2 sharding (large presets)"
     )
@@ -101,6 +105,15 @@ def launch(
     from llm_core.trainer import TrainingError
 
     init_ray(settings)
+    if ray_cfg.cpus_per_worker is None:  # CPU training: give the workers the cluster's cores (threads follow)
+        import ray
+
+        cpus = (
+            1.0
+            if ray_cfg.use_gpu
+            else max(1.0, float(int(ray.cluster_resources().get("CPU", 1) // ray_cfg.num_workers)))
+        )
+        ray_cfg = ray_cfg.model_copy(update={"cpus_per_worker": cpus})
     resources = {"CPU": ray_cfg.cpus_per_worker}
     scaling = ScalingConfig(
         num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
