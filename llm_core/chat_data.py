@@ -10,7 +10,6 @@ Anthropic HH form ("\\n\\nHuman: ...\\n\\nAssistant:") is split into turns, any 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from llm_core.data import DataError
+from llm_core.text import iter_jsonl
 from llm_core.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -63,19 +63,10 @@ def read_jsonl(paths: Iterable[str | Path]) -> Iterator[tuple[str, dict]]:
         p = Path(path)
         if not p.is_file():
             raise DataError(f"data file {str(p)!r} not found: fix the path in the config")
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{p}:{lineno} is not valid JSON ({exc.msg}): fix or remove the line"
-                    ) from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                yield f"{p}:{lineno}", rec
+        for lineno, rec in iter_jsonl(p):
+            if not isinstance(rec, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield f"{p}:{lineno}", rec
 
 
 def record_to_messages(rec: dict, where: str) -> Messages:

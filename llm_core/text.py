@@ -8,7 +8,9 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from llm_core.data import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 
@@ -19,6 +21,22 @@ def _open(path: Path) -> io.TextIOBase:
     return path.open(encoding="utf-8")
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-empty line of a .jsonl(.gz) file; a malformed line is a
+    DataError naming the file and line."""
+    path = Path(path)
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line"
+                ) from None
+
+
 def iter_documents(
     path: str | Path, *, text_field: str = "text", txt_mode: Literal["line", "blank_line"] = "line"
 ) -> Iterator[str]:
@@ -27,18 +45,10 @@ def iter_documents(
     name = path.name.removesuffix(".gz")
     with _open(path) as f:
         if name.endswith(".jsonl"):
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(
-                        f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line"
-                    ) from None
+            for lineno, rec in iter_jsonl(path):
                 text = rec.get(text_field) if isinstance(rec, dict) else None
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")
+                    raise DataError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")
                 yield text
         elif txt_mode == "line":
             for line in f:

@@ -167,3 +167,12 @@ def test_batches_of_keeps_every_row_in_order():
     out = batches_of(rows, 2)
     assert [b["input_ids"].shape[0] for b in out] == [2, 2, 1]
     assert torch.cat([b["input_ids"][:, 0] for b in out]).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"messages": []}\n\n{oops\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3 is not valid JSON"):
+        list(read_jsonl([f]))
+    with pytest.raises(DataError, match="not found"):
+        list(read_jsonl([tmp_path / "missing.jsonl"]))
