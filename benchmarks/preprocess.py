@@ -30,6 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.reference import run_loop  # noqa: E402
 from jobs.runtime import Settings  # noqa: E402
@@ -53,16 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--no-append", action="store_true", help=f"do not append to {DOC.relative_to(REPO_ROOT)}")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_seconds() -> float:

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from llm_core.config import model_config_from_preset  # noqa: E402
 from llm_core.data import RandomWindows  # noqa: E402
@@ -170,14 +171,7 @@ def main() -> None:
     table = header + "\n".join(lines)
     print(table)
     if not args.no_append:
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor(),
-        )
+        cpu = cpu_model()
         gpu = torch.cuda.get_device_name(0) if args.gpu else "none"
         section = (
             f"\n## Pretraining throughput — {dt.date.today().isoformat()}\n\n"

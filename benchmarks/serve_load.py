@@ -28,7 +28,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -42,6 +41,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -75,16 +75,6 @@ PROMPTS: list[tuple[str, str]] = [
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loadavg() -> tuple[float, float, float]:
