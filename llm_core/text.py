@@ -37,12 +37,44 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 ) from None
 
 
+TxtMode = Literal["line", "blank_line", "paragraph", "auto"]
+
+
+def detect_txt_mode(path: str | Path, max_lines: int = 5000) -> Literal["line", "paragraph"]:
+    """`paragraph` for hard-wrapped prose (blank lines between paragraphs, every line broken at a fixed width,
+    as in Project Gutenberg books), otherwise `line` (a document or sentence per line)."""
+    lengths: list[int] = []
+    blank = 0
+    with _open(Path(path)) as f:
+        for i, line in enumerate(f):
+            if i >= max_lines:
+                break
+            text = line.rstrip("\r\n")
+            if text.strip():
+                lengths.append(len(text))
+            else:
+                blank += 1
+    if len(lengths) < 20 or blank < 0.02 * (len(lengths) + blank):
+        return "line"
+    lengths.sort()
+    p95 = lengths[int(0.95 * (len(lengths) - 1))]
+    wrapped = sum(1 for n in lengths if n > 100) <= 0.01 * len(lengths) and p95 <= 80
+    # paragraphs of several wrapped lines, not a list of short one-line documents with blank lines between
+    return "paragraph" if wrapped and len(lengths) >= 1.5 * blank else "line"
+
+
 def iter_documents(
-    path: str | Path, *, text_field: str = "text", txt_mode: Literal["line", "blank_line"] = "line"
+    path: str | Path, *, text_field: str = "text", txt_mode: TxtMode = "line"
 ) -> Iterator[str]:
-    """Documents of one file: a line (or a blank-line-separated block) of .txt, the `text_field` of .jsonl."""
+    """Documents of one file: the `text_field` of .jsonl; for .txt by `txt_mode`: a line (`line`), a
+    blank-line-separated block with its line breaks (`blank_line`), a blank-line-separated block with its hard
+    line wraps joined by spaces (`paragraph`, for hard-wrapped prose), or `auto` (`detect_txt_mode`)."""
     path = Path(path)
     name = path.name.removesuffix(".gz")
+    if txt_mode == "auto" and not name.endswith(".jsonl"):
+        txt_mode = detect_txt_mode(path)
+    if txt_mode not in ("line", "blank_line", "paragraph", "auto"):
+        raise ValueError(f"txt_mode {txt_mode!r} is not one of line, blank_line, paragraph, auto")
     with _open(path) as f:
         if name.endswith(".jsonl"):
             for lineno, rec in iter_jsonl(path):
@@ -55,15 +87,16 @@ def iter_documents(
                 if line.strip():
                     yield line.rstrip("\n")
         else:
+            sep = "\n" if txt_mode == "blank_line" else " "
             block: list[str] = []
             for line in f:
                 if line.strip():
-                    block.append(line.rstrip("\n"))
+                    block.append(line.rstrip("\n") if sep == "\n" else line.strip())
                 elif block:
-                    yield "\n".join(block)
+                    yield sep.join(block)
                     block = []
             if block:
-                yield "\n".join(block)
+                yield sep.join(block)
 
 
 def text_files(directory: str | Path) -> list[Path]:
