@@ -7,7 +7,7 @@ Training options (`train_bpe`): the pre-tokenizer (`bytelevel`: GPT-2's regex in
 historical default; `gpt2` / `llama3`: those regexes written out so digits can be handled separately), digit
 handling (`individual`, `group3`, `free`), NFC normalization, and an optional second "superword" stage. The
 superword stage (after SuperBPE, Liu et al. 2025) learns the last `superword_fraction` of the merges on chunks
-of several words, so frequent phrases (" of the", " деп айтты") become single tokens; the result is still a
+of several words, so frequent phrases (" of the", ", and", " деп айтты") become single tokens; the result is still a
 plain HF byte-level BPE `tokenizer.json`. `train_naive_bpe` is the reference point: HF's ByteLevelBPETokenizer
 with its defaults. `sample_balanced` draws the language-balanced training sample.
 """
@@ -58,6 +58,7 @@ CHAT_TEMPLATE = (
 PreTokenizerName = Literal["bytelevel", "gpt2", "llama3"]
 DigitMode = Literal["individual", "group3", "free"]
 Normalization = Literal["nfc", "none"]
+SuperwordSpan = Literal["words", "phrases"]
 
 # Letters, punctuation and whitespace rules of the two regex families; `{num}` is the digit rule.
 _CONTRACTIONS = r"'(?:s|t|re|ve|m|ll|d)"
@@ -66,16 +67,34 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|{num}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-# Superword chunks: a run of letter words (with their leading single spaces) is one pre-token; numbers,
-# punctuation and whitespace are split exactly as by _GPT2_PATTERN, so stage-1 merges never cross a chunk.
-_SUPERWORD_PATTERN = r"(?:" + _CONTRACTIONS + r"| ?\p{L}+)+| ?{num}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Superword chunks. `words`: a run of letter words (with their leading single spaces) is one pre-token;
+# numbers, punctuation and whitespace are split exactly as by _GPT2_PATTERN. `phrases`: punctuation inside a
+# sentence joins the run too (" of the", ", and", ", что"), and sentence-final punctuation (.!?…, with any closing
+# quotes or brackets) ends it ("болды."), so no token spans a sentence boundary (". The"); numbers, line breaks
+# and runs of spaces split as before. Stage-1 merges never span a stage-1 pre-token boundary inside a chunk (no
+# stage-1 pre-token holds a letter followed by a space, or punctuation followed by a letter), so a chunk's
+# stage-1 encoding is its stage-1 segmentation.
+_SENTENCE_END = r"[.!?…]"
+_SUPERWORD_PATTERNS = {
+    "words": r"(?:" + _CONTRACTIONS + r"| ?\p{L}+)+| ?{num}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    "phrases": r"(?:"
+    + _CONTRACTIONS
+    + r"| ?\p{L}+| ?[^\s\p{L}\p{N}.!?…]+)+(?:"
+    + _SENTENCE_END
+    + r"[^\s\p{L}\p{N}]*)?| ?{num}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+}
 _DIGIT_RULES = {"individual": r"\p{N}", "group3": r"\p{N}{1,3}", "free": r"\p{N}+"}
 # Stage-1 token ids are written as one private-use character each while the superword stage trains.
 _SYMBOL_BASE = 0xF0000
 _MAX_SYMBOLS = 0x10FFFE - _SYMBOL_BASE
 
 
-def pretokenizer_pattern(pre_tokenizer: PreTokenizerName, digits: DigitMode, superword: bool = False) -> str:
+def pretokenizer_pattern(
+    pre_tokenizer: PreTokenizerName,
+    digits: DigitMode,
+    superword: bool = False,
+    superword_span: SuperwordSpan = "phrases",
+) -> str:
     """The split regex of a `gpt2`/`llama3` pre-tokenizer (or of the superword chunks of `gpt2`)."""
     if digits not in _DIGIT_RULES:
         raise ValueError(f"digits={digits!r} is not one of {sorted(_DIGIT_RULES)}")
@@ -86,7 +105,9 @@ def pretokenizer_pattern(pre_tokenizer: PreTokenizerName, digits: DigitMode, sup
                 f"superword merges need pre_tokenizer='gpt2' (got {pre_tokenizer!r}): set pre_tokenizer=gpt2 "
                 "or superword_fraction=0"
             )
-        return _SUPERWORD_PATTERN.replace("{num}", num)
+        if superword_span not in _SUPERWORD_PATTERNS:
+            raise ValueError(f"superword_span {superword_span!r} is not one of {sorted(_SUPERWORD_PATTERNS)}")
+        return _SUPERWORD_PATTERNS[superword_span].replace("{num}", num)
     if pre_tokenizer == "gpt2":
         return _GPT2_PATTERN.replace("{num}", num)
     if pre_tokenizer == "llama3":
@@ -95,7 +116,10 @@ def pretokenizer_pattern(pre_tokenizer: PreTokenizerName, digits: DigitMode, sup
 
 
 def build_pretokenizer(
-    pre_tokenizer: PreTokenizerName, digits: DigitMode, superword: bool = False
+    pre_tokenizer: PreTokenizerName,
+    digits: DigitMode,
+    superword: bool = False,
+    superword_span: SuperwordSpan = "phrases",
 ) -> pre_tokenizers.PreTokenizer:
     """The HF pre-tokenizer: `bytelevel` is HF's ByteLevel regex (optionally with digits split first); the
     others split with their regex, then map bytes to ByteLevel's printable alphabet."""
@@ -108,7 +132,7 @@ def build_pretokenizer(
         if digits == "individual":
             pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
         return pre_tokenizers.Sequence(pre)
-    pattern = pretokenizer_pattern(pre_tokenizer, digits, superword)
+    pattern = pretokenizer_pattern(pre_tokenizer, digits, superword, superword_span)
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
@@ -129,13 +153,15 @@ def train_bpe(
     digits: DigitMode | None = None,
     normalization: Normalization = "nfc",
     superword_fraction: float = 0.0,
+    superword_span: SuperwordSpan = "phrases",
 ) -> Tokenizer:
     """Train a byte-level BPE with Tulpar's special tokens.
 
     The defaults are the historical recipe: NFC-normalised, GPT-2 pre-tokenisation, digits split one by one
     (`split_digits=False` lets digits merge). `pre_tokenizer`, `digits` (overrides `split_digits`) and
     `normalization` choose other recipes; `superword_fraction` > 0 learns that share of the merges in a
-    second stage on multi-word chunks (needs `pre_tokenizer="gpt2"`).
+    second stage on multi-word chunks (needs `pre_tokenizer="gpt2"`): runs of words with their punctuation
+    (`superword_span="phrases"`) or of letter words only (`"words"`).
     """
     special_tokens = list(special_tokens or SPECIAL_TOKENS)
     if vocab_size < 256 + len(special_tokens) + 1:
@@ -158,7 +184,7 @@ def train_bpe(
         raise ValueError(f"normalization {normalization!r} is not one of nfc, none")
     tk.pre_tokenizer = build_pretokenizer(pre_tokenizer, digits)
     if superword:  # validate the superword pattern before the (long) first stage
-        pretokenizer_pattern(pre_tokenizer, digits, superword=True)
+        pretokenizer_pattern(pre_tokenizer, digits, superword=True, superword_span=superword_span)
     tk.decoder = decoders.ByteLevel()
     stage1_size = vocab_size - int(round(superword_fraction * vocab_size))
     trainer = trainers.BpeTrainer(
@@ -171,7 +197,7 @@ def train_bpe(
     tk.train_from_iterator(texts, trainer=trainer)
     if superword:
         tk = _train_superword_stage(
-            tk, texts, vocab_size, pre_tokenizer, digits, min_frequency, show_progress
+            tk, texts, vocab_size, pre_tokenizer, digits, min_frequency, show_progress, superword_span
         )
     return Tokenizer(tk)
 
@@ -184,6 +210,7 @@ def _train_superword_stage(
     digits: DigitMode,
     min_frequency: int,
     show_progress: bool,
+    superword_span: SuperwordSpan = "phrases",
 ) -> HFTokenizer:
     """Continue BPE across word boundaries: encode the text in multi-word chunks with the stage-1 merges,
     write each stage-1 token as one private-use character, train a BPE over those characters, and append
@@ -194,7 +221,7 @@ def _train_superword_stage(
     if len(vocab) > _MAX_SYMBOLS:
         raise ValueError(f"superword stage supports up to {_MAX_SYMBOLS} stage-1 tokens, got {len(vocab)}")
     id_to_token = {i: t for t, i in vocab.items()}
-    chunker = build_pretokenizer(pre_tokenizer, digits, superword=True)
+    chunker = build_pretokenizer(pre_tokenizer, digits, superword=True, superword_span=superword_span)
     tk.pre_tokenizer = chunker  # stage-1 merges applied within chunks give the stage-1 segmentation
 
     def symbol_chunks() -> Iterator[str]:
