@@ -37,7 +37,9 @@ from jobs.tokenizer_report import (
     log_report_to_mlflow,
     summary_lines,
 )
+from llm_core.chat_data import prompt_to_messages, read_jsonl, record_to_messages
 from llm_core.config import StrictModel, config_to_dict
+from llm_core.data import DataError
 from llm_core.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from llm_core.text import iter_documents, text_files
 from llm_core.tokenizer import (
@@ -65,7 +67,16 @@ class TrainData(StrictModel):
     )
     corpus_dir: str = Field("corpus", description="raw: dir with <lang>/ subdirs, relative to TULPAR_DATA")
     text_field: str = Field("text", description="raw .jsonl: the field holding the text")
-    txt_mode: Literal["line", "blank_line"] = Field("line", description="raw .txt: a document per line/block")
+    txt_mode: Literal["line", "blank_line", "paragraph", "auto"] = Field(
+        "auto",
+        description="raw .txt: a document per line, per blank-line block, per hard-wrapped paragraph (wraps "
+        "joined by spaces), or auto: paragraph for hard-wrapped prose, else line",
+    )
+    chat_sources: list[str] = Field(
+        default_factory=list,
+        description="SFT / preference .jsonl files (the formats jobs.sft and jobs.dpo read), relative to "
+        "TULPAR_DATA or absolute: their message texts join the sample, by each record's `lang`",
+    )
     dataset: str | None = Field(
         None, description="dataset: its dir (relative names resolve under $TULPAR_HOME/datasets)"
     )
@@ -115,6 +126,10 @@ class BPESpec(StrictModel):
     normalization: Literal["nfc", "none"] = "nfc"
     superword_fraction: float = Field(
         0.15, ge=0, lt=1, description="share of merges learned across spaces in a second stage (0: off)"
+    )
+    superword_span: Literal["words", "phrases"] = Field(
+        "phrases",
+        description="superword chunks: runs of words with their punctuation (phrases) or letter words only",
     )
     extra_special_tokens: list[str] = Field(
         default_factory=list, description=f"added after Tulpar's {SPECIAL_TOKENS}"
@@ -196,6 +211,51 @@ def raw_sources(cfg: TrainData, settings: Settings) -> dict[str, list[DocumentSo
             return lambda: iter_documents(p, text_field=cfg.text_field, txt_mode=cfg.txt_mode)
 
         out[lang] = [DocumentSource(str(p), p.stat().st_size, opener(p)) for p in text_files(lang_dir)]
+    return out
+
+
+def chat_record_text(rec: dict, where: str) -> str:
+    """The text a model reads from one SFT or preference record: its message contents (for a preference pair,
+    the prompt turns then the chosen and the rejected response), without the chat template's markup."""
+    if "prompt" in rec:
+        for key in ("chosen", "rejected"):
+            if not isinstance(rec.get(key), str):
+                raise DataError(f"{where}: preference records need string 'chosen' and 'rejected'")
+        parts = [m["content"] for m in prompt_to_messages(rec["prompt"], where)]
+        parts += [rec["chosen"].strip(), rec["rejected"].strip()]
+    else:
+        parts = [m["content"] for m in record_to_messages(rec, where)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def chat_sources(cfg: TrainData, settings: Settings) -> dict[str, list[DocumentSource]]:
+    """One source per (chat file, language) for the languages in data.budgets; each record names its
+    language in `lang` (other languages are skipped)."""
+    out: dict[str, list[DocumentSource]] = {}
+    for entry in cfg.chat_sources:
+        path = Path(entry) if Path(entry).is_absolute() else settings.require_data(entry)
+        if not path.is_file():
+            raise ValueError(f"data.chat_sources: {path} is not a file: list .jsonl files")
+        sizes: dict[str, int] = {}
+        for where, rec in read_jsonl([path]):
+            lang = rec.get("lang")
+            if not isinstance(lang, str):
+                raise DataError(
+                    f"{where}: no 'lang' field: chat records used for tokenizer training name their language "
+                    '(e.g. "lang": "kk")'
+                )
+            if lang in cfg.budgets:
+                sizes[lang] = sizes.get(lang, 0) + len(chat_record_text(rec, where).encode("utf-8"))
+
+        def documents(path: Path = path, lang: str = "") -> Iterator[str]:
+            for where, rec in read_jsonl([path]):
+                if rec.get("lang") == lang:
+                    yield chat_record_text(rec, where)
+
+        for lang, size in sizes.items():
+            out.setdefault(lang, []).append(
+                DocumentSource(f"{path}#{lang}", size, lambda p=path, lang=lang: documents(p, lang))
+            )
     return out
 
 
@@ -282,6 +342,8 @@ def draw_samples(
         sources = raw_sources(d, settings)
     else:
         sources, manifest_sha = dataset_sources(d, settings)
+    for lang, extra in chat_sources(d, settings).items():
+        sources[lang] = list(sources[lang]) + extra
     common = dict(
         holdout_fraction=d.holdout_fraction,
         min_chars=d.min_chars,
@@ -329,6 +391,7 @@ def train_ours(cfg: TokenizerJobConfig, docs: list[str], vocab_size: int) -> Tok
         digits=t.digits,
         normalization=t.normalization,
         superword_fraction=t.superword_fraction,
+        superword_span=t.superword_span,
     )
     tok.model_max_length = t.model_max_length
     return tok
