@@ -233,9 +233,12 @@ def chat_sources(cfg: TrainData, settings: Settings) -> dict[str, list[DocumentS
     language in `lang` (other languages are skipped)."""
     out: dict[str, list[DocumentSource]] = {}
     for entry in cfg.chat_sources:
-        path = Path(entry) if Path(entry).is_absolute() else settings.require_data(entry)
+        path = Path(entry) if Path(entry).is_absolute() else settings.data / entry
         if not path.is_file():
-            raise ValueError(f"data.chat_sources: {path} is not a file: list .jsonl files")
+            raise ValueError(
+                f"data.chat_sources: {path} is not a file (TULPAR_DATA={settings.data}): fix the path, or "
+                f"leave it out (data.chat_sources=[] trains on the corpus alone)"
+            )
         sizes: dict[str, int] = {}
         for where, rec in read_jsonl([path]):
             lang = rec.get("lang")
