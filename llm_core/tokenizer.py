@@ -7,8 +7,8 @@ Training options (`train_bpe`): the pre-tokenizer (`bytelevel`: GPT-2's regex in
 historical default; `gpt2` / `llama3`: those regexes written out so digits can be handled separately), digit
 handling (`individual`, `group3`, `free`), NFC normalization, and an optional second "superword" stage. The
 superword stage (after SuperBPE, Liu et al. 2025) learns the last `superword_fraction` of the merges on chunks
-of several words, so frequent phrases (" of the", ", and", " деп айтты") become single tokens; the result is still a
-plain HF byte-level BPE `tokenizer.json`. `train_naive_bpe` is the reference point: HF's ByteLevelBPETokenizer
+of several words, so frequent phrases (" of the", ", and", " деп айтты") become single tokens; the result is
+still a plain HF byte-level BPE `tokenizer.json`. `train_naive_bpe` is the reference point: HF's ByteLevelBPETokenizer
 with its defaults. `sample_balanced` draws the language-balanced training sample.
 """
 
@@ -70,10 +70,10 @@ _LLAMA3_PATTERN = (
 # Superword chunks. `words`: a run of letter words (with their leading single spaces) is one pre-token;
 # numbers, punctuation and whitespace are split exactly as by _GPT2_PATTERN. `phrases`: punctuation inside a
 # sentence joins the run too (" of the", ", and", ", что"), and sentence-final punctuation (.!?…, with any closing
-# quotes or brackets) ends it ("болды."), so no token spans a sentence boundary (". The"); numbers, line breaks
-# and runs of spaces split as before. Stage-1 merges never span a stage-1 pre-token boundary inside a chunk (no
-# stage-1 pre-token holds a letter followed by a space, or punctuation followed by a letter), so a chunk's
-# stage-1 encoding is its stage-1 segmentation.
+# quotes or brackets) ends it (" алынады."), so no token spans a sentence boundary (". The"); numbers, line
+# breaks and runs of spaces split as before. No stage-1 pre-token holds a letter followed by a space, or
+# punctuation followed by a letter, so stage-1 merges stay inside the words of a chunk; and the superword stage
+# trains on exactly this chunk-wise encoding, the one the finished tokenizer applies.
 _SENTENCE_END = r"[.!?…]"
 _SUPERWORD_PATTERNS = {
     "words": r"(?:" + _CONTRACTIONS + r"| ?\p{L}+)+| ?{num}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
