@@ -8,7 +8,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -117,34 +116,20 @@ def config_dict(
 
 
 @contextlib.contextmanager
-def environment(**env):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if v is not None})
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_cli(cfg: dict, tmp: Path, home: Path, data: Path, *overrides: str) -> tuple[int, dict, str]:
     """jobs.preprocess through the job CLI contract, in this process (Ray stays up between runs)."""
     path = tmp / f"cfg-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     out, err = io.StringIO(), io.StringIO()
-    env = {
-        "TULPAR_HOME": str(home),
-        "TULPAR_DATA": str(data),
-        "MLFLOW_TRACKING_URI": None,
-        "TULPAR_STORAGE": None,
-    }
-    with environment(**env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        pytest.MonkeyPatch.context() as env,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        env.setenv("TULPAR_HOME", str(home))
+        env.setenv("TULPAR_DATA", str(data))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("TULPAR_STORAGE", raising=False)
         rc = run_job("preprocess", PreprocessConfig, main, ["--config", str(path), *overrides])
     return rc, json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
 

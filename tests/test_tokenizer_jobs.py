@@ -365,37 +365,36 @@ def test_balanced_sample_budgets_upsampling_and_holdout():
 # ------------------------------------------------------------------ the jobs end to end
 
 
+def run_tokenizer_job(env: pytest.MonkeyPatch, home: Path, data_dir: Path, *argv: str) -> tuple[int, str]:
+    """jobs.tokenizer through the job CLI contract in this process, in a fresh TULPAR_HOME: (exit code, stdout)."""
+    from jobs.tokenizer import TokenizerJobConfig
+    from jobs.tokenizer import main as tokenizer_main
+
+    env.setenv("TULPAR_HOME", str(home))
+    env.setenv("TULPAR_DATA", str(data_dir))
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run_job("tokenizer", TokenizerJobConfig, tokenizer_main, list(argv))
+    return rc, out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory, data_dir):
     """jobs.tokenizer on configs/tokenizer/tiny.yaml in a fresh TULPAR_HOME (a few seconds)."""
     home = tmp_path_factory.mktemp("home")
-    old = {k: os.environ.get(k) for k in ("TULPAR_HOME", "TULPAR_DATA", "MLFLOW_TRACKING_URI")}
-    os.environ.update(TULPAR_HOME=str(home), TULPAR_DATA=str(data_dir))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        from jobs.tokenizer import TokenizerJobConfig
-        from jobs.tokenizer import main as tokenizer_main
-
-        argv = [
+    with pytest.MonkeyPatch.context() as env:
+        rc, out = run_tokenizer_job(
+            env,
+            home,
+            data_dir,
             "--config",
             str(REPO / "configs/tokenizer/tiny.yaml"),
             "show_progress=false",
             "sweep.vocab_sizes=[1024,4096]",
-        ]
-        import contextlib
-        import io
-
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            rc = run_job("tokenizer", TokenizerJobConfig, tokenizer_main, argv)
-        assert rc == 0, out.getvalue()[-3000:]
-        yield home, last_json(out.getvalue())
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        )
+        assert rc == 0, out[-3000:]
+        yield home, last_json(out)
 
 
 def test_tokenizer_job_writes_tokenizer_report_and_mlflow_run(trained_tiny):
@@ -450,17 +449,11 @@ def test_production_recipe_meets_the_32k_targets_and_ntrex_keeps_the_order(tmp_p
     """configs/tokenizer/kk-ru-en-32k.yaml as shipped: FLORES-200 devtest targets met, the naive baseline beaten
     in every language on both eval sets, and NTREX-128 ordering ours against every other tokenizer the same way
     as FLORES-200 in every language (~1.5 min)."""
-    from jobs.tokenizer import TokenizerJobConfig
-    from jobs.tokenizer import main as tokenizer_main
-
-    monkeypatch.setenv("TULPAR_HOME", str(tmp_path))
-    monkeypatch.setenv("TULPAR_DATA", str(data_dir))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv = ["--config", str(REPO / "configs/tokenizer/kk-ru-en-32k.yaml"), "show_progress=false"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = run_job("tokenizer", TokenizerJobConfig, tokenizer_main, argv)
-    assert rc == 0, out.getvalue()[-3000:]
+    config = REPO / "configs/tokenizer/kk-ru-en-32k.yaml"
+    rc, out = run_tokenizer_job(
+        monkeypatch, tmp_path, data_dir, "--config", str(config), "show_progress=false"
+    )
+    assert rc == 0, out[-3000:]
     report = json.loads((tmp_path / "tokenizers/kk-ru-en-32k/report/report.json").read_text())
     assert all(t["met"] for t in report["targets"].values()), report["targets"]
     assert set(report["targets"]) == {f"flores200_devtest/{lang}" for lang in ("kk", "ru", "en")}
