@@ -239,7 +239,7 @@ def chat_sources(cfg: TrainData, settings: Settings) -> dict[str, list[DocumentS
                 f"data.chat_sources: {path} is not a file (TULPAR_DATA={settings.data}): fix the path, or "
                 f"leave it out (data.chat_sources=[] trains on the corpus alone)"
             )
-        sizes: dict[str, int] = {}
+        texts: dict[str, list[str]] = {}
         for where, rec in read_jsonl([path]):
             lang = rec.get("lang")
             if not isinstance(lang, str):
@@ -248,17 +248,10 @@ def chat_sources(cfg: TrainData, settings: Settings) -> dict[str, list[DocumentS
                     '(e.g. "lang": "kk")'
                 )
             if lang in cfg.budgets:
-                sizes[lang] = sizes.get(lang, 0) + len(chat_record_text(rec, where).encode("utf-8"))
-
-        def documents(path: Path = path, lang: str = "") -> Iterator[str]:
-            for where, rec in read_jsonl([path]):
-                if rec.get("lang") == lang:
-                    yield chat_record_text(rec, where)
-
-        for lang, size in sizes.items():
-            out.setdefault(lang, []).append(
-                DocumentSource(f"{path}#{lang}", size, lambda p=path, lang=lang: documents(p, lang))
-            )
+                texts.setdefault(lang, []).append(chat_record_text(rec, where))
+        for lang, docs in texts.items():  # read once: sampling opens a source once per sample drawn
+            size = sum(len(d.encode("utf-8")) for d in docs)
+            out.setdefault(lang, []).append(DocumentSource(f"{path}#{lang}", size, lambda d=docs: iter(d)))
     return out
 
 

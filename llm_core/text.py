@@ -75,14 +75,15 @@ def iter_documents(
         txt_mode = detect_txt_mode(path)
     if txt_mode not in ("line", "blank_line", "paragraph", "auto"):
         raise ValueError(f"txt_mode {txt_mode!r} is not one of line, blank_line, paragraph, auto")
+    if name.endswith(".jsonl"):
+        for lineno, rec in iter_jsonl(path):
+            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")
+            yield text
+        return
     with _open(path) as f:
-        if name.endswith(".jsonl"):
-            for lineno, rec in iter_jsonl(path):
-                text = rec.get(text_field) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno} has no string field {text_field!r}: set text_field")
-                yield text
-        elif txt_mode == "line":
+        if txt_mode == "line":
             for line in f:
                 if line.strip():
                     yield line.rstrip("\n")
