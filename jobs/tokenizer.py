@@ -35,7 +35,8 @@ from jobs.tokenizer_report import (
     check_target_keys,
     flat_metrics,
     log_report_to_mlflow,
-    summary_lines,
+    print_summary,
+    target_metrics,
 )
 from llm_core.chat_data import prompt_to_messages, read_jsonl, record_to_messages
 from llm_core.config import StrictModel, config_to_dict
@@ -652,13 +653,7 @@ def main(cfg: TokenizerJobConfig, settings: Settings) -> JobResult:
             metrics = _headline_metrics(report, cfg.name, train_s, time.perf_counter() - started)
             _log_outputs(tmp, report, sweep, metrics)
 
-    for line in summary_lines(report["rows"], report_texts, languages):
-        print(line, flush=True)
-    for key, v in report["targets"].items():
-        print(
-            f"target {key}: {v['tokens']:,} <= {v['target']:,}: {'met' if v['met'] else 'NOT met'}",
-            flush=True,
-        )
+    print_summary(report, report_texts, languages)
     report_dir = out_dir / "report"
     outputs: dict[str, Any] = {
         "tokenizer_dir": str(out_dir),
@@ -728,8 +723,7 @@ def _headline_metrics(report: dict[str, Any], name: str, train_s: float, total_s
     base = {(r.eval_set, r.language): r.tokens for r in rows if r.tokenizer == BASELINE_NAME}
     if base:
         metrics["beats_baseline_all"] = float(all(ours[k] < base[k] for k in base))
-    metrics["targets_met"] = float(sum(v["met"] for v in report["targets"].values()))
-    metrics["targets_total"] = float(len(report["targets"]))
+    metrics.update(target_metrics(report))
     metrics["train_seconds"] = train_s
     metrics["total_seconds"] = total_s
     return metrics

@@ -419,6 +419,23 @@ def build_report(
     return {"rows": rows, "targets": checked, "files": files}
 
 
+def print_summary(report: dict[str, Any], texts: list[EvalText], languages: list[str]) -> None:
+    """Print a report's short table (`summary_lines`) and whether each target is met."""
+    for line in summary_lines(report["rows"], texts, languages):
+        print(line, flush=True)
+    for key, v in report["targets"].items():
+        print(
+            f"target {key}: {v['tokens']:,} <= {v['target']:,}: {'met' if v['met'] else 'NOT met'}",
+            flush=True,
+        )
+
+
+def target_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """How many of the report's targets are met, of how many."""
+    checked = report["targets"].values()
+    return {"targets_met": float(sum(v["met"] for v in checked)), "targets_total": float(len(checked))}
+
+
 def summary_lines(rows: list[TokenizerMetrics], texts: list[EvalText], languages: list[str]) -> list[str]:
     """A short printed table: total tokens per tokenizer x language for each eval set."""
     lines = []
@@ -474,16 +491,8 @@ def main(cfg: ReportConfig, settings: Settings) -> JobResult:
             show_progress=cfg.show_progress,
         )
         log_report_to_mlflow(report)
-    for line in summary_lines(report["rows"], texts, cfg.languages):
-        print(line, flush=True)
-    for key, v in report["targets"].items():
-        print(
-            f"target {key}: {v['tokens']:,} <= {v['target']:,}: {'met' if v['met'] else 'NOT met'}",
-            flush=True,
-        )
-    metrics = {k: v for k, v in flat_metrics(report["rows"], ("tokens",)).items()}
-    metrics["targets_met"] = float(sum(v["met"] for v in report["targets"].values()))
-    metrics["targets_total"] = float(len(report["targets"]))
+    print_summary(report, texts, cfg.languages)
+    metrics = {**flat_metrics(report["rows"], ("tokens",)), **target_metrics(report)}
     outputs = {"report_dir": str(out_dir), **report["files"]}
     return JobResult(
         "tokenizer_report",
