@@ -34,6 +34,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under its training wrappers: DDP keeps it in `.module`, torch.compile in `._orig_mod`."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -52,9 +58,7 @@ def save_checkpoint(
     `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given (e.g. the
     full, gathered state of an FSDP-sharded model)."""
     if model_state is None:
-        unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
-        model_state = unwrapped.state_dict()
+        model_state = unwrap_model(model).state_dict()
     if optimizer_state is None and optimizer is not None:
         optimizer_state = optimizer.state_dict()
     state = {
@@ -94,8 +98,7 @@ def load_checkpoint(
     meta = read_meta(path)
     state = torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False)
     if model is not None:
-        target = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-        target.load_state_dict(state["model"])
+        unwrap_model(model).load_state_dict(state["model"])
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

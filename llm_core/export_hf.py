@@ -272,7 +272,7 @@ def _qkv_bias_sizes(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def _unwrap(model: Transformer) -> Transformer:
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
 
 
@@ -282,7 +282,7 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
     MoE experts use the legacy per-expert layout, and MoE models get all-zero q/k/v biases when
     QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
     """
-    model = _unwrap(model)
+    model = unwrap_compiled(model)
     cfg = model.cfg
     _check_exportable(cfg)
     target = DTYPES[_dtype_name(dtype)] if dtype is not None else None
@@ -342,7 +342,7 @@ def export_hf(
     The directory is built beside `out_dir` and renamed into place, so readers never see a half-written export;
     an existing `out_dir` is replaced.
     """
-    model = _unwrap(model)
+    model = unwrap_compiled(model)
     cfg = model.cfg
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

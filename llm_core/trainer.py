@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from llm_core.checkpoint import load_checkpoint, save_checkpoint
+from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
 from llm_core.data import RandomWindows, sequential_windows
 from llm_core.io import atomic_dir
@@ -138,7 +138,7 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
     extra: dict[str, float] = {"ce_loss": float(out.ce_loss.detach())}
     if out.aux_loss is not None:
         extra["aux_loss"] = float(out.aux_loss.detach())
-        core = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+        core = unwrap_model(model)
         loads = torch.stack([layer.mlp.last_expert_counts.float() for layer in core.layers])  # (L, E)
         share = loads / loads.sum(dim=1, keepdim=True)
         extra["expert_load_max"] = float(share.max() * loads.size(1))  # 1.0 = perfectly balanced
