@@ -165,7 +165,7 @@ def load_preset(name: str) -> dict[str, Any]:
     """The raw dict of a model preset from configs/model/<name>.yaml."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) or "none"
+        known = ", ".join(list_presets()) or "none"
         raise ConfigError(f"unknown model preset {name!r}: choose one of {known} (files in {PRESET_DIR})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data.setdefault("name", name)
@@ -177,10 +177,7 @@ def list_presets() -> list[str]:
 
 
 def model_config_from_preset(name: str, overrides: list[str] | None = None) -> ModelConfig:
-    data = load_preset(name)
-    for item in overrides or []:
-        key, value = _split_override(item)
-        _set_dotted(data, key.split("."), value, item)
+    data = apply_overrides(load_preset(name), overrides or [])
     return _validate(ModelConfig, data, f"preset {name}")
 
 

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +51,11 @@ _REQUIRED_KEYS = (
     "shards",
     "mixture",
 )
-_SHARD_KEYS = (
-    "path",
-    "docs_path",
-    "split",
-    "language",
-    "num_tokens",
-    "num_documents",
-    "num_bytes",
-    "sha256",
-)
 
 
 def dtype_name(vocab_size: int) -> str:
     """The shard dtype name: uint16 when every id fits in 16 bits (vocab_size <= 65536), else uint32."""
-    return "uint16" if token_dtype(vocab_size) == np.uint16 else "uint32"
+    return token_dtype(vocab_size).name
 
 
 def shard_stem(split: str, language: str, index: int) -> str:
@@ -88,6 +78,9 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_SHARD_KEYS = tuple(f.name for f in fields(ShardInfo))  # what a manifest's shard entry must hold
 
 
 class ShardWriter:
