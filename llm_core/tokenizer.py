@@ -562,10 +562,10 @@ class Tokenizer:
         self._check_messages(messages)
         ids: list[int] = []
         mask: list[bool] = []
+        trailer = self.encode("\n")
         for m in messages:
             header = self.encode(f"{m['role']}\n")
             body = self.encode(m["content"])
-            trailer = self.encode("\n")
             learn = m["role"] == "assistant"
             ids += [self.im_start_id, *header, *body, self.im_end_id, *trailer]
             mask += [False] * (1 + len(header)) + [learn] * (len(body) + 1) + [False] * len(trailer)
