@@ -157,5 +157,18 @@ def run_job(
     return 0
 
 
+def result_from_output(text: str) -> dict[str, Any] | None:
+    """A job's JSON result line (the last line of its output that parses as a JSON object with "stage"), as
+    `run_job` prints it; None when there is none."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"stage"' in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
 def main_entry(stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult]) -> None:
     sys.exit(run_job(stage, config_cls, main))

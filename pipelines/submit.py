@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.runtime import result_from_output
 from pipelines import charts
 
 REPO = charts.REPO
@@ -109,18 +110,6 @@ def resolve(stage: str, config: str, overrides: list[str]) -> Submission:
 
 def log(message: str) -> None:
     print(f"[submit] {message}", file=sys.stderr, flush=True)
-
-
-def result_from_logs(text: str) -> dict[str, Any] | None:
-    """The job's JSON result: the last stdout line that parses as one (platform contract)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and '"stage"' in line:
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
 
 
 def mlflow_run_link(result: dict[str, Any] | None, tracking_uri: str | None) -> str | None:
@@ -231,7 +220,7 @@ def submit_ray(
         print(json.dumps({"target": address, "submission_id": job_id}))
         return 0
     status, logs = wait_ray(client, job_id, timeout)
-    result = result_from_logs(logs)
+    result = result_from_output(logs)
     log(f"{job_id}: {status}")
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
@@ -445,7 +434,7 @@ def submit_k8s(
         (e.get("value") for e in _head_env(rayjob) if e.get("name") == "MLFLOW_TRACKING_URI"),
         None,
     )
-    return finish(result_from_logs(logs), status in ("SUCCEEDED", "Complete"), tracking)
+    return finish(result_from_output(logs), status in ("SUCCEEDED", "Complete"), tracking)
 
 
 def _head_env(rayjob: dict[str, Any]) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import Field
 
 from jobs import tracking
-from jobs.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings
+from jobs.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
 from llm_core.config import StrictModel, load_config
 from llm_core.io import atomic_write_json
 
@@ -90,7 +90,7 @@ def config_path(stage: str, name: str) -> Path:
 
 def stage_key(stage: str, spec: Any, inputs: dict[str, Any]) -> str:
     """Cache key: the stage's config file content, its overrides and what it receives from earlier stages."""
-    path = config_path("serve" if stage == "serve" else stage, spec.config)
+    path = config_path(stage, spec.config)
     blob = json.dumps(
         {
             "stage": stage,
@@ -156,7 +156,7 @@ class Pipeline:
             log.write(proc.stdout)
         elapsed = time.perf_counter() - started
         self.timings[stage] = elapsed
-        result = last_json(proc.stdout)
+        result = result_from_output(proc.stdout)
         if proc.returncode != 0 or not result or result.get("status") != "ok":
             print(f"{chr(13) if tty else ''}{label} failed after {elapsed:.0f}s", flush=True)
             message = (result or {}).get("error") or f"exit code {proc.returncode}"
@@ -178,9 +178,9 @@ class Pipeline:
             and cfg.serve.enabled
             or (s != "serve" and getattr(cfg, s) is not None and getattr(cfg, s).enabled)
         ]
-        forced = set(order[order.index(start_from) :]) if start_from else set()
         if start_from and start_from not in order:
             raise ValueError(f"--from {start_from!r} is not an enabled stage of this pipeline: {order}")
+        forced = set(order[order.index(start_from) :]) if start_from else set()
         import mlflow
 
         exp = tracking.setup(self.settings, "tulpar-train")
@@ -306,7 +306,7 @@ def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[
         if proc.poll() is not None:
             tail = log_file.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the server exited with {proc.returncode}: {tail}")
-        status = last_json(log_file.read_text(errors="replace"))
+        status = result_from_output(log_file.read_text(errors="replace"))
         if status and status.get("status") == "ok" and "url" in status.get("outputs", {}):
             url = status["outputs"]["url"]
             try:
@@ -332,17 +332,6 @@ def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
         )
         answers[lang] = r.choices[0].message.content or ""
     return answers
-
-
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
 
 
 def summarize(stage: str, result: dict) -> str:
