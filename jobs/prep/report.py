@@ -90,13 +90,12 @@ def build_report(
             entry["in"]["documents"] == entry["kept"]["documents"] + entry["dropped_total"]["documents"]
         )
         by_lang[lang] = entry
-        # documents and bytes left after each stage
-        left_docs, left_bytes = len(d), int(d["n_bytes_in"].sum())
+        # documents left after each stage
+        left_docs = len(d)
         per_stage = []
         for stage, rs in STAGE_REASONS.items():
             gone = d[d["reason"].isin(rs)]
             left_docs -= len(gone)
-            left_bytes -= int(gone["n_bytes_in"].sum())
             per_stage.append({"stage": stage, "dropped": int(len(gone)), "documents_out": int(left_docs)})
         stages[lang] = per_stage
     passed_langid = docs[

@@ -155,7 +155,7 @@ def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[tuple[str, in
         if not os.path.isdir(base):
             reason = "no such file or directory" if not os.path.lexists(base) else "not readable"
             return [], [(uri, reason)]
-        files, errors = _list_local(base) if os.path.isdir(base) else ([], [])
+        files, errors = _list_local(base)
     else:
         fs, path = filesystem(base)
         prefix = scheme if not base.startswith("file://") else "file://"
