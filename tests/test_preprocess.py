@@ -115,7 +115,6 @@ def config_dict(
     }
 
 
-@contextlib.contextmanager
 def run_cli(cfg: dict, tmp: Path, home: Path, data: Path, *overrides: str) -> tuple[int, dict, str]:
     """jobs.preprocess through the job CLI contract, in this process (Ray stays up between runs)."""
     path = tmp / f"cfg-{time.monotonic_ns()}.yaml"
