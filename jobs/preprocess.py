@@ -397,7 +397,7 @@ class InputPlan:
     files: list[FileEntry]
     chunks: list
     tokenizer_path: Path | None
-    tokenizer_sha256: str  # "" when the tokenizer is trained by this job
+    tokenizer: Tokenizer | None  # None when the tokenizer is trained by this job
     content_sha256: str
     input_sha256: str
 
@@ -413,15 +413,15 @@ def plan_inputs(cfg: PreprocessConfig, settings: Settings) -> InputPlan:
     for f in files:
         if f.status != "ok":
             log.warning("skipping %s: %s (%s)", f.uri, f.status, f.detail)
-    tok_path, tok_sha = None, ""
+    tok_path, tok = None, None
     if cfg.tokenizer.path:
         tok_path = resolve_tokenizer_path(cfg.tokenizer.path, settings)
-        tok_sha = Tokenizer.from_dir(tok_path).sha256
+        tok = Tokenizer.from_dir(tok_path)
     return InputPlan(
         files,
         plan_chunks(files, int(cfg.read.chunk_mb * 1024 * 1024)),
         tok_path,
-        tok_sha,
+        tok,
         cfg.content_sha256(),
         input_sha256(files, cfg.read.input_hash),
     )
@@ -435,7 +435,7 @@ def reuse_existing(cfg: PreprocessConfig, out: Output, ip: InputPlan) -> JobResu
     same = (
         previous.get("config_sha256") == ip.content_sha256
         and previous.get("input_sha256") == ip.input_sha256
-        and (not ip.tokenizer_sha256 or previous.get("tokenizer", {}).get("sha256") == ip.tokenizer_sha256)
+        and (ip.tokenizer is None or previous.get("tokenizer", {}).get("sha256") == ip.tokenizer.sha256)
     )
     stored = out.read_json("result.json")
     if not (same and stored and stored.get("status") == "ok"):
@@ -594,10 +594,8 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         t0 = lap("pass1_clean", t0)
         meta, drop_ids, dedup_info = deduplicate(meta_t, cfg)
         t0 = lap("dedup", t0)
-        tok_path = ip.tokenizer_path
-        if tok_path is not None:
-            tok = Tokenizer.from_dir(tok_path)
-        else:
+        tok, tok_path = ip.tokenizer, ip.tokenizer_path
+        if tok is None:
             tok, tok_path = train_tokenizer(cfg, settings, mat, meta, ip.content_sha256 + ip.input_sha256)
         t0 = lap("tokenizer", t0)
         log.info("pass 2: tokenize %d kept documents", int((meta["reason"] == "").sum()))
