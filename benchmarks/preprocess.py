@@ -30,7 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import BENCHMARKS_DOC, append_section, cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.reference import run_loop  # noqa: E402
@@ -40,8 +40,7 @@ from llm_core.shards import read_manifest  # noqa: E402
 from llm_core.text import sample_language  # noqa: E402
 from llm_core.tokenizer import Tokenizer, train_bpe  # noqa: E402
 
-DOC = REPO_ROOT / "docs" / "benchmarks.md"
-DOC_HEADER = "# Benchmarks\n\nSpeed measurements appended by the scripts in `benchmarks/`.\n"
+DOC = BENCHMARKS_DOC
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,11 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(section)
     print(text)
     if not args.no_append:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        if not DOC.exists():
-            DOC.write_text(DOC_HEADER, encoding="utf-8")
-        with DOC.open("a", encoding="utf-8") as fh:
-            fh.write(text)
+        append_section(text)
         print(f"appended to {DOC.relative_to(REPO_ROOT)}")
 
 

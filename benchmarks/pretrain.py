@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import append_section, cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from llm_core.config import model_config_from_preset  # noqa: E402
 from llm_core.data import RandomWindows  # noqa: E402
@@ -179,11 +179,7 @@ def main() -> None:
             f"Command: `python {' '.join(sys.argv)}`  \n"
             f"Shapes: {json.dumps({p: SHAPES[p] for p in args.presets.split(',')})}\n\n{table}\n"
         )
-        docs = REPO / "docs" / "benchmarks.md"
-        if not docs.exists():
-            docs.write_text("# Benchmarks\n\nEach section is appended by a script in `benchmarks/`.\n")
-        with docs.open("a") as f:
-            f.write(section)
+        append_section(section)
 
 
 if __name__ == "__main__":

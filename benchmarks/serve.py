@@ -44,10 +44,10 @@ for p in (str(REPO), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from machine import append_section  # noqa: E402
 from serve_load import (  # noqa: E402
     PROMPTS,
     ServeProcess,
-    append_section,
     command_line,
     cpu_model,
     fmt_load,

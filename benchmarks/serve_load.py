@@ -41,10 +41,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py, beside this script
+from machine import BENCHMARKS_DOC, append_section, cpu_model  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 
 PROMPTS: list[tuple[str, str]] = [
     ("kk", "Қазақстанның астанасы туралы қысқаша айтып берші."),
@@ -121,14 +120,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:,.0f}"
-
-
-def append_section(text: str) -> None:
-    """Append one section to docs/benchmarks.md in a single write (other benchmarks may append too)."""
-    if not DOCS.exists():
-        DOCS.write_text("# Benchmarks\n\nSpeed measurements appended by the scripts in `benchmarks/`.\n")
-    with DOCS.open("a", encoding="utf-8") as f:
-        f.write(text)
 
 
 def command_line() -> str:
@@ -487,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- errors: {total_errors} (goal 0){': ' + json.dumps(dict(kinds), ensure_ascii=False) if kinds else ''}\n"
         )
         append_section(section)
-        print(f"appended to {DOCS}")
+        print(f"appended to {BENCHMARKS_DOC}")
     return 0 if total_errors == 0 else 1
 
 

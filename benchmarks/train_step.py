@@ -40,6 +40,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from machine import BENCHMARKS_DOC, append_section  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 from llm_core.config import ModelConfig, model_config_from_preset  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
 
@@ -53,7 +55,7 @@ def now() -> float:
     return _clock()
 
 
-DOC = REPO_ROOT / "docs" / "benchmarks.md"
+DOC = BENCHMARKS_DOC
 DOC_HEADER = (
     "# Benchmarks\n\n"
     "Training-step throughput of llm_core vs Hugging Face on CPU, appended by `benchmarks/train_step.py`.\n"
@@ -581,9 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1/5/15 min) at end: {' '.join(f'{x:.2f}' for x in load_end)}")
 
     if not args.no_append:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        if not DOC.exists():
-            DOC.write_text(DOC_HEADER, encoding="utf-8")
         parts = [
             f"\n## {started:%Y-%m-%d %H:%M:%S} train_step: {cfg.name}, batch {args.batch} x seq {args.seq_len}\n",
             f"- machine: {machine['cpu']}, {machine['cores']} cores, ISA {machine['capability']}, bf16 hw: "
@@ -602,8 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         if lc:
             parts.append(f"- {lc_text}")
         parts += [f"- {line}" for line in goals]
-        with DOC.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(parts) + "\n")
+        append_section("\n".join(parts) + "\n", header=DOC_HEADER)
         print(f"appended to {DOC.relative_to(REPO_ROOT)}")
     return 0
 
