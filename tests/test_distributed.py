@@ -2,7 +2,6 @@
 gather the full state and resume exactly."""
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from llm_core.data import RandomWindows
 from llm_core.model import Transformer
 from llm_core.trainer import EvalSet, TrainConfig, Trainer
 from tests.conftest import small_config
+from tests.stack import free_port
 
 TOKENS = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16)
 STEPS = 4
@@ -56,19 +56,13 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_and_fsdp_match_single_process(tmp_path):
     single = trajectory(make(8), RandomWindows(TOKENS, 32, 8, seed=1))
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path / "ckpt"), queue), nprocs=2, start_method="spawn"
+        _worker, args=(2, free_port(), str(tmp_path / "ckpt"), queue), nprocs=2, start_method="spawn"
     )
     out = queue.get()
     for parallelism in ("ddp", "fsdp"):

@@ -27,7 +27,7 @@ from jobs.runtime import Settings
 from llm_core.config import ModelConfig
 from llm_core.model import Transformer
 from llm_core.scoring import Scorer, ScoreRequest, plan_windows
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA, REPO, small_config
 
 FIX = REPO / "tests" / "fixtures" / "eval"
 LANGS = ("kk", "ru", "en")
@@ -368,16 +368,7 @@ def train_tiny(tokens, vocab_size: int, steps: int, seed: int = 0) -> Transforme
     from llm_core.trainer import TrainConfig, Trainer
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=vocab_size,
-        dim=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        ffn_hidden_dim=128,
-        max_seq_len=128,
-    )
-    model = Transformer(cfg)
+    model = Transformer(small_config(vocab_size=vocab_size))
     if steps:
         tcfg = TrainConfig(
             steps=steps, batch_size=8, seq_len=64, lr=5e-3, warmup_steps=5, eval_every=10**6, log_every=10**6

@@ -3,7 +3,6 @@ endpoint, with lineage in MLflow, cached re-runs and a clear stop on a failing s
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(home: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:

