@@ -290,10 +290,7 @@ class Gateway:
         if isinstance(caller, Response):
             self._finish("models", "-", "-", caller.status_code, started)
             return caller
-        if time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S and self.cfg.allow_served_ids:
-            async with self._models_lock:
-                if time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S:
-                    await self.fetch_upstream_models()
+        await self._refetch_models_if_stale()
         data = [self._model_obj(m) for m in self.router.public_models()]
         self._finish("models", "-", caller.name, 200, started)
         return JSONResponse({"object": "list", "data": data})
@@ -320,13 +317,18 @@ class Gateway:
             code="model_not_found",
         )
 
+    async def _refetch_models_if_stale(self) -> None:
+        """Re-read the upstream model list (a model deployed since the last refresh) at most every
+        _MIN_MODELS_REFETCH_S seconds, once across concurrent requests."""
+        if self.cfg.allow_served_ids and time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S:
+            async with self._models_lock:
+                if time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S:
+                    await self.fetch_upstream_models()
+
     async def _known(self, model: str) -> bool:
         if self.router.is_known(model):
             return True
-        if self.cfg.allow_served_ids and time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S:
-            async with self._models_lock:  # a model deployed since the last refresh
-                if time.monotonic() - self._models_fetched_at > _MIN_MODELS_REFETCH_S:
-                    await self.fetch_upstream_models()
+        await self._refetch_models_if_stale()
         return self.router.is_known(model)
 
     async def proxy(self, request: Request) -> Response:
