@@ -98,13 +98,18 @@ def build_whitebox_task(config: dict, *, rank: int, world_size: int, device) -> 
 # ------------------------------------------------------------------------------------------- black-box
 
 
-def ask_teacher(endpoint: TeacherEndpoint, messages: list[dict], api_key: str | None) -> dict:
-    """One chat completion with retries (exponential backoff); returns {"content", "finish_reason", "usage"}."""
+def teacher_client(endpoint: TeacherEndpoint, api_key: str | None):
+    """One OpenAI client for all requests to the teacher (its connection pool is shared by the threads);
+    retries are ask_teacher's."""
     from openai import OpenAI
 
-    client = OpenAI(
+    return OpenAI(
         base_url=endpoint.base_url, api_key=api_key or "none", timeout=endpoint.timeout_s, max_retries=0
     )
+
+
+def ask_teacher(endpoint: TeacherEndpoint, messages: list[dict], client) -> dict:
+    """One chat completion with retries (exponential backoff); returns {"content", "finish_reason", "usage"}."""
     delay = 1.0
     for attempt in range(endpoint.max_retries + 1):
         try:
@@ -145,7 +150,7 @@ def collect_teacher_answers(cfg: DistillConfig, settings: Settings) -> Path:
             : max(i for i, m in enumerate(msgs) if m["role"] == "user") + 1
         ]  # up to the last user turn
         prompts.append((where, prefix))
-    api_key = os.environ.get(endpoint.api_key_env)
+    client = teacher_client(endpoint, os.environ.get(endpoint.api_key_env))
     out = settings.path("datasets", "distill", f"{cfg.name}.jsonl")
     started = dt.datetime.now(dt.UTC).isoformat()
     from tqdm.auto import tqdm
@@ -153,7 +158,7 @@ def collect_teacher_answers(cfg: DistillConfig, settings: Settings) -> Path:
     with ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
         answers = list(
             tqdm(
-                pool.map(lambda p: ask_teacher(endpoint, p[1], api_key), prompts),
+                pool.map(lambda p: ask_teacher(endpoint, p[1], client), prompts),
                 total=len(prompts),
                 desc="teacher",
                 disable=None,
