@@ -417,6 +417,21 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Tokens per eval set x language at each vocab size for our recipe (and the baseline); sweep.{csv,md,png}."""
     languages = list(cfg.data.budgets)
+
+    def count_rows(name: str, vocab_size: int, tok: LoadedTokenizer) -> list[dict[str, Any]]:
+        return [
+            {
+                "tokenizer": name,
+                "vocab_size": vocab_size,
+                "eval_set": text.name,
+                "language": lang,
+                "tokens": count_tokens(tok, text.lines[lang]),
+            }
+            for text in texts
+            for lang in languages
+            if lang in text.lines
+        ]
+
     rows: list[dict[str, Any]] = []
     for vocab in sorted(set(cfg.sweep.vocab_sizes)):
         for kind in (OURS_LABEL, BASELINE_NAME):
@@ -433,31 +448,9 @@ def run_sweep(
                 print(
                     f"sweep: trained {kind} at {vocab:,} in {time.perf_counter() - started:.0f} s", flush=True
                 )
-            for text in texts:
-                for lang in languages:
-                    if lang in text.lines:
-                        rows.append(
-                            {
-                                "tokenizer": kind,
-                                "vocab_size": vocab,
-                                "eval_set": text.name,
-                                "language": lang,
-                                "tokens": count_tokens(tok, text.lines[lang]),
-                            }
-                        )
+            rows += count_rows(kind, vocab, tok)
     for ref in references:
-        for text in texts:
-            for lang in languages:
-                if lang in text.lines:
-                    rows.append(
-                        {
-                            "tokenizer": ref.name,
-                            "vocab_size": ref.vocab_size,
-                            "eval_set": text.name,
-                            "language": lang,
-                            "tokens": count_tokens(ref, text.lines[lang]),
-                        }
-                    )
+        rows += count_rows(ref.name, ref.vocab_size, ref)
     csv_text = "tokenizer,vocab_size,eval_set,language,tokens\n" + "".join(
         f"{r['tokenizer']},{r['vocab_size']},{r['eval_set']},{r['language']},{r['tokens']}\n" for r in rows
     )
