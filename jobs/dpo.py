@@ -16,7 +16,7 @@ from pydantic import Field
 from jobs.distributed import RayTrainConfig, TaskSetup
 from jobs.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
 from jobs.runtime import JobResult, Settings, main_entry
-from jobs.sft import limited
+from jobs.sft import data_paths, limited
 from llm_core.chat_data import (
     RowSampler,
     Stats,
@@ -97,9 +97,7 @@ def add_reference_logps(rows: list[dict], model, rank: int, world_size: int, bat
 
 def prepare_dpo(cfg: DPOConfig, settings: Settings, tokenizer) -> Prepared:
     stats = Stats()
-    files = [
-        Path(f) if Path(f).is_absolute() or Path(f).exists() else settings.data / f for f in cfg.data.files
-    ]
+    files = data_paths(cfg.data.files, settings)
     rows = preference_rows(
         limited(read_jsonl(files), cfg.data.max_records_per_file), tokenizer, cfg.train.seq_len, stats
     )

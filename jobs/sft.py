@@ -65,11 +65,13 @@ class SFTConfig(StrictModel):
     register_model: bool = True
 
 
+def data_paths(files: list[str], settings: Settings) -> list[Path]:
+    """Configured data files as paths: absolute or existing as given, otherwise under TULPAR_DATA."""
+    return [Path(f) if Path(f).is_absolute() or Path(f).exists() else settings.data / f for f in files]
+
+
 def data_files(spec: ChatDataSpec, settings: Settings) -> list[Path]:
-    files = []
-    for f in spec.files:
-        p = Path(f)
-        files.append(p if p.is_absolute() or p.exists() else settings.data / f)
+    files = data_paths(spec.files, settings)
     for hub in spec.hub_files:
         from huggingface_hub import hf_hub_download
 
