@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm_core.config import ModelConfig, RopeScaling
+from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 
 DTYPES: dict[str, torch.dtype] = {
@@ -360,29 +358,13 @@ def export_hf(
     gen = _generation_config(ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"], generation)
     tensors = to_hf_state_dict(model, dtype=dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # an interrupted export leaves the previous one in place
         _write_json(tmp / "config.json", config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "generation_config.json", gen)
         _write_json(tmp / "tulpar_config.json", cfg.model_dump(mode="json"))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)  # put the previous export back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -563,7 +545,8 @@ def _weight_files(path: Path) -> list[Path]:
     raise ValueError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the .safetensors files (shards of one model); a key in two files is a ValueError."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
@@ -675,7 +658,7 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
             )
         cfg = tulpar
 
-    tensors = _read_tensors(_weight_files(path))
+    tensors = read_tensors(_weight_files(path))
     # old checkpoints store RoPE's inv_freq, a buffer both sides recompute from the config
     for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         del tensors[key]
