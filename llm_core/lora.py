@@ -25,12 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from llm_core.config import StrictModel
-from llm_core.export_hf import hf_module_names, unwrap_compiled
+from llm_core.export_hf import hf_module_names, read_tensors, unwrap_compiled
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 
@@ -369,8 +368,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         names = list(_lora_modules(model))
 
     keys = _peft_keys(model, names)
-    with safe_open(str(weights_path), framework="pt") as sf:
-        tensors = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    tensors = read_tensors([weights_path])
     missing = [k for k in keys if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in keys)
     if missing or unexpected:
