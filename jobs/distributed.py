@@ -19,12 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from jobs.runtime import Settings
 from llm_core.config import StrictModel
+
+if TYPE_CHECKING:
+    from llm_core.data import StepSampler
 
 log = logging.getLogger("tulpar.distributed")
 
@@ -227,7 +230,7 @@ class TaskSetup:
     """What a training stage hands the shared worker loop: the model, its data and its loss."""
 
     model: Any  # llm_core Transformer (possibly with LoRA adapters)
-    sampler: Any  # RandomWindows or RowSampler: next_step(accum), state_dict(), load_state_dict()
+    sampler: StepSampler  # RandomWindows or RowSampler
     eval_sets: list[Any]  # EvalSet / EvalBatches
     loss_fn: Callable | None = None  # None: next-token cross-entropy
 

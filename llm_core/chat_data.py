@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from llm_core.data import DataError
+from llm_core.data import DataError, StepSampler
 from llm_core.text import iter_jsonl
 from llm_core.tokenizer import Tokenizer
 
@@ -280,7 +280,7 @@ def batches_of(rows: list[dict[str, torch.Tensor]], batch_size: int) -> list[dic
     return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-class RowSampler:
+class RowSampler(StepSampler):
     """Global batches of rows drawn epoch by epoch from a seeded permutation: deterministic, resumable (the
     position is `step`) and, like RandomWindows, the same rows per optimizer step for any world size and
     accumulation (rank r's micro-batch m is rows [(m * world + r) * B, ... + B) of the step's global batch)."""
@@ -296,9 +296,8 @@ class RowSampler:
     ):
         if not rows:
             raise DataError("no training rows left after filtering: check the data files and the skip counts")
-        self.rows, self.batch_size = rows, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
+        super().__init__(batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.rows = rows
         self._perm_epoch, self._perm = -1, np.arange(0)
 
     def _row_at(self, global_index: int) -> dict[str, torch.Tensor]:
@@ -317,23 +316,8 @@ class RowSampler:
             out.append(collate([self._row_at(first + j) for j in range(B)]))
         return out
 
-    def next_step(self, accum_steps: int = 1) -> list[dict[str, torch.Tensor]]:
-        batches = self.batches_at(self.step, accum_steps)
-        self.step += 1
-        return batches
-
     def epochs(self, accum_steps: int = 1) -> float:
         return self.step * accum_steps * self.world_size * self.batch_size / len(self.rows)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed") != self.seed:
-            raise ValueError(
-                f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}"
-            )
-        self.step = int(state["step"])
 
 
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:

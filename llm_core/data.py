@@ -45,7 +45,35 @@ def read_tokens(path: str | Path, dtype: np.dtype | str) -> np.ndarray:
     return np.memmap(p, dtype=np.dtype(dtype), mode="r")
 
 
-class RandomWindows:
+class StepSampler:
+    """A seeded, resumable training sampler whose whole position is the optimizer step: `batches_at(step, accum)`
+    (the subclass's) gives this rank's micro-batches of a step, the same for every run with the same seed."""
+
+    def __init__(self, batch_size: int, *, seed: int, rank: int, world_size: int):
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def batches_at(self, step: int, accum_steps: int = 1) -> list:
+        raise NotImplementedError
+
+    def next_step(self, accum_steps: int = 1) -> list:
+        batches = self.batches_at(self.step, accum_steps)
+        self.step += 1
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}"
+            )
+        self.step = int(state["step"])
+
+
+class RandomWindows(StepSampler):
     """Random (input, target) windows of `seq_len` tokens from a flat token array, for data-parallel training.
 
     Deterministic, resumable and world-size invariant: optimizer step s draws one *global* batch of
@@ -74,10 +102,9 @@ class RandomWindows:
                 f"not enough tokens in the {name} data for one training batch: need {need} (seq_len {seq_len} + 1), "
                 f"have {len(tokens)}: add text, or lower seq_len"
             )
+        super().__init__(batch_size, seed=seed, rank=rank, world_size=world_size)
         self.tokens = tokens
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
+        self.seq_len = seq_len
 
     @property
     def num_windows(self) -> int:
@@ -101,21 +128,6 @@ class RandomWindows:
             self._rows(starts[(m * W + self.rank) * B : (m * W + self.rank + 1) * B])
             for m in range(accum_steps)
         ]
-
-    def next_step(self, accum_steps: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.batches_at(self.step, accum_steps)
-        self.step += 1
-        return batches
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed") != self.seed:
-            raise ValueError(
-                f"data sampler seed {self.seed} differs from the checkpoint's {state.get('seed')}"
-            )
-        self.step = int(state["step"])
 
 
 def sequential_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None):

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
-from llm_core.data import RandomWindows, sequential_windows
+from llm_core.data import StepSampler, sequential_windows
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 from llm_core.optim import build_optimizer, build_scheduler
@@ -374,7 +374,7 @@ class Trainer:
             get_optimizer_state_dict(self.model, self.optimizer, options=opts),
         )
 
-    def save_to(self, path: Path, sampler: RandomWindows, metrics: dict[str, float]) -> Path | None:
+    def save_to(self, path: Path, sampler: StepSampler, metrics: dict[str, float]) -> Path | None:
         """Write this step's checkpoint to `path` (rank 0 writes; every rank must call it when sharded)."""
         model_state, optim_state = self._full_states()
         if self.rank != 0:
@@ -393,14 +393,14 @@ class Trainer:
         self.last_checkpoint = Path(path)
         return Path(path)
 
-    def save(self, root: Path, sampler: RandomWindows, metrics: dict[str, float], best: bool) -> None:
+    def save(self, root: Path, sampler: StepSampler, metrics: dict[str, float], best: bool) -> None:
         """Local layout: root/last (every eval) and root/best (lowest mean validation loss)."""
         if self.save_to(root / "last", sampler, metrics) is not None and best:
             with atomic_dir(root / "best") as tmp:
                 for f in (root / "last").iterdir():
                     shutil.copy2(f, tmp / f.name)
 
-    def resume(self, path: Path, sampler: RandomWindows) -> None:
+    def resume(self, path: Path, sampler: StepSampler) -> None:
         state = load_checkpoint(path, scheduler=self.scheduler, map_location="cpu")
         if self.parallelism == "fsdp":
             from torch.distributed.checkpoint.state_dict import (
@@ -424,7 +424,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(
         self,
-        sampler: RandomWindows,
+        sampler: StepSampler,
         eval_sets: list[EvalSet],
         *,
         checkpoint_root: Path | None = None,
