@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from llm_core.io import atomic_write_text
 
@@ -38,56 +39,54 @@ def _yaml(obj: dict) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
 
 
-def write_text_task(tasks_dir: Path, name: str, docs: list[str]) -> str:
+def _write_task(tasks_dir: Path, name: str, records: list[dict], **fields: Any) -> str:
+    """An lm-eval task over a local JSONL test split: <name>.jsonl (the records) and <name>.yaml."""
     data = tasks_dir / f"{name}.jsonl"
-    atomic_write_text(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     task = {
         "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
         "test_split": "test",
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "text",
-        "metric_list": [
+        **fields,
+        "metadata": {"version": 1.0},
+    }
+    atomic_write_text(tasks_dir / f"{name}.yaml", _yaml(task))
+    return name
+
+
+def write_text_task(tasks_dir: Path, name: str, docs: list[str]) -> str:
+    return _write_task(
+        tasks_dir,
+        name,
+        [{"text": d} for d in docs],
+        output_type="loglikelihood_rolling",
+        doc_to_text="",
+        doc_to_target="text",
+        metric_list=[
             {"metric": "word_perplexity"},
             {"metric": "byte_perplexity"},
             {"metric": "bits_per_byte"},
         ],
-        "metadata": {"version": 1.0},
-    }
-    atomic_write_text(tasks_dir / f"{name}.yaml", _yaml(task))
-    return name
+    )
 
 
 def write_mc_task(tasks_dir: Path, name: str, prompts: list[tuple[str, list[str], int]]) -> str:
     """prompts: (context, continuations, gold index) per item; continuations carry their own leading space."""
-    data = tasks_dir / f"{name}.jsonl"
-    atomic_write_text(
-        data,
-        "".join(
-            json.dumps({"query": q, "choices": c, "gold": g}, ensure_ascii=False) + "\n"
-            for q, c, g in prompts
-        ),
-    )
-    task = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "query",
-        "doc_to_choice": "choices",
-        "doc_to_target": "gold",
-        "target_delimiter": "",
-        "metric_list": [
+    return _write_task(
+        tasks_dir,
+        name,
+        [{"query": q, "choices": c, "gold": g} for q, c, g in prompts],
+        output_type="multiple_choice",
+        doc_to_text="query",
+        doc_to_choice="choices",
+        doc_to_target="gold",
+        target_delimiter="",
+        metric_list=[
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ],
-        "metadata": {"version": 1.0},
-    }
-    atomic_write_text(tasks_dir / f"{name}.yaml", _yaml(task))
-    return name
+    )
 
 
 def lm_eval_command(
