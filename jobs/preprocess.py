@@ -367,9 +367,7 @@ def _drops_plot(rep: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     langs = list(rep["languages"])
-    reasons = [
-        r for r in report.REASON_STAGE if any(r in rep["languages"][lang]["dropped"] for lang in langs)
-    ]
+    reasons = report.present_reasons(rep)
     fig, ax = plt.subplots(figsize=(8, 0.4 * max(4, len(reasons) + 2)), dpi=110)
     left = np.zeros(len(langs))
     kept = np.array([rep["languages"][lang]["kept"]["documents"] for lang in langs], dtype=float)

@@ -37,6 +37,12 @@ STAGE_REASONS: dict[str, list[str]] = {
     "mixture": ["mixture_downsampled"],
 }
 REASON_STAGE = {r: s for s, rs in STAGE_REASONS.items() for r in rs}
+REASON_ORDER = {r: i for i, r in enumerate(REASON_STAGE)}  # pipeline order, for sorting drop reasons
+
+
+def present_reasons(rep: dict[str, Any]) -> list[str]:
+    """The drop reasons that occur in a report, in pipeline order."""
+    return [r for r in REASON_STAGE if any(r in e["dropped"] for e in rep["languages"].values())]
 
 
 def build_report(
@@ -71,7 +77,7 @@ def build_report(
             r: {"documents": int(len(g)), "bytes": int(g["n_bytes_in"].sum())}
             for r, g in dropped.groupby("reason", sort=False)
         }
-        reasons = dict(sorted(reasons.items(), key=lambda kv: list(REASON_STAGE).index(kv[0])))
+        reasons = dict(sorted(reasons.items(), key=lambda kv: REASON_ORDER[kv[0]]))
         entry = {
             "in": {"documents": int(len(d)), "bytes": int(d["n_bytes_in"].sum())},
             "kept": {
@@ -147,7 +153,7 @@ def build_report(
                     }
                 rows.append(ex)
             examples[reason] = rows
-        examples = dict(sorted(examples.items(), key=lambda kv: list(REASON_STAGE).index(kv[0])))
+        examples = dict(sorted(examples.items(), key=lambda kv: REASON_ORDER[kv[0]]))
     totals = {
         "files": len(files),
         "files_skipped": sum(f.status != "ok" for f in files),
@@ -196,7 +202,7 @@ def report_markdown(r: dict[str, Any]) -> str:
             f"{e['kept']['bytes'] / 1e6:,.2f} | {e['kept']['tokens']:,} | {e['kept']['tokens_written']:,} | "
             f"{e['dropped_total']['documents']:,} | {'yes' if e['balanced'] else 'NO'} |"
         )
-    reasons = [x for x in _reason_order() if any(x in e["dropped"] for e in r["languages"].values())]
+    reasons = present_reasons(r)
     if reasons:
         langs = list(r["languages"])
         out += ["", "## Dropped documents by reason", "", "| stage | reason | " + " | ".join(langs) + " |"]
@@ -301,7 +307,3 @@ def report_markdown(r: dict[str, Any]) -> str:
     if r["timings_s"]:
         out += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())]
     return "\n".join(out) + "\n"
-
-
-def _reason_order() -> list[str]:
-    return list(REASON_STAGE)
