@@ -35,7 +35,7 @@ def _refuse(uri: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"cannot serve {uri}: {problem}: {fix}")
 
 
-def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig, spec: ServedModel) -> int | None:
+def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig) -> int | None:
     """Checks on a local HF-format directory; returns its max_position_embeddings."""
     if not (path / "config.json").is_file():
         raise _refuse(
@@ -129,7 +129,7 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> Resolved
         name, version = uri.removeprefix("models:/").rsplit("/", 1)
         served = spec.served_name or f"{name}-v{version}"
         model_source: Any = str(local)
-        remote = _registered_source(uri, settings)
+        remote = _registered_source(name, version, settings)
         if remote and "://" in remote and not remote.startswith("file:"):
             model_source = {"bucket_uri": remote}  # each replica downloads from the artifact store itself
     elif Path(source).exists():
@@ -147,7 +147,7 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> Resolved
             spec, spec.served_name or source.split("/")[-1], source, source, spec.max_model_len
         )
     _check_quantization(spec, cfg, uri)
-    max_pos = _check_hf_dir(local, uri, cfg, spec)
+    max_pos = _check_hf_dir(local, uri, cfg)
     max_len = spec.max_model_len or max_pos
     if spec.max_model_len and max_pos and spec.max_model_len > max_pos:
         raise _refuse(uri, f"max_model_len {spec.max_model_len} > the model's {max_pos}", f"use <= {max_pos}")
@@ -157,10 +157,9 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> Resolved
     return ResolvedModel(spec, served, uri, model_source, max_len, adapters)
 
 
-def _registered_source(uri: str, settings: Settings) -> str | None:
+def _registered_source(name: str, version: str, settings: Settings) -> str | None:
     from mlflow import MlflowClient
 
-    name, version = uri.removeprefix("models:/").rsplit("/", 1)
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri).get_model_version(name, version).source
 
 
