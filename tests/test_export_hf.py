@@ -74,6 +74,23 @@ def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
     return hf_model(input_ids=ids).logits.float()
 
 
+def max_logit_diff(model: Transformer, hf_model, ids: torch.Tensor, what: str) -> float:
+    """Largest |llm_core logit - transformers logit| on `ids`, printed with `what`."""
+    diff = (ours_logits(model, ids) - hf_logits(hf_model, ids)).abs().max().item()
+    print(f"{what}: max abs logit diff {diff:.3e}")
+    return diff
+
+
+def random_transformers_model(cls, hf_cfg):
+    """A transformers model with N(0, 0.1) weights (seed 0), so any mismatch shows in the logits."""
+    torch.manual_seed(0)
+    hf = cls(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)
+    return hf
+
+
 def load_transformers(path: Path, **kwargs):
     return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
@@ -119,9 +136,7 @@ def test_dense_export_matches_transformers(tmp_path: Path, tie: bool) -> None:
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert hf.config.tie_word_embeddings is tie
     ids = tokens(40)
-    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
-    print(f"dense tie={tie}: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(model, hf, ids, f"dense tie={tie}") < TOL
     assert_same_greedy(model, hf, ids[0, :9].tolist())
 
 
@@ -168,9 +183,7 @@ def test_rope_scaling_export_matches_transformers(tmp_path: Path, scaling: RopeS
     assert hf.model.rotary_emb.attention_scaling == pytest.approx(scale, rel=1e-12)
 
     ids = tokens(150)  # well past original_max_seq_len = 64
-    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
-    print(f"dense rope={scaling.type}: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(model, hf, ids, f"dense rope={scaling.type}") < TOL
     assert_same_greedy(model, hf, ids[0, :100].tolist())
 
 
@@ -208,9 +221,7 @@ def test_moe_export_matches_qwen2_moe(tmp_path: Path, tie: bool) -> None:
         assert not any(bool(p.bias.any()) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
     ids = tokens(40)
-    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
-    print(f"moe tie={tie}: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(model, hf, ids, f"moe tie={tie}") < TOL
     assert_same_greedy(model, hf, ids[0, :9].tolist())
 
 
@@ -268,11 +279,7 @@ def test_import_model_saved_by_transformers(tmp_path: Path) -> None:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.1)
+    hf = random_transformers_model(transformers.LlamaForCausalLM, hf_cfg)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded: exercises the index file
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
 
@@ -281,9 +288,7 @@ def test_import_model_saved_by_transformers(tmp_path: Path) -> None:
         model.cfg.tie_embeddings is False and model.cfg.num_kv_heads == 2 and model.cfg.ffn_hidden_dim == 96
     )
     ids = tokens(40)
-    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
-    print(f"transformers-saved llama -> load_hf: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(model, hf, ids, "transformers-saved llama -> load_hf") < TOL
 
 
 def test_import_qwen2_moe_saved_by_transformers(tmp_path: Path) -> None:
@@ -304,19 +309,13 @@ def test_import_qwen2_moe_saved_by_transformers(tmp_path: Path) -> None:
         qkv_bias=False,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    hf = transformers.Qwen2MoeForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.1)
+    hf = random_transformers_model(transformers.Qwen2MoeForCausalLM, hf_cfg)
     hf.save_pretrained(tmp_path / "hf")
 
     model = load_hf(tmp_path / "hf")
     assert model.cfg.num_shared_experts == 2 and model.cfg.expert_hidden_dim == 32
     ids = tokens(40)
-    diff = (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
-    print(f"transformers-saved qwen2_moe -> load_hf: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(model, hf, ids, "transformers-saved qwen2_moe -> load_hf") < TOL
 
 
 def test_import_fused_expert_layout(tmp_path: Path) -> None:
@@ -356,9 +355,7 @@ def test_bf16_export(tmp_path: Path) -> None:
     # the same bf16-rounded weights evaluated in fp32 on both sides agree as tightly as an fp32 export
     hf32 = load_transformers(out, dtype=torch.float32)
     ids = tokens(30)
-    diff = (ours_logits(loaded.float(), ids) - hf_logits(hf32, ids)).abs().max().item()
-    print(f"bf16 export evaluated in fp32: max abs logit diff {diff:.3e}")
-    assert diff < TOL
+    assert max_logit_diff(loaded.float(), hf32, ids, "bf16 export evaluated in fp32") < TOL
     with torch.no_grad():
         assert torch.isfinite(hf(input_ids=ids).logits).all()
 
