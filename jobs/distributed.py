@@ -192,6 +192,31 @@ def best_and_last(result) -> tuple[Any, Any]:
     return best, latest
 
 
+def run_dir_for(settings: Settings, run_key: str) -> Path:
+    """A training run's own small files (best/last links, checkpoints.json, plots): beside Ray Train's
+    checkpoints (<storage>/checkpoints/<run>) for local storage, under TULPAR_HOME when storage is a URI."""
+    local = "://" not in settings.storage
+    run_dir = (Path(settings.storage) if local else settings.home) / "checkpoints" / run_key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def final_checkpoints(result, settings: Settings, run_key: str, run_dir: Path) -> tuple[Any, Any]:
+    """(best, last) checkpoints of a finished run (`best_and_last`); with local storage, run_dir's best/ and
+    last/ link to them."""
+    best, last = best_and_last(result)
+    if best is None:
+        raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
+    if "://" not in settings.storage:
+        link_best_last(run_dir, best.path, last.path)
+    return best, last
+
+
+def best_val_metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """`best_<name>` for each validation metric recorded in a checkpoint's meta."""
+    return {f"best_{k}": v for k, v in meta["metrics"].items() if k.startswith("val_") and v is not None}
+
+
 def link_best_last(run_dir: Path, best_path: str, last_path: str) -> None:
     """Local storage: best/ and last/ as relative symlinks to Ray Train's checkpoint dirs."""
     for name, target in (("best", best_path), ("last", last_path)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,17 @@ from pydantic import BaseModel, Field
 from jobs import tracking
 from jobs.distributed import (
     RayTrainConfig,
-    best_and_last,
+    best_val_metrics,
     checkpoint_storage_path,
     filesystem_for,
+    final_checkpoints,
     launch,
-    link_best_last,
+    run_dir_for,
 )
 from jobs.runtime import JobResult, Settings
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
-from llm_core.export_hf import export_hf, load_hf
+from llm_core.export_hf import load_hf
 from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_dir, atomic_write_json
 from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter, strip_lora
@@ -190,9 +190,7 @@ def run_posttrain(
     tracking.check_server(settings)
 
     run_key = f"{name}-{stage}-{config_sha256(cfg)[:8]}"
-    local_storage = "://" not in settings.storage
-    run_dir = (Path(settings.storage) if local_storage else settings.home) / "checkpoints" / run_key
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir_for(settings, run_key)
     prepared_uri = f"{checkpoint_storage_path(settings)}/{run_key}/prepared.pt"
     put_object(prepared_uri, {"train": prepared.train, "val": prepared.val})
     all_tags = {
@@ -218,11 +216,7 @@ def run_posttrain(
             **(worker_extra or {}),
         }
         result = launch(settings=settings, run_name=run_key, ray_cfg=ray_cfg, worker_config=worker_config)
-        best_ckpt, last_ckpt = best_and_last(result)
-        if best_ckpt is None:
-            raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
-        if local_storage:
-            link_best_last(run_dir, best_ckpt.path, last_ckpt.path)
+        best_ckpt, last_ckpt = final_checkpoints(result, settings, run_key, run_dir)
         model = build_model(init_dir, lora)
         with best_ckpt.as_directory() as best_dir:
             best_meta = read_meta(best_dir)
@@ -234,15 +228,12 @@ def run_posttrain(
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
 
-        staging = settings.path("models", name, f".staging-{run.info.run_id[:8]}")
         adapter_dir = None
         if lora is not None:
             adapter_dir = settings.path("adapters", name, run.info.run_id[:8])
             save_peft_adapter(model, adapter_dir, base_model_name_or_path=parent_uri)
             tracking.log_artifacts(adapter_dir, "adapter")
             model = strip_lora(model)
-        export_hf(model, staging, tokenizer=tokenizer)
-        model_uri, hf_dir = None, staging
         version_tags = {
             "tulpar.parent_model_uri": parent_uri,
             "tulpar.best_val_loss": f"{best_meta['metrics'].get('val_loss', float('nan')):.6f}",
@@ -250,18 +241,18 @@ def run_posttrain(
         }
         if adapter_dir is not None:
             version_tags["tulpar.adapter_uri"] = f"runs:/{run.info.run_id}/adapter"
-        if cfg.register_model:  # type: ignore[attr-defined]
-            model_uri, version = tracking.register_hf_model(
-                staging, name, stage=stage, alias=f"{stage}-latest", tags=version_tags
-            )
-            hf_dir = settings.path("models", name, str(version))
-            if hf_dir.exists():
-                shutil.rmtree(hf_dir)
-            staging.rename(hf_dir)
+        model_uri, hf_dir = tracking.publish_hf_model(
+            model,
+            tokenizer,
+            settings,
+            name,
+            register=cfg.register_model,  # type: ignore[attr-defined]
+            stage=stage,
+            alias=f"{stage}-latest",
+            tags=version_tags,
+        )
 
-    metrics = {
-        f"best_{k}": v for k, v in best_meta["metrics"].items() if k.startswith("val_") and v is not None
-    }
+    metrics = best_val_metrics(best_meta)
     metrics["steps"] = float(best_meta["step"])
     outputs = {
         "checkpoint_dir": str(run_dir),

@@ -9,18 +9,23 @@ of `<name>` with alias `@pretrain-latest`, and prints a sample per language.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from pydantic import Field
 
 from jobs import tracking
-from jobs.distributed import RayTrainConfig, TaskSetup, best_and_last, launch, link_best_last
+from jobs.distributed import (
+    RayTrainConfig,
+    TaskSetup,
+    best_val_metrics,
+    final_checkpoints,
+    launch,
+    run_dir_for,
+)
 from jobs.runtime import JobResult, Settings, main_entry
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
 from llm_core.data import DataError, RandomWindows
-from llm_core.export_hf import export_hf
 from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_write_json
 from llm_core.model import Transformer
@@ -155,10 +160,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     tracking.check_server(settings)  # fail before training if the tracking server is unreachable
 
     run_key = f"{cfg.name}-{config_sha256(cfg)[:8]}"
-    local_storage = "://" not in settings.storage
-    # Ray Train writes checkpoints under <storage>/checkpoints/<run>; the job's own small files stay local
-    run_dir = (Path(settings.storage) if local_storage else settings.home) / "checkpoints" / run_key
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir_for(settings, run_key)
     print(
         f"model {cfg.model.name}: {cfg.model.num_params() / 1e6:.2f}M parameters | dataset {dataset_path}: "
         f"{len(dataset.tokens('train')):,} training tokens | {cfg.ray.num_workers} Ray Train worker(s), "
@@ -185,11 +187,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             "fault_marker": str(run_dir / ".fault-injected"),
         }
         result = launch(settings=settings, run_name=run_key, ray_cfg=cfg.ray, worker_config=worker_config)
-        best_ckpt, last_ckpt = best_and_last(result)
-        if best_ckpt is None:
-            raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
-        if local_storage:
-            link_best_last(run_dir, best_ckpt.path, last_ckpt.path)
+        best_ckpt, last_ckpt = final_checkpoints(result, settings, run_key, run_dir)
         atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
 
         with best_ckpt.as_directory() as best_dir:
@@ -201,35 +199,27 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         plot = tracking.plot_loss_curve(history, run_dir / "loss_curve.png", f"{cfg.name} pretraining")
         tracking.log_figure_file(plot)
 
-        staging = settings.path("models", cfg.name, f".staging-{run.info.run_id[:8]}")
-        export_hf(best, staging, tokenizer=tokenizer)
-        model_uri, hf_dir = None, staging
-        if cfg.register_model:
-            model_uri, version = tracking.register_hf_model(
-                staging,
-                cfg.name,
-                stage="pretrain",
-                alias="pretrain-latest",
-                tags={
-                    "tulpar.best_val_loss": f"{best_meta['metrics'].get('val_loss', float('nan')):.6f}",
-                    "tulpar.checkpoint": best_ckpt.path,
-                },
-            )
-            hf_dir = settings.path("models", cfg.name, str(version))
-            if hf_dir.exists():
-                shutil.rmtree(hf_dir)
-            staging.rename(hf_dir)
+        model_uri, hf_dir = tracking.publish_hf_model(
+            best,
+            tokenizer,
+            settings,
+            cfg.name,
+            register=cfg.register_model,
+            stage="pretrain",
+            alias="pretrain-latest",
+            tags={
+                "tulpar.best_val_loss": f"{best_meta['metrics'].get('val_loss', float('nan')):.6f}",
+                "tulpar.checkpoint": best_ckpt.path,
+            },
+        )
 
         samples = sample(best, tokenizer, cfg.sample)
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
 
-    best_metrics = {
-        f"best_{k}": v for k, v in best_meta["metrics"].items() if k.startswith("val_") and v is not None
-    }
     final = result.metrics or {}
-    metrics = {**best_metrics, "steps": float(final.get("step", best_meta["step"]))}
+    metrics = {**best_val_metrics(best_meta), "steps": float(final.get("step", best_meta["step"]))}
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]
     if train_losses:
         metrics["final_train_loss"] = train_losses[-1]

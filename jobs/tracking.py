@@ -222,6 +222,41 @@ def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+def publish_hf_model(
+    model: Any,
+    tokenizer: Any,
+    settings: Settings,
+    name: str,
+    *,
+    register: bool,
+    stage: str,
+    alias: str,
+    tags: dict[str, str] | None = None,
+) -> tuple[str | None, Path]:
+    """Export `model` (with `tokenizer`) in HF format and, with `register`, register it as a new version of `name`
+    (`register_hf_model`), moving the export to $TULPAR_HOME/models/<name>/<version>. Returns (models:/ URI or None,
+    the export directory: the version's, or the staging directory when not registered)."""
+    import shutil
+
+    import mlflow
+
+    from llm_core.export_hf import export_hf
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("publish_hf_model needs an active MLflow run")
+    staging = settings.path("models", name, f".staging-{run.info.run_id[:8]}")
+    export_hf(model, staging, tokenizer=tokenizer)
+    if not register:
+        return None, staging
+    model_uri, version = register_hf_model(staging, name, stage=stage, alias=alias, tags=tags)
+    hf_dir = settings.path("models", name, version)
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)
+    staging.rename(hf_dir)
+    return model_uri, hf_dir
+
+
 def register_hf_model(
     hf_dir: Path, name: str, *, stage: str, alias: str, tags: dict[str, str] | None = None
 ) -> tuple[str, str]:
