@@ -128,13 +128,37 @@ def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[st
     return path, args.overrides
 
 
+def disconnect_ray() -> None:
+    """Leave Ray (if this process joined it) so that no worker log line forwarded by Ray's log monitor can be
+    printed after the JSON result line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def run_job(
-    stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult], argv: list[str] | None = None
+    stage: str,
+    config_cls: type[C],
+    main: Callable[[C, Settings], JobResult],
+    argv: list[str] | None = None,
+    *,
+    leave_ray: bool = False,
 ) -> int:
-    """Parse the CLI, load the config, run `main`, print the JSON result; map errors to exit codes."""
+    """Parse the CLI, load the config, run `main`, print the JSON result; map errors to exit codes.
+
+    `leave_ray` (set by the process entry point) disconnects from Ray before the result is printed, so the result
+    stays the last line of stdout; in-process callers keep their Ray session."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+    def emit(record: dict[str, Any]) -> None:
+        if leave_ray:
+            disconnect_ray()
+        print(json.dumps(record, ensure_ascii=False))
+
     try:
         path, overrides = parse_args(stage, argv)
         cfg = load_config(config_cls, path, overrides)
@@ -142,18 +166,18 @@ def run_job(
         result = main(cfg, settings)
     except ValueError as exc:  # user error: say what and how to fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
-        print(json.dumps({"stage": stage, "status": "error", "error": str(exc)}, ensure_ascii=False))
+        emit({"stage": stage, "status": "error", "error": str(exc)})
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
-        print(json.dumps({"stage": stage, "status": "failed"}))
+        emit({"stage": stage, "status": "failed"})
         return EXIT_INTERNAL_ERROR
     if result.output_dir is not None:
         atomic_write_json(Path(result.output_dir) / "result.json", result.to_dict())
-    print(json.dumps(result.to_dict(), ensure_ascii=False))
+    emit(result.to_dict())
     return 0
 
 
@@ -171,4 +195,4 @@ def result_from_output(text: str) -> dict[str, Any] | None:
 
 
 def main_entry(stage: str, config_cls: type[C], main: Callable[[C, Settings], JobResult]) -> None:
-    sys.exit(run_job(stage, config_cls, main))
+    sys.exit(run_job(stage, config_cls, main, leave_ray=True))

@@ -65,3 +65,53 @@ def test_settings_defaults(monkeypatch, tmp_path):
     assert s.storage == "s3://bucket/tulpar" and s.ray_address == "ray://head:10001"
     with pytest.raises(ValueError, match="make data"):
         Settings(tmp_path / "none", tmp_path, str(tmp_path), "sqlite://", None).require_data("corpus")
+
+
+CHATTY_JOB = """
+import ray
+from pydantic import BaseModel
+
+from jobs.runtime import JobResult, main_entry
+
+
+class ChattyConfig(BaseModel):
+    workers: int = 4
+
+
+def main(cfg, settings):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+
+    @ray.remote
+    def chatter():
+        for _ in range(20):
+            print("step | train loss 6.74", flush=True)
+
+    ray.get([chatter.remote() for _ in range(cfg.workers)])
+    return JobResult(stage="chatty", metrics={"workers": cfg.workers})
+
+
+if __name__ == "__main__":
+    main_entry("chatty", ChattyConfig, main)
+"""
+
+
+@pytest.mark.slow
+def test_result_line_stays_last_when_ray_workers_log(tmp_path):
+    """Ray forwards worker prints to the driver's stdout and flushes its de-duplicated "[repeated Nx across
+    cluster]" lines when it disconnects; the job's JSON result must still be the last stdout line."""
+    script = tmp_path / "chatty_job.py"
+    script.write_text(CHATTY_JOB)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TULPAR_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train loss" in r.stdout  # the worker lines did reach the driver's stdout
+    assert last_json(r.stdout) == {
+        "stage": "chatty",
+        "status": "ok",
+        "outputs": {},
+        "metrics": {"workers": 4},
+        "mlflow_run_id": None,
+    }
