@@ -132,8 +132,13 @@ def disconnect_ray() -> None:
     """Leave Ray (if this process joined it) so that no worker log line forwarded by Ray's log monitor can be
     printed after the JSON result line."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception as exc:  # the result still has to be printed; a failed disconnect only risks log order
+        logging.getLogger(__name__).warning(
+            "could not disconnect from Ray before printing the result: %s", exc
+        )
     sys.stdout.flush()
     sys.stderr.flush()
 
