@@ -7,6 +7,7 @@ memory-mapped, so many workers read the same shard without copies.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def read_tokens(path: str | Path, dtype: np.dtype | str) -> np.ndarray:
     return np.memmap(p, dtype=np.dtype(dtype), mode="r")
 
 
-class StepSampler:
+class StepSampler(ABC):
     """A seeded, resumable training sampler whose whole position is the optimizer step: `batches_at(step, accum)`
     (the subclass's) gives this rank's micro-batches of a step, the same for every run with the same seed."""
 
@@ -54,8 +55,9 @@ class StepSampler:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
 
+    @abstractmethod
     def batches_at(self, step: int, accum_steps: int = 1) -> list:
-        raise NotImplementedError
+        """This rank's `accum_steps` micro-batches of optimizer step `step`."""
 
     def next_step(self, accum_steps: int = 1) -> list:
         batches = self.batches_at(self.step, accum_steps)
