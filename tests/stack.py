@@ -26,10 +26,18 @@ import requests
 BIN = Path(sys.executable).parent
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen, so the OS cannot hand out the
+    same port twice (ports picked one at a time can collide, and `ray start` refuses a port given to two parts)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(
@@ -197,17 +205,18 @@ def mlflow_from_chart(
 def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
     """`ray start --head --block` on free ports with its own temp dir; yields the dashboard's http address.
     Stopped by signalling its process group: `ray stop` would stop every Ray on the machine."""
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": free_port(),
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
+    flags = [
+        "--port",
+        "--dashboard-port",
+        "--ray-client-server-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
