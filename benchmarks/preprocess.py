@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from machine import BENCHMARKS_DOC, append_section, cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
+from jobs.platform.configfile import load_config  # noqa: E402
+from jobs.platform.runtime import Settings  # noqa: E402
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.reference import run_loop  # noqa: E402
-from jobs.runtime import Settings  # noqa: E402
-from llm_core.config import load_config  # noqa: E402
 from llm_core.shards import read_manifest  # noqa: E402
 from llm_core.text import sample_language  # noqa: E402
 from llm_core.tokenizer import Tokenizer, train_bpe  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from machine import append_section, cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
-from llm_core.config import model_config_from_preset  # noqa: E402
+from jobs.platform.configfile import model_config_from_preset  # noqa: E402
 from llm_core.data import RandomWindows  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
 from llm_core.trainer import TrainConfig, Trainer  # noqa: E402

@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from machine import BENCHMARKS_DOC, append_section  # noqa: E402  (benchmarks/machine.py, beside this script)
 
-from llm_core.config import ModelConfig, model_config_from_preset  # noqa: E402
+from jobs.platform.configfile import model_config_from_preset  # noqa: E402
+from llm_core.config import ModelConfig  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -20,11 +20,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from jobs.distributed import RayTrainConfig, TaskSetup
-from jobs.posttrain import ChatSampleSpec, resolve_model, run_posttrain
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import ChatDataSpec, data_files, limited, prepare_sft
 from jobs.sft import build_task as build_sft_task
+from jobs.training.distributed import RayTrainConfig, TaskSetup
+from jobs.training.posttrain import ChatSampleSpec, resolve_model, run_posttrain
 from llm_core.chat_data import read_jsonl, record_to_messages
 from llm_core.config import StrictModel
 from llm_core.export_hf import load_hf

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from pydantic import Field
 
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from llm_core.config import StrictModel
 from llm_core.data import DataError
 from llm_core.io import atomic_write_json, atomic_write_text

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from jobs.distributed import RayTrainConfig, TaskSetup
-from jobs.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import data_paths, limited
+from jobs.training.distributed import RayTrainConfig, TaskSetup
+from jobs.training.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
 from llm_core.chat_data import (
     RowSampler,
     Stats,
@@ -132,7 +132,7 @@ def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup
 
 
 def main(cfg: DPOConfig, settings: Settings) -> JobResult:
-    from jobs.posttrain import resolve_model
+    from jobs.training.posttrain import resolve_model
 
     reference = str(resolve_model(cfg.reference, settings)[0]) if cfg.reference else None
     return run_posttrain(

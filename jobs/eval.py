@@ -24,7 +24,6 @@ from pathlib import Path
 
 import yaml
 
-from jobs import tracking
 from jobs.evaluation.config import EvalConfig
 from jobs.evaluation.gate import GateDecision, decide
 from jobs.evaluation.generation import generation_metrics, run_generation, use_chat
@@ -57,7 +56,8 @@ from jobs.evaluation.report import (
     version_rows,
 )
 from jobs.evaluation.text import TextResult, evaluate_text_set, read_documents, resolve_path, text_metrics
-from jobs.runtime import JobResult, Settings, run_job
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings, run_job
 from llm_core.config import config_to_dict
 from llm_core.io import atomic_write_json, atomic_write_text
 

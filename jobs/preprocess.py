@@ -34,11 +34,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from jobs import tracking
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.prep import dedup, langid, plan, report, stages
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import FileEntry, discover, filesystem, input_sha256, is_uri, join_uri, plan_chunks
-from jobs.runtime import JobResult, Settings, main_entry
 from llm_core.config import config_to_dict
 from llm_core.data import DataError
 from llm_core.io import atomic_dir, atomic_write_text

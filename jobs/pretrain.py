@@ -13,8 +13,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs import tracking
-from jobs.distributed import (
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings, main_entry
+from jobs.training.distributed import (
     RayTrainConfig,
     TaskSetup,
     best_val_metrics,
@@ -22,7 +23,6 @@ from jobs.distributed import (
     launch,
     run_dir_for,
 )
-from jobs.runtime import JobResult, Settings, main_entry
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
 from llm_core.data import DataError, RandomWindows

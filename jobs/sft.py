@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from jobs.distributed import RayTrainConfig, TaskSetup
-from jobs.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform.runtime import JobResult, Settings, main_entry
+from jobs.training.distributed import RayTrainConfig, TaskSetup
+from jobs.training.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
 from llm_core.chat_data import (
     Stats,
     encode_examples,

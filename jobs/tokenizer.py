@@ -26,8 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from jobs import tracking
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.tokenizer_report import (
     EvalSetSpec,
     TokenizerRef,
@@ -694,7 +694,7 @@ def _log_outputs(
 
 
 def _set_tag(key: str, value: str) -> None:
-    """A tag known only after the run started (jobs.tracking sets the standard ones at start)."""
+    """A tag known only after the run started (jobs.platform.tracking sets the standard ones at start)."""
     import mlflow
 
     mlflow.set_tag(key, value)

@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from jobs import tracking
-from jobs.runtime import JobResult, Settings, main_entry
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings, main_entry
 from llm_core.config import StrictModel
 from llm_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from llm_core.tokenizer_eval import (

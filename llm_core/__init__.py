@@ -1,6 +1,6 @@
 """llm_core: Tulpar's model code (no Ray, no Kubernetes). Model, tokenizer, data formats, losses, checkpoints, export."""
 
-from llm_core.config import ConfigError, ModelConfig, load_config, model_config_from_preset
+from llm_core.config import ConfigError, ModelConfig
 from llm_core.model import KVCache, ModelOutput, Transformer
 
 __all__ = [
@@ -9,6 +9,4 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "Transformer",
-    "load_config",
-    "model_config_from_preset",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,20 +29,6 @@ def concat_documents(docs: Iterable[list[int]], vocab_size: int) -> np.ndarray:
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         raise DataError(f"token ids outside [0, {vocab_size}): the data was tokenised with another tokenizer")
     return flat.astype(token_dtype(vocab_size))
-
-
-def write_tokens(path: str | Path, tokens: np.ndarray) -> Path:
-    from llm_core.io import atomic_write_bytes
-
-    return atomic_write_bytes(path, np.ascontiguousarray(tokens).tobytes())
-
-
-def read_tokens(path: str | Path, dtype: np.dtype | str) -> np.ndarray:
-    """Memory-map a `.bin` token file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"token file {str(p)!r} not found: run preprocessing first or fix the dataset path")
-    return np.memmap(p, dtype=np.dtype(dtype), mode="r")
 
 
 class StepSampler(ABC):

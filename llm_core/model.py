@@ -109,10 +109,6 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
-
 
 # ------------------------------------------------------------------------------------------- layers
 

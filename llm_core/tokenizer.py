@@ -512,10 +512,6 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_document(self, text: str) -> list[int]:
-        """A pretraining document: its tokens followed by `<|endoftext|>`."""
-        return self.encode(text) + [self.eos_id]
-
     def iter_documents(self, texts: Iterable[str], batch_size: int = 256) -> Iterator[list[int]]:
         batch: list[str] = []
         for t in texts:

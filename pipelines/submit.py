@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.runtime import result_from_output
+from jobs.platform.runtime import result_from_output
 from pipelines import charts
 
 REPO = charts.REPO

@@ -27,9 +27,10 @@ from typing import Any
 
 from pydantic import Field
 
-from jobs import tracking
-from jobs.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
-from llm_core.config import StrictModel, load_config
+from jobs.platform import tracking
+from jobs.platform.configfile import load_config
+from jobs.platform.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
+from llm_core.config import StrictModel
 from llm_core.io import atomic_write_json
 
 STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "distill", "eval", "serve")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm_core.config import model_config_from_preset
+from jobs.platform.configfile import model_config_from_preset
 from llm_core.data import RandomWindows, concat_documents
 from llm_core.export_hf import export_hf
 from llm_core.model import Transformer

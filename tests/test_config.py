@@ -3,15 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_core.config import (
-    VLLM_CPU_HEAD_DIMS,
-    ConfigError,
-    ModelConfig,
-    config_sha256,
-    list_presets,
-    load_config,
-    model_config_from_preset,
-)
+from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, list_presets, load_config, model_config_from_preset
+from llm_core.config import ConfigError, ModelConfig, config_sha256
 from llm_core.model import Transformer
 from tests.conftest import REPO, small_config
 

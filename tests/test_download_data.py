@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.download_data import DataConfig, download, hub_root, match_files, per_source_caps
+from jobs.platform.configfile import load_config
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import discover, plan_chunks, read_chunk
-from llm_core.config import load_config
 from tests.conftest import REPO
 
 

@@ -23,7 +23,7 @@ from jobs.evaluation.multiple_choice import (
     select_hub_files,
 )
 from jobs.evaluation.text import evaluate_text_set
-from jobs.runtime import Settings
+from jobs.platform.runtime import Settings
 from llm_core.config import ModelConfig
 from llm_core.model import Transformer
 from llm_core.scoring import Scorer, ScoreRequest, plan_windows
@@ -335,7 +335,7 @@ def test_gate_rules():
 
 
 def test_user_text_override_adds_a_text_set():
-    from llm_core.config import load_config
+    from jobs.platform.configfile import load_config
 
     cfg = load_config(
         EvalConfig, REPO / "configs/eval/tiny.yaml", [f"user_text.en={FIX / 'user_text_en.txt'}"]
@@ -383,7 +383,7 @@ def build_registry(root: Path, data_dir: Path, steps: tuple[int, ...] = (0, 60))
     import numpy as np
     from pydantic import BaseModel
 
-    from jobs import tracking
+    from jobs.platform import tracking
     from llm_core.export_hf import export_hf
     from llm_core.text import sample_language
     from llm_core.tokenizer import train_bpe

@@ -50,7 +50,7 @@ def test_missing_dataset_is_a_user_error(tmp_path):
 
 
 def test_settings_defaults(monkeypatch, tmp_path):
-    from jobs.runtime import Settings
+    from jobs.platform.runtime import Settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TULPAR_STORAGE", raising=False)
@@ -71,7 +71,7 @@ CHATTY_JOB = """
 import ray
 from pydantic import BaseModel
 
-from jobs.runtime import JobResult, main_entry
+from jobs.platform.runtime import JobResult, main_entry
 
 
 class ChattyConfig(BaseModel):

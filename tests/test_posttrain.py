@@ -101,8 +101,8 @@ def test_sft_with_lora_saves_a_peft_adapter_matching_the_merged_export(chain):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs.posttrain import resolve_model
-    from jobs.runtime import Settings
+    from jobs.platform.runtime import Settings
+    from jobs.training.posttrain import resolve_model
 
     os.environ["TULPAR_HOME"] = str(home)
     base_dir, _ = resolve_model(chain["pretrain"]["outputs"]["model_uri"], Settings.from_env())

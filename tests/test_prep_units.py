@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from jobs.platform.configfile import load_config
 from jobs.prep import clean, dedup, langid, plan
 from jobs.prep.config import (
     LangIdConfig,
@@ -23,7 +24,7 @@ from jobs.prep.config import (
     ReadConfig,
 )
 from jobs.prep.sources import Chunk, discover, plan_chunks, read_chunk
-from llm_core.config import ConfigError, load_config
+from llm_core.config import ConfigError
 
 
 def cfg_for(tmp_path, sources, **extra):

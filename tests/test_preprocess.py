@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs.platform.runtime import run_job
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.reference import run_loop
 from jobs.preprocess import Output, main
-from jobs.runtime import run_job
 from llm_core.shards import TokenDataset, read_manifest
 from llm_core.tokenizer import Tokenizer, train_bpe
 from tests.conftest import REPO

@@ -47,7 +47,7 @@ def env(tmp_path_factory, data_dir):
     e.pop("RAY_ADDRESS", None)
     # register the model like a training job does
     code = (
-        "import mlflow, sys; from pathlib import Path; from jobs import tracking; from jobs.runtime import Settings;"
+        "import mlflow, sys; from pathlib import Path; from jobs.platform import tracking; from jobs.platform.runtime import Settings;"
         "s = Settings.from_env(); tracking.setup(s, 'tulpar-train');"
         "run = mlflow.start_run(experiment_id=tracking.setup(s, 'tulpar-train'));"
         "print(tracking.register_hf_model(Path(sys.argv[1]), 'tulpar-tiny', stage='pretrain', alias='pretrain-latest'));"

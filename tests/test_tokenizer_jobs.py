@@ -17,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from jobs.runtime import Settings, run_job
+from jobs.platform.runtime import Settings, run_job
 from jobs.tokenizer_report import EvalSetSpec, ReportConfig, TokenizerRef
 from llm_core.text import detect_txt_mode, iter_documents
 from llm_core.tokenizer import SPECIAL_TOKENS as SPECIAL

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from jobs.evaluation.config import ModelSpec
-from jobs.posttrain import build_model, resolve_model
-from jobs.runtime import Settings
+from jobs.platform.runtime import Settings
+from jobs.training.posttrain import build_model, resolve_model
 from llm_core.checkpoint import load_checkpoint, load_model_from_checkpoint, read_meta
 from llm_core.export_hf import DTYPES, load_hf
 from llm_core.model import Transformer

@@ -36,7 +36,7 @@ from typing import Any
 from jobs.evaluation.config import HubSpec, MCSuiteSpec
 from jobs.evaluation.lm import LMEvaluator
 from jobs.evaluation.text import resolve_path
-from jobs.runtime import Settings
+from jobs.platform.runtime import Settings
 
 log = logging.getLogger("tulpar.eval")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jobs.evaluation.config import TextSetSpec
 from jobs.evaluation.lm import LMEvaluator
-from jobs.runtime import REPO_ROOT, Settings
+from jobs.platform.runtime import REPO_ROOT, Settings
 from llm_core.tokenizer_eval import read_lines
 
 

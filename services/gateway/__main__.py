@@ -1,6 +1,6 @@
 """python -m services.gateway --config configs/gateway/local.yaml [dotted.key=value ...]
 
-Exit codes follow jobs.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve),
+Exit codes follow jobs.platform.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve),
 printed as `error: <message>` without a traceback; 1 for anything else.
 """
 
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from jobs.runtime import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
+from jobs.platform.runtime import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

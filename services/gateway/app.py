@@ -102,7 +102,7 @@ class Gateway:
             if tracking is None and any(
                 t.model.startswith("models:") for a in cfg.aliases.values() for t in a.targets
             ):
-                from jobs.runtime import Settings
+                from jobs.platform.runtime import Settings
 
                 tracking = Settings.from_env().mlflow_tracking_uri
             router = Router(

@@ -1,4 +1,4 @@
-"""Gateway settings: a pydantic model loaded from YAML (llm_core.config.load_config) plus overrides.
+"""Gateway settings: a pydantic model loaded from YAML (jobs.platform.configfile.load_config) plus overrides.
 
 Precedence (last wins): the YAML file (`--config`, else $TULPAR_GATEWAY_CONFIG, else built-in defaults); the
 container conventions HOST, PORT and TULPAR_UPSTREAM_URL (what the Helm chart sets); environment variables
@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llm_core.config import ConfigError, StrictModel, load_config
+from jobs.platform.configfile import load_config
+from llm_core.config import ConfigError, StrictModel
 
 ENV_PREFIX = "TULPAR_GATEWAY__"
 
@@ -111,7 +112,9 @@ class GatewayConfig(StrictModel):
         "{name}-v{version}",
         description="registered model version -> served id (services.llm_serve's default)",
     )
-    mlflow_tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI / jobs.runtime")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="default: MLFLOW_TRACKING_URI / jobs.platform.runtime"
+    )
     alias_refresh_s: float = Field(
         60.0, gt=0, description="how often models:/name@alias targets are re-resolved"
     )

@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 
-from jobs.runtime import EXIT_USER_ERROR, Settings
-from llm_core.config import apply_overrides, load_config, validate_config
+from jobs.platform.configfile import apply_overrides, load_config, validate_config
+from jobs.platform.runtime import EXIT_USER_ERROR, Settings
 from services.llm_serve.app import build_from, prepare
 from services.llm_serve.config import ServeConfig
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from jobs.distributed import init_ray
+    from jobs.training.distributed import init_ray
 
     init_ray(settings)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

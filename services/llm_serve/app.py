@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.runtime import Settings
-from llm_core.config import VLLM_CPU_HEAD_DIMS
+from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS
+from jobs.platform.runtime import Settings
 from services.llm_serve.config import ServeConfig, ServedModel
 
 log = logging.getLogger("tulpar.serve")
@@ -121,7 +121,7 @@ def _resolve_adapter(name: str, source: str, base_uri: str, settings: Settings) 
 
 def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> ResolvedModel:
     """Find the model's files, check them, and pick its served name."""
-    from jobs.posttrain import resolve_model
+    from jobs.training.posttrain import resolve_model
 
     source = spec.source
     if source.startswith("models:/"):

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from llm_core.config import load_config
+from jobs.platform.configfile import load_config
 from llm_core.io import atomic_write_json
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / "configs"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

@@ -2,7 +2,7 @@
 Train workers, and turning the best checkpoint into a registered model version (with a PEFT adapter for LoRA).
 
 Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names a worker-side
-`build_task`, and calls `run_posttrain`. The training loop itself is llm_core's Trainer via jobs.distributed.
+`build_task`, and calls `run_posttrain`. The training loop itself is llm_core's Trainer via jobs.training.distributed.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from jobs import tracking
-from jobs.distributed import (
+from jobs.platform import tracking
+from jobs.platform.runtime import JobResult, Settings
+from jobs.training.distributed import (
     RayTrainConfig,
     best_val_metrics,
     checkpoint_storage_path,
@@ -28,7 +29,6 @@ from jobs.distributed import (
     launch,
     run_dir_for,
 )
-from jobs.runtime import JobResult, Settings
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
 from llm_core.export_hf import load_hf

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from jobs.runtime import REPO_ROOT, Settings
+from jobs.platform.runtime import REPO_ROOT, Settings
 from llm_core.config import config_sha256, config_to_dict
 
 EXPERIMENT = {

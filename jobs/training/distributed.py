@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from jobs.runtime import Settings
+from jobs.platform.runtime import Settings
 from llm_core.config import StrictModel
 
 if TYPE_CHECKING:
