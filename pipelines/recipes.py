@@ -1,0 +1,106 @@
+"""Recipes: one file per model (`configs/recipes/<model>.yaml`) naming each stage's config once, from our tokenizer
+to a served model, plus what the recipe is written for (hardware) and how to rehearse it on this machine.
+
+    make recipe RECIPE=kk-350m               # python -m pipelines.train_to_serve --recipe kk-350m
+    make recipe RECIPE=kk-350m REHEARSAL=1   # every stage at the recipe's real shapes, a handful of steps, here
+    make recipe-check                        # python -m pipelines.recipes --check: validate every recipe
+
+A stage's inputs come from the previous stage's result (the pipeline passes them): the dataset records its
+tokenizer, pretraining takes the tokenizer from the dataset, and the model's vocabulary comes from the tokenizer.
+A recipe therefore never names a tokenizer path, a dataset path, a model URI or a vocabulary size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from jobs.platform.runtime import REPO_ROOT
+from llm_core.config import StrictModel
+
+RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
+STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "distill", "eval", "serve")
+
+
+class StageSpec(StrictModel):
+    """One stage of a recipe: its config (configs/<stage>/<config>.yaml, or a path) and dotted overrides."""
+
+    config: str = Field(description="configs/<stage>/<config>.yaml, or a path to a YAML file")
+    overrides: list[str] = Field(default_factory=list, description="dotted key=value overrides")
+    enabled: bool = True
+
+
+class ServeSpec(StrictModel):
+    """The serving stage and its smoke test."""
+
+    config: str = Field("tiny", description="configs/serve/<config>.yaml")
+    overrides: list[str] = Field(default_factory=list)
+    alias: str = Field("champion", description="serve models:/<name>@<alias>: the version the gate promoted")
+    prompts: dict[str, str] = Field(
+        default_factory=lambda: {
+            "kk": "Сәлем! Қалың қалай?",
+            "ru": "Привет! Как дела?",
+            "en": "Hello! How are you?",
+        }
+    )
+    max_tokens: int = Field(32, gt=0)
+    startup_timeout_s: float = Field(900, gt=0)
+    enabled: bool = True
+
+
+class Hardware(StrictModel):
+    """What the recipe is written for; `make recipe-check` checks the shapes against it."""
+
+    accelerator: Literal["cpu", "gpu"] = Field(description="where pretraining is meant to run")
+    gpu_type: str | None = Field(None, description="e.g. H100-80GB, A100-40GB, L4-24GB (accelerator gpu)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU (accelerator gpu)")
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="the stated global batch in tokens; must equal batch x seq x accum x workers"
+    )
+
+
+class Rehearsal(StrictModel):
+    """Overrides per stage for `REHEARSAL=1`: same shapes (vocabulary, dims, layers, seq_len), a handful of
+    steps, one CPU worker, so the whole chain runs on a laptop before GPUs are rented."""
+
+    tokenizer: list[str] = Field(default_factory=list)
+    preprocess: list[str] = Field(default_factory=list)
+    pretrain: list[str] = Field(default_factory=list)
+    sft: list[str] = Field(default_factory=list)
+    dpo: list[str] = Field(default_factory=list)
+    distill: list[str] = Field(default_factory=list)
+    eval: list[str] = Field(default_factory=list)
+    serve: list[str] = Field(default_factory=list)
+
+
+class RecipeConfig(StrictModel):
+    """A whole chain for one model: tokenizer -> preprocess -> pretrain -> sft -> dpo -> (distill) -> eval -> serve."""
+
+    name: str = Field(description="the recipe's name (pipeline state, logs and the MLflow parent run)")
+    model_name: str = Field(description="registered model name the training stages produce")
+    description: str = ""
+    target: str = Field("local", description="local | http(s)://<ray dashboard>:8265 | ray://... | k8s")
+    hardware: Hardware
+    tokenizer: StageSpec
+    preprocess: StageSpec
+    pretrain: StageSpec
+    sft: StageSpec | None = None
+    dpo: StageSpec | None = None
+    distill: StageSpec | None = None
+    eval: StageSpec | None = None
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    rehearsal: Rehearsal = Field(default_factory=Rehearsal)
+
+
+def recipe_path(name: str) -> Path:
+    """configs/recipes/<name>.yaml, or `name` itself when it is a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    return RECIPE_DIR / f"{name}.yaml"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
