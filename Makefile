@@ -16,7 +16,7 @@ export TULPAR_DATA ?= $(abspath ../shared/data)
 export TULPAR_HOME ?= $(abspath .tulpar)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo test lint format pretrain clean clean-venv
+.PHONY: help setup demo recipe test lint format pretrain clean clean-venv
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,8 +35,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> .venv ready"
 
-demo: setup ## the whole pipeline on a tiny config, train to serve (KEEP_SERVING=1 leaves the endpoint up)
-	$(PY) -m pipelines.train_to_serve --config configs/pipelines/$(or $(PIPELINE),demo).yaml $(if $(KEEP_SERVING),--keep-serving) $(ARGS)
+demo: setup ## the tiny recipe end to end, train to serve (= make recipe RECIPE=tiny; KEEP_SERVING=1 stays up)
+	$(MAKE) --no-print-directory recipe RECIPE=tiny
+
+RECIPE ?= tiny
+recipe: setup ## a model's whole chain: make recipe RECIPE=kk-350m [REHEARSAL=1] [TARGET=k8s] [ARGS="--from sft"]
+	$(PY) -m pipelines.train_to_serve --recipe $(RECIPE) $(if $(REHEARSAL),--rehearsal) $(if $(TARGET),--target $(TARGET)) $(if $(KEEP_SERVING),--keep-serving) $(ARGS)
 
 test: setup lint browser postgres ## lint, then run the test suite (GPU tests skip without a GPU)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

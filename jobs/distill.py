@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import ChatDataSpec, data_files, limited, prepare_sft
 from jobs.sft import build_task as build_sft_task
@@ -65,6 +66,16 @@ class DistillConfig(StrictModel):
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     sample: ChatSampleSpec = Field(default_factory=ChatSampleSpec)
     register_model: bool = True
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> DistillConfig:
+        """`--input init=<student result>` and `--input teacher=<teacher result>` (registered model versions)."""
+        got = take_inputs(
+            "distill", inputs, {"init": (ModelVersionOutputs,), "teacher": (ModelVersionOutputs,)}
+        )
+        data = self.model_dump()
+        for role, outputs in got.items():
+            data[role] = model_reference(outputs, role)
+        return DistillConfig.model_validate(data)
 
 
 # ------------------------------------------------------------------------------------------- white-box

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import data_paths, limited
 from jobs.training.distributed import RayTrainConfig, TaskSetup
@@ -53,6 +54,13 @@ class DPOConfig(StrictModel):
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     sample: ChatSampleSpec = Field(default_factory=ChatSampleSpec)
     register_model: bool = True
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> DPOConfig:
+        """`--input init=<an earlier training stage's result>`: start from that registered model version."""
+        got = take_inputs("dpo", inputs, {"init": (ModelVersionOutputs,)})
+        if "init" not in got:
+            return self
+        return DPOConfig.model_validate({**self.model_dump(), "init": model_reference(got["init"], "init")})
 
 
 def make_dpo_loss(beta: float, label_smoothing: float):

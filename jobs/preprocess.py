@@ -35,6 +35,8 @@ import pandas as pd
 import pyarrow as pa
 
 from jobs.platform import tracking
+from jobs.platform.cache import cache_key
+from jobs.platform.results import DatasetOutputs, ResultError, parse_result
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.prep import dedup, langid, plan, report, stages
 from jobs.prep.config import PreprocessConfig
@@ -43,7 +45,7 @@ from llm_core.config import config_to_dict
 from llm_core.data import DataError
 from llm_core.io import atomic_dir, atomic_write_text
 from llm_core.shards import MANIFEST, build_manifest, dtype_name, validate_manifest
-from llm_core.tokenizer import Tokenizer, train_bpe
+from llm_core.tokenizer import Tokenizer
 
 log = logging.getLogger("tulpar.preprocess")
 
@@ -246,45 +248,8 @@ def resolve_tokenizer_path(raw: str, settings: Settings) -> Path:
             return c.resolve()
     raise ValueError(
         f"tokenizer.path {raw!r} not found (tried {', '.join(str(t) for t in tried)}): pass a directory with "
-        "tokenizer.json, or use tokenizer.train to train one"
+        "tokenizer.json (train one with `make tokenizer CONFIG=<name>`; a recipe passes the tokenizer stage's output)"
     )
-
-
-def train_tokenizer(
-    cfg: PreprocessConfig, settings: Settings, mat, meta: pd.DataFrame, key: str
-) -> tuple[Tokenizer, Path]:
-    """Train a BPE on a balanced sample of kept train documents (reused when trained before)."""
-    spec = cfg.tokenizer.train
-    assert spec is not None
-    out = settings.home / "tokenizers" / f"{cfg.name}-{key[:8]}"
-    if (out / "tokenizer.json").is_file():
-        log.info("reusing tokenizer %s", out)
-        return Tokenizer.from_dir(out), out
-    kept = meta[(meta["reason"] == "") & (meta["split"] == "train")]
-    sample_ids = []
-    for lang in cfg.languages:
-        d = kept[kept["lang"] == lang]
-        order = d.iloc[np.argsort(plan.order_key(d["doc_id"].to_numpy(), 12345), kind="stable")]
-        take = np.cumsum(order["n_chars"].to_numpy()) <= spec.max_chars_per_language
-        sample_ids.append(order["doc_id"].to_numpy()[take | (np.arange(len(order)) == 0)])
-    import ray
-
-    ids = np.sort(np.concatenate(sample_ids)) if sample_ids else np.zeros(0, np.int64)
-    rows = mat.map_batches(
-        select_rows, batch_format="pyarrow", fn_kwargs={"ids": [ray.put(ids)]}, compute=_compute(cfg)
-    )
-    texts = [r["text"] for r in sorted(rows.take_all(), key=lambda r: r["doc_id"])]
-    if not texts:
-        raise DataError("no documents left to train the tokenizer on: see the drop reasons in the report")
-    log.info(
-        "training a %d-token BPE on %d documents (%.1f MB)",
-        spec.vocab_size,
-        len(texts),
-        sum(map(len, texts)) / 1e6,
-    )
-    tok = train_bpe(texts, spec.vocab_size, min_frequency=spec.min_frequency)
-    tok.save(out)
-    return tok, out
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -394,14 +359,14 @@ class InputPlan:
 
     files: list[FileEntry]
     chunks: list
-    tokenizer_path: Path | None
-    tokenizer: Tokenizer | None  # None when the tokenizer is trained by this job
+    tokenizer_path: Path
+    tokenizer: Tokenizer
     content_sha256: str
     input_sha256: str
 
 
 def plan_inputs(cfg: PreprocessConfig, settings: Settings) -> InputPlan:
-    """Stage `plan`: expand and sniff the sources, cut chunks, hash config, inputs and a given tokenizer."""
+    """Stage `plan`: expand and sniff the sources, cut chunks, hash config, inputs and the tokenizer."""
     if cfg.langid.enabled:
         langid.check_candidates(cfg.langid)
     data_root = settings.data
@@ -411,10 +376,8 @@ def plan_inputs(cfg: PreprocessConfig, settings: Settings) -> InputPlan:
     for f in files:
         if f.status != "ok":
             log.warning("skipping %s: %s (%s)", f.uri, f.status, f.detail)
-    tok_path, tok = None, None
-    if cfg.tokenizer.path:
-        tok_path = resolve_tokenizer_path(cfg.tokenizer.path, settings)
-        tok = Tokenizer.from_dir(tok_path)
+    tok_path = resolve_tokenizer_path(cfg.tokenizer.path, settings)
+    tok = Tokenizer.from_dir(tok_path)
     return InputPlan(
         files,
         plan_chunks(files, int(cfg.read.chunk_mb * 1024 * 1024)),
@@ -433,22 +396,32 @@ def reuse_existing(cfg: PreprocessConfig, out: Output, ip: InputPlan) -> JobResu
     same = (
         previous.get("config_sha256") == ip.content_sha256
         and previous.get("input_sha256") == ip.input_sha256
-        and (ip.tokenizer is None or previous.get("tokenizer", {}).get("sha256") == ip.tokenizer.sha256)
+        and previous.get("tokenizer", {}).get("sha256") == ip.tokenizer.sha256
     )
-    stored = out.read_json("result.json")
-    if not (same and stored and stored.get("status") == "ok"):
-        return None
+    raw = out.read_json("result.json")
+    if not (same and raw and raw.get("status") == "ok" and raw.get("cache_key") == preprocess_key(ip)):
+        return None  # another config, input, tokenizer or code version: redo the work
     try:
         validate_manifest(previous, out.location)
-    except DataError:
+        stored = parse_result("preprocess", raw)
+    except (DataError, ResultError):
         return None
-    log.info("reusing %s: same config, inputs and tokenizer", out.location)
-    stored["outputs"]["reused"] = True
+    log.info("reusing %s: same config, inputs, tokenizer and code", out.location)
     return JobResult(
         "preprocess",
-        outputs=stored["outputs"],
-        metrics=stored.get("metrics", {}),
-        mlflow_run_id=stored.get("mlflow_run_id"),
+        outputs=stored.outputs,
+        metrics=stored.metrics,
+        mlflow_run_id=stored.mlflow_run_id,
+        cache_key=stored.cache_key,
+        reused=True,
+    )
+
+
+def preprocess_key(ip: InputPlan) -> str:
+    """The job's identity of a dataset: config, input files, tokenizer and code (jobs.platform.cache)."""
+    return cache_key(
+        "preprocess",
+        {"config": ip.content_sha256, "inputs": ip.input_sha256, "tokenizer": ip.tokenizer.sha256},
     )
 
 
@@ -564,7 +537,7 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
     out = Output(output_location(cfg, settings))
     ip = plan_inputs(cfg, settings)
     timings["plan"] = time.perf_counter() - t_start
-    reused = reuse_existing(cfg, out, ip)
+    reused = None if settings.rerun else reuse_existing(cfg, out, ip)
     if reused is not None:
         return reused
     if not ip.chunks:
@@ -593,9 +566,6 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         meta, drop_ids, dedup_info = deduplicate(meta_t, cfg)
         t0 = lap("dedup", t0)
         tok, tok_path = ip.tokenizer, ip.tokenizer_path
-        if tok is None:
-            tok, tok_path = train_tokenizer(cfg, settings, mat, meta, ip.content_sha256 + ip.input_sha256)
-        t0 = lap("tokenizer", t0)
         log.info("pass 2: tokenize %d kept documents", int((meta["reason"] == "").sum()))
         tok_ds, kept = run_pass2(mat, cfg, tok, drop_ids)
         del mat
@@ -648,16 +618,18 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         metrics, manifest_sha = log_to_mlflow(rep, manifest, texts, tok, timings)
         run_id = run.info.run_id
 
-    outputs = {
-        "dataset_dir": out.location,
-        "manifest": join_uri(out.location, MANIFEST),
-        "report": join_uri(out.location, "report.md"),
-        "tokenizer_dir": str(tok_path),
-        "tokenizer_sha256": tok.sha256,
-        "manifest_sha256": manifest_sha,
-        "reused": False,
-    }
-    result = JobResult("preprocess", outputs=outputs, metrics=metrics, mlflow_run_id=run_id)
+    outputs = DatasetOutputs(
+        dataset_dir=out.location,
+        manifest=join_uri(out.location, MANIFEST),
+        report=join_uri(out.location, "report.md"),
+        tokenizer_dir=str(tok_path),
+        tokenizer_sha256=tok.sha256,
+        vocab_size=tok.vocab_size,
+        manifest_sha256=manifest_sha,
+    )
+    result = JobResult(
+        "preprocess", outputs=outputs, metrics=metrics, mlflow_run_id=run_id, cache_key=preprocess_key(ip)
+    )
     if out.remote:  # run_job writes result.json only into local directories
         out.write_text("result.json", json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     else:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
 from jobs.platform import tracking
+from jobs.platform.cache import StageCache, model_version_still_registered
+from jobs.platform.results import DatasetOutputs, ModelVersionOutputs, StageResult, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.training.distributed import (
     RayTrainConfig,
@@ -34,6 +36,9 @@ from llm_core.tokenizer import Tokenizer
 from llm_core.trainer import EvalSet, TrainConfig
 
 log = logging.getLogger("tulpar.pretrain")
+
+
+VOCAB_FROM_TOKENIZER = "vocab_from_tokenizer"  # validation context: the job set model.vocab_size itself
 
 
 class DataSpec(StrictModel):
@@ -65,6 +70,31 @@ class PretrainConfig(StrictModel):
     sample: SampleSpec = Field(default_factory=SampleSpec)
     register_model: bool = Field(True, description="log the HF export to MLflow and register a model version")
 
+    @model_validator(mode="after")
+    def _vocabulary_comes_from_the_tokenizer(self, info: ValidationInfo) -> PretrainConfig:
+        derived = bool(info.context and info.context.get(VOCAB_FROM_TOKENIZER))
+        if self.model.vocab_size is not None and not derived:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) cannot be set: the model's vocabulary is the dataset's "
+                "tokenizer's (the embedding is padded to a multiple of model.vocab_multiple); remove "
+                "model.vocab_size, or preprocess the data with the tokenizer you want"
+            )
+        return self
+
+    def with_vocabulary(self, vocab_size: int) -> PretrainConfig:
+        """This config with the model's vocabulary taken from the dataset's tokenizer."""
+        data = self.model_dump()
+        data["model"]["vocab_size"] = vocab_size
+        return PretrainConfig.model_validate(data, context={VOCAB_FROM_TOKENIZER: True})
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> PretrainConfig:
+        """`--input dataset=<preprocess result>`: train on that dataset (and so with its tokenizer)."""
+        got = take_inputs("pretrain", inputs, {"dataset": (DatasetOutputs,)})
+        data = self.model_dump()
+        if "dataset" in got:
+            data["data"]["dataset"] = got["dataset"].dataset_dir
+        return PretrainConfig.model_validate(data)
+
 
 def resolve_dataset(spec: str, settings: Settings) -> str:
     """A dataset path/URI from a path or a bare name under $TULPAR_HOME/datasets/."""
@@ -83,11 +113,6 @@ def resolve_dataset(spec: str, settings: Settings) -> str:
 
 def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
     """The dataset, tokenizer and model must agree before any worker starts."""
-    if dataset.vocab_size > cfg.model.vocab_size:
-        raise DataError(
-            f"the shards were tokenized with a {dataset.vocab_size}-token vocabulary but model.vocab_size is "
-            f"{cfg.model.vocab_size}: set model.vocab_size={dataset.vocab_size} or re-tokenize the data"
-        )
     tok_path = dataset.manifest["tokenizer"].get("path")
     if not tok_path or not Path(tok_path).exists():
         raise DataError(
@@ -156,20 +181,29 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         )
     dataset_path = resolve_dataset(cfg.data.dataset, settings)
     dataset = TokenDataset.open(dataset_path, verify=cfg.data.verify)
+    cfg = cfg.with_vocabulary(dataset.vocab_size)  # the model's vocabulary is the dataset's tokenizer's
     tokenizer = check_inputs(cfg, dataset)
     tracking.check_server(settings)  # fail before training if the tracking server is unreachable
+    manifest_sha256 = file_sha256(dataset.root / "manifest.json")
+    cache = StageCache(
+        settings, "pretrain", {"config": config_to_dict(cfg), "dataset_manifest_sha256": manifest_sha256}
+    )
+    if (stored := cache.lookup(model_version_still_registered(settings))) is not None:
+        return stored
 
     run_key = f"{cfg.name}-{config_sha256(cfg)[:8]}"
     run_dir = run_dir_for(settings, run_key)
     print(
-        f"model {cfg.model.name}: {cfg.model.num_params() / 1e6:.2f}M parameters | dataset {dataset_path}: "
+        f"model {cfg.model.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, vocabulary "
+        f"{cfg.model.vocab_size:,} from the tokenizer (embedding rows {cfg.model.padded_vocab_size:,}) | "
+        f"dataset {dataset_path}: "
         f"{len(dataset.tokens('train')):,} training tokens | {cfg.ray.num_workers} Ray Train worker(s), "
         f"{'GPU' if cfg.ray.use_gpu else 'CPU'}",
         flush=True,
     )
     tags = {
         "tulpar.tokenizer_sha256": tokenizer.sha256,
-        "tulpar.dataset_manifest_sha256": file_sha256(dataset.root / "manifest.json"),
+        "tulpar.dataset_manifest_sha256": manifest_sha256,
         "tulpar.model_name": cfg.name,
     }
     with tracking.start_run(
@@ -223,19 +257,21 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]
     if train_losses:
         metrics["final_train_loss"] = train_losses[-1]
-    outputs = {
-        "checkpoint_dir": str(run_dir),
-        "best_checkpoint": best_ckpt.path,
-        "last_checkpoint": last_ckpt.path,
-        "dataset": dataset_path,
-        "tokenizer_sha256": tokenizer.sha256,
-        "hf_dir": str(hf_dir),
-        "model_uri": model_uri,
-        "loss_curve": str(plot),
-        "samples": samples,
-    }
-    return JobResult(
-        "pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=run_dir
+    outputs = ModelVersionOutputs(
+        checkpoint_dir=str(run_dir),
+        best_checkpoint=best_ckpt.path,
+        last_checkpoint=last_ckpt.path,
+        dataset=dataset_path,
+        tokenizer_sha256=tokenizer.sha256,
+        hf_dir=str(hf_dir),
+        model_uri=model_uri,
+        loss_curve=str(plot),
+        samples=samples,
+    )
+    return cache.store(
+        JobResult(
+            "pretrain", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=run_dir
+        )
     )
 
 

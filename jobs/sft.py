@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.training.distributed import RayTrainConfig, TaskSetup
 from jobs.training.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
@@ -63,6 +64,13 @@ class SFTConfig(StrictModel):
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     sample: ChatSampleSpec = Field(default_factory=ChatSampleSpec)
     register_model: bool = True
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> SFTConfig:
+        """`--input init=<an earlier training stage's result>`: start from that registered model version."""
+        got = take_inputs("sft", inputs, {"init": (ModelVersionOutputs,)})
+        if "init" not in got:
+            return self
+        return SFTConfig.model_validate({**self.model_dump(), "init": model_reference(got["init"], "init")})
 
 
 def data_paths(files: list[str], settings: Settings) -> list[Path]:

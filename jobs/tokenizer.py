@@ -27,6 +27,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from jobs.platform import tracking
+from jobs.platform.cache import StageCache, stat_fingerprint
+from jobs.platform.results import TokenizerOutputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.tokenizer_report import (
     EvalSetSpec,
@@ -580,6 +582,11 @@ def main(cfg: TokenizerJobConfig, settings: Settings) -> JobResult:
     if reserved:
         raise ValueError(f"report.references may not be named {sorted(reserved)}: rename them")
 
+    cache = StageCache(
+        settings, "tokenizer", {"config": config_to_dict(cfg), "inputs": input_fingerprint(cfg, settings)}
+    )
+    if (stored := cache.lookup()) is not None:
+        return stored
     started = time.perf_counter()
     ours_sample, base_sample, manifest_sha = draw_samples(cfg, settings)
     for s in ours_sample.stats:
@@ -648,24 +655,48 @@ def main(cfg: TokenizerJobConfig, settings: Settings) -> JobResult:
 
     print_summary(report, report_texts, languages)
     report_dir = out_dir / "report"
-    outputs: dict[str, Any] = {
-        "tokenizer_dir": str(out_dir),
-        "tokenizer_json": str(out_dir / "tokenizer.json"),
-        "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size,
-        "report_md": str(report_dir / "report.md"),
-        "report_csv": str(report_dir / "metrics.csv"),
-        "plots": sorted(
+    outputs = TokenizerOutputs(
+        tokenizer_dir=str(out_dir),
+        tokenizer_json=str(out_dir / "tokenizer.json"),
+        tokenizer_sha256=tok.sha256,
+        vocab_size=tok.vocab_size,
+        report_md=str(report_dir / "report.md"),
+        report_csv=str(report_dir / "metrics.csv"),
+        plots=sorted(
             str(report_dir / Path(f).name) for k, f in report["files"].items() if k.startswith("plot")
         ),
-    }
-    if baseline_tk is not None:
-        outputs["baseline_tokenizer_json"] = str(out_dir / "baseline" / "tokenizer.json")
-    if sweep is not None:
-        outputs.update({k: str(report_dir / Path(f).name) for k, f in sweep["files"].items()})
-    return JobResult(
-        "tokenizer", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=out_dir
+        baseline_tokenizer_json=str(out_dir / "baseline" / "tokenizer.json")
+        if baseline_tk is not None
+        else None,
+        sweep_files={k: str(report_dir / Path(f).name) for k, f in sweep["files"].items()} if sweep else {},
     )
+    return cache.store(
+        JobResult(
+            "tokenizer", outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=out_dir
+        )
+    )
+
+
+def input_fingerprint(cfg: TokenizerJobConfig, settings: Settings) -> dict[str, Any]:
+    """What the tokenizer is trained and measured on, for the stage's cache key: the corpus files (path, size,
+    modification time: re-reading a large corpus just to hash it would cost as much as sampling it), the chat
+    sources, or the dataset's manifest."""
+    d = cfg.data
+    roots: list[Path] = []
+    if d.source == "raw":
+        corpus = Path(d.corpus_dir)
+        roots.append(corpus if corpus.is_absolute() else settings.data / corpus)
+    elif d.dataset:
+        dataset = Path(d.dataset)
+        roots.append(
+            (dataset if dataset.exists() else settings.home / "datasets" / dataset) / "manifest.json"
+        )
+    roots += [Path(c) if Path(c).is_absolute() else settings.data / c for c in d.chat_sources]
+    if cfg.report.eval_sets:  # the report measures the eval sets and the reference tokenizers
+        roots.append(settings.data / "eval")
+    if cfg.report.references:
+        roots.append(settings.data / "tokenizers")
+    return {str(r): stat_fingerprint(r) for r in roots}
 
 
 def _log_outputs(

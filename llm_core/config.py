@@ -43,7 +43,15 @@ class ModelConfig(StrictModel):
     """A Llama-style decoder (dense, or MoE with shared experts when num_experts > 0)."""
 
     name: str = "custom"
-    vocab_size: int = Field(gt=0)
+    vocab_size: int | None = Field(
+        None,
+        gt=0,
+        description="the tokenizer's vocabulary, special tokens included: training jobs set it from the tokenizer "
+        "(presets never state it, so model and tokenizer cannot disagree)",
+    )
+    vocab_multiple: int = Field(
+        64, gt=0, description="embedding/head rows are padded to a multiple of this for matmul kernels"
+    )
     dim: int = Field(gt=0, description="hidden size")
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
@@ -102,6 +110,21 @@ class ModelConfig(StrictModel):
         return self
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: vocab_size rounded up to vocab_multiple. The padding rows are
+        never scored (the model returns logits for the real vocabulary only) and not counted in num_params."""
+        v = self.require_vocab_size()
+        return -(-v // self.vocab_multiple) * self.vocab_multiple
+
+    def require_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError(
+                f"model {self.name!r} has no vocab_size: it comes from the tokenizer; training jobs set it from "
+                "the dataset's tokenizer, or pass vocab_size when building a model by hand"
+            )
+        return self.vocab_size
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
@@ -126,8 +149,8 @@ class ModelConfig(StrictModel):
             mlp = 3 * d * self.ffn_hidden_dim
         per_layer = attn + mlp + 2 * d  # two RMSNorm weights
         total = self.num_layers * per_layer + d  # final norm
-        if include_embeddings:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if include_embeddings:  # real vocabulary rows only: the padding rows are not parameters anyone uses
+            total += self.require_vocab_size() * d * (1 if self.tie_embeddings else 2)
         return total
 
     def num_active_params(self) -> int:
@@ -139,8 +162,10 @@ class ModelConfig(StrictModel):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 * active matmul params + attention scores."""
-        matmul = self.num_active_params() - self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        matmul += self.vocab_size * self.dim  # LM head
+        matmul = self.num_active_params() - self.require_vocab_size() * self.dim * (
+            1 if self.tie_embeddings else 2
+        )
+        matmul += self.padded_vocab_size * self.dim  # LM head, padding rows included (they are computed)
         attn = (
             12.0 * self.num_layers * seq_len * self.dim
         )  # QK^T and AV, fwd+bwd (PaLM appendix B accounting)

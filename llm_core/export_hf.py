@@ -274,6 +274,9 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
 
 
+_VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # (padded vocab, dim) in llm_core, (vocab, dim) in HF
+
+
 def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under HF key names, as independent contiguous CPU tensors (optionally cast to `dtype`).
 
@@ -288,6 +291,8 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
     out: dict[str, torch.Tensor] = {}
     for m in _key_plan(cfg):
         t = ours[m.ours] if m.expert is None else ours[m.ours][m.expert]
+        if m.ours in _VOCAB_ROWS:  # the real vocabulary only: padding rows are never scored
+            t = t[: cfg.vocab_size]
         t = t.detach().to(device="cpu", dtype=target or t.dtype)
         out[m.hf] = t.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
     if cfg.is_moe and QWEN2_MOE_ZERO_QKV_BIAS:
@@ -691,6 +696,8 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     for m in plan:
         t = tensors[m.hf]
         want = shapes[m.ours] if m.expert is None else shapes[m.ours][1:]
+        if m.ours in _VOCAB_ROWS and want[0] != t.shape[0] == cfg.vocab_size:  # pad to llm_core's row count
+            t = torch.cat([t, t.new_zeros(want[0] - t.shape[0], *t.shape[1:])])
         if tuple(t.shape) != want:
             raise ValueError(f"{m.hf} has shape {tuple(t.shape)}, expected {want} from config.json")
         if m.expert is None:

@@ -301,10 +301,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        V = cfg.padded_vocab_size  # the tokenizer's vocabulary rounded up to cfg.vocab_multiple
+        self.embed_tokens = nn.Embedding(V, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
@@ -326,7 +327,10 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, without the embedding/head padding rows (never used; see ModelConfig.padded_vocab_size)."""
+        padding = (self.cfg.padded_vocab_size - self.cfg.require_vocab_size()) * self.cfg.dim
+        padding *= 1 if self.cfg.tie_embeddings else 2
+        return sum(p.numel() for p in self.parameters()) - padding
 
     def _mask(self, B, T, start, attention_mask, segment_ids, device) -> torch.Tensor | None:
         """Boolean (B or 1, 1, T, S) mask, True = may attend; None when plain causal attention is exact."""
@@ -374,12 +378,14 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x))  # (B, T, padded V)
+        if logits.size(-1) != self.cfg.vocab_size:  # padding rows are never scored: (B, T, V)
+            logits = logits[..., : self.cfg.vocab_size]
         aux = None
         if self.cfg.is_moe:
             aux = torch.stack([layer.mlp.aux_loss for layer in self.layers]).mean()
         if targets is None:
             return ModelOutput(logits=logits, aux_loss=aux)
-        ce = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        ce = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         loss = ce if aux is None else ce + self.cfg.aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux)

@@ -71,6 +71,7 @@ class Submission:
     config: str
     overrides: list[str] = field(default_factory=list)
     config_content: str | None = None  # a config file outside configs/ (k8s: --set-file configContent)
+    job_args: list[str] = field(default_factory=list)  # --rerun, --promote, --input ROLE=b64:<typed result>
 
     @property
     def config_path(self) -> str:
@@ -84,8 +85,33 @@ class Submission:
             f"jobs.{self.stage}",
             "--config",
             f"{config_root}/{self.stage}/{self.config}.yaml",
+            *self.job_args,
             *self.overrides,
         ]
+
+
+def job_args(rerun: bool, promote: bool, inputs: list[str]) -> list[str]:
+    """The job flags a submission carries. A typed input travels inside the command itself, base64-encoded so no
+    shell or chart quoting can change it (the cluster cannot read this machine's result files)."""
+    import base64
+
+    out = ["--rerun"] if rerun else []
+    if promote:
+        out.append("--promote")
+    for pair in inputs:
+        role, sep, value = pair.partition("=")
+        if not sep or not role:
+            raise SubmitError(f"--input {pair!r} is not ROLE=RESULT (a result.json path or its JSON)")
+        text = value if value.lstrip().startswith("{") or value.startswith("b64:") else None
+        if text is None:
+            path = Path(value)
+            if not path.is_file():
+                raise SubmitError(f"--input {role}={value}: no such result file")
+            text = path.read_text(encoding="utf-8")
+        if not text.startswith("b64:"):
+            text = "b64:" + base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii")
+        out += ["--input", f"{role}={text}"]
+    return out
 
 
 def resolve(stage: str, config: str, overrides: list[str]) -> Submission:
@@ -253,7 +279,7 @@ def rayjob_values(sub: Submission, name: str, values: dict[str, Any] | None = No
     base: dict[str, Any] = {
         "stage": sub.stage,
         "config": sub.config,
-        "overrides": sub.overrides,
+        "overrides": [*sub.job_args, *sub.overrides],
         "name": name,
     }
     if sub.config_content is not None:
@@ -490,10 +516,24 @@ def main(argv: list[str] | None = None) -> int:
         "--render", type=Path, metavar="FILE", help="write the k8s objects as YAML; submit nothing"
     )
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted")
+    parser.add_argument(
+        "--rerun", action="store_true", help="passed to the job: redo work a stored result covers"
+    )
+    parser.add_argument(
+        "--promote", action="store_true", help="passed to jobs.eval: move the alias if the gate holds"
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="ROLE=RESULT",
+        help="passed to the job: an earlier stage's typed result (a result.json path or its JSON)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     args = parser.parse_intermixed_args(argv)  # overrides may follow options, as `make ... ARGS=` places them
     try:
         sub = resolve(args.stage, args.config, args.overrides)
+        sub.job_args = job_args(args.rerun, args.promote, args.input)
         if args.render:
             values = charts.deep_merge(charts.load_values_files(args.values), charts.parse_sets(args.set))
             objects = render_rayjob(sub, values, name=f"{sub.stage}-{sub.config}", namespace=args.namespace)

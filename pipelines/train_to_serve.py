@@ -1,85 +1,63 @@
-"""The whole platform in one command: raw text -> tokenizer -> shards -> pretrain -> SFT -> DPO -> (distill) ->
-eval + promotion gate -> serve -> smoke test with the `openai` client.
+"""A recipe end to end: our tokenizer -> token shards -> pretrain -> SFT -> DPO -> (distill) -> eval + promotion
+gate -> serve the promoted model -> smoke test with the `openai` client.
 
-    python -m pipelines.train_to_serve --config configs/pipelines/demo.yaml [--from sft] [--target k8s] [--keep-serving]
+    python -m pipelines.train_to_serve --recipe tiny [--rehearsal] [--from sft] [--target k8s] [--keep-serving]
+    make recipe RECIPE=kk-350m [REHEARSAL=1]          (make demo = make recipe RECIPE=tiny)
 
 Each stage is its job's own entry point (`python -m jobs.<stage> --config ...`), run here (target `local`) or
-submitted to a cluster through `pipelines.submit` (target `http://<ray dashboard>:8265`, `ray://...` or `k8s`).
-Stages hand each other their JSON results (dataset dir -> pretrain, model URI -> next stage). A stage is cached by a
-hash of its config file, overrides and inputs: a re-run skips finished stages, `--from <stage>` runs that stage and
-everything after it again. Every stage's MLflow run is a child of one pipeline run (TULPAR_PARENT_RUN_ID).
-Logs: $TULPAR_HOME/pipelines/<name>/logs/<stage>.log; state: $TULPAR_HOME/pipelines/<name>/state.json.
+submitted to a cluster through `pipelines.submit`. Stages hand each other their typed results
+(`jobs.platform.results`): the pipeline passes an earlier stage's result to the next as `--input ROLE=result.json`
+(tokenizer -> preprocess, dataset -> pretrain, model version -> the next training stage and eval), and reads each
+job's result line back typed. A job decides whether its output is current (`jobs.platform.cache`): every stage's job
+runs, and one whose config, inputs and code are unchanged returns its stored result at once ("cached").
+`--from <stage>` makes that stage and the later ones redo their work (`--rerun`).
+
+Serving is fail-closed: the pipeline serves the version the gate promoted; when the gate refused, the previous
+`@champion` if there is one, else it stops and says so. `--serve-unpromoted` serves the just-trained model anyway.
+Every stage's MLflow run is a child of one pipeline run (TULPAR_PARENT_RUN_ID).
+Logs: $TULPAR_HOME/pipelines/<name>/logs/<stage>.log; results: $TULPAR_HOME/pipelines/<name>/results/<stage>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
 from jobs.platform import tracking
 from jobs.platform.configfile import load_config
+from jobs.platform.results import (
+    EvalOutputs,
+    ModelVersionOutputs,
+    ResultError,
+    StageResult,
+    read_result,
+)
 from jobs.platform.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
-from llm_core.config import StrictModel
 from llm_core.io import atomic_write_json
+from pipelines.recipes import STAGES, RecipeConfig, ServeSpec, StageSpec, recipe_path
 
-STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "distill", "eval", "serve")
-
-
-class StageSpec(StrictModel):
-    config: str = Field(description="configs/<stage>/<config>.yaml, or a path")
-    overrides: list[str] = Field(default_factory=list, description="dotted key=value overrides")
-    enabled: bool = True
-
-
-class ServeSpec(StrictModel):
-    config: str = Field("tiny", description="configs/serve/<config>.yaml")
-    overrides: list[str] = Field(default_factory=list)
-    alias: str = Field(
-        "champion", description="serve models:/<name>@<alias> (falls back to the evaluated version)"
-    )
-    prompts: dict[str, str] = Field(
-        default_factory=lambda: {
-            "kk": "Сәлем! Қалың қалай?",
-            "ru": "Привет! Как дела?",
-            "en": "Hello! How are you?",
-        }
-    )
-    max_tokens: int = Field(32, gt=0)
-    startup_timeout_s: float = Field(900, gt=0)
-    enabled: bool = True
-
-
-class PipelineConfig(StrictModel):
-    name: str = Field(description="the pipeline's name (state, logs and the MLflow parent run)")
-    model_name: str = Field(description="registered model name the training stages produce")
-    target: str = Field("local", description="local | http(s)://<ray dashboard>:8265 | ray://... | k8s")
-    tokenizer: StageSpec | None = None
-    preprocess: StageSpec
-    pretrain: StageSpec
-    sft: StageSpec | None = None
-    dpo: StageSpec | None = None
-    distill: StageSpec | None = None
-    eval: StageSpec | None = None
-    serve: ServeSpec = Field(default_factory=ServeSpec)
+TRAINING = ("pretrain", "sft", "dpo")
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, log: Path, message: str):
         super().__init__(
             f"stage {stage} failed: {message}\n  log: {log}\n  fix the cause, then resume with: "
-            f"python -m pipelines.train_to_serve --config <pipeline config> --from {stage}"
+            f"python -m pipelines.train_to_serve --recipe <recipe> --from {stage}"
         )
+
+
+class ServingRefused(RuntimeError):
+    """The gate refused the model and there is no earlier champion to serve instead."""
 
 
 def config_path(stage: str, name: str) -> Path:
@@ -89,60 +67,59 @@ def config_path(stage: str, name: str) -> Path:
     )
 
 
-def stage_key(stage: str, spec: Any, inputs: dict[str, Any]) -> str:
-    """Cache key: the stage's config file content, its overrides and what it receives from earlier stages."""
-    path = config_path(stage, spec.config)
-    blob = json.dumps(
-        {
-            "stage": stage,
-            "config": path.read_text(encoding="utf-8") if path.is_file() else spec.config,
-            "spec": spec.model_dump(),
-            "inputs": inputs,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+@dataclass
+class StageRun:
+    result: StageResult
+    seconds: float
+    result_file: Path
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, settings: Settings, target: str):
-        self.cfg, self.settings, self.target = cfg, settings, target
-        self.root = settings.home / "pipelines" / cfg.name
+    def __init__(self, recipe: RecipeConfig, settings: Settings, target: str, *, rehearsal: bool = False):
+        self.recipe, self.settings, self.target, self.rehearsal = recipe, settings, target, rehearsal
+        self.name = f"{recipe.name}-rehearsal" if rehearsal else recipe.name
+        self.model_name = f"{recipe.model_name}-rehearsal" if rehearsal else recipe.model_name
+        self.root = settings.home / "pipelines" / self.name
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
-        state_file = self.root / "state.json"
-        self.state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        self.results: dict[str, dict] = {}
-        self.timings: dict[str, float] = {}
+        (self.root / "results").mkdir(parents=True, exist_ok=True)
+        self.runs: dict[str, StageRun] = {}
+        self.serving: dict[str, Any] | None = None
 
-    def save_state(self) -> None:
-        atomic_write_json(self.root / "state.json", self.state)
+    def order(self) -> list[str]:
+        r = self.recipe
+        return [
+            s
+            for s in STAGES
+            if (s == "serve" and r.serve.enabled)
+            or (s != "serve" and getattr(r, s) is not None and getattr(r, s).enabled)
+        ]
 
-    # ------------------------------------------------------------------ one stage
+    def overrides(self, stage: str, spec: StageSpec | ServeSpec) -> list[str]:
+        extra = list(getattr(self.recipe.rehearsal, stage)) if self.rehearsal else []
+        return [*spec.overrides, *extra]
+
+    # ------------------------------------------------------------------ one job
     def run_stage(
         self,
         stage: str,
-        spec: StageSpec,
-        extra: list[str],
-        inputs: dict[str, Any],
+        inputs: dict[str, Path],
         index: int,
         total: int,
-        force: bool,
+        rerun: bool,
         parent_run_id: str,
-    ) -> dict:
-        key = stage_key(stage, spec, inputs)
-        cached = self.state.get(stage)
+        job_args: list[str] | None = None,
+    ) -> StageResult:
+        spec: StageSpec = getattr(self.recipe, stage)
         label = f"[{index}/{total}] {stage:<10}"
-        if (
-            not force
-            and cached
-            and cached.get("key") == key
-            and cached.get("result", {}).get("status") == "ok"
-        ):
-            print(f"{label} cached  {summarize(stage, cached['result'])}", flush=True)
-            self.timings[stage] = 0.0
-            return cached["result"]
         log_file = self.root / "logs" / f"{stage}.log"
-        args = ["--config", str(config_path(stage, spec.config)), *spec.overrides, *extra]
+        args = ["--config", str(config_path(stage, spec.config))]
+        for role, path in inputs.items():  # pipelines.submit sends the result itself to a cluster
+            args += ["--input", f"{role}={path}"]
+        if rerun:
+            args.append("--rerun")
+        args += [*(job_args or []), *self.overrides(stage, spec)]
+        if stage in TRAINING or stage == "distill":
+            args.append(f"name={self.model_name}")
         if self.target == "local":
             cmd = [sys.executable, "-m", f"jobs.{stage}", *args]
         else:
@@ -156,90 +133,107 @@ class Pipeline:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
             log.write(proc.stdout)
         elapsed = time.perf_counter() - started
-        self.timings[stage] = elapsed
-        result = result_from_output(proc.stdout)
-        if proc.returncode != 0 or not result or result.get("status") != "ok":
-            print(f"{chr(13) if tty else ''}{label} failed after {elapsed:.0f}s", flush=True)
-            message = (result or {}).get("error") or f"exit code {proc.returncode}"
+        back = chr(13) if tty else ""
+        raw = result_from_output(proc.stdout)
+        if proc.returncode != 0 or raw is None or raw.get("status") != "ok":
+            print(f"{back}{label} failed after {elapsed:.0f}s", flush=True)
+            message = (raw or {}).get("error") or f"exit code {proc.returncode}"
             raise StageFailed(stage, log_file, message)
-        print(
-            f"{chr(13) if tty else ''}{label} ok in {elapsed:5.0f}s  {summarize(stage, result)}", flush=True
-        )
-        self.state[stage] = {"key": key, "result": result, "seconds": elapsed}
-        self.save_state()
+        try:
+            result = read_result(stage, proc.stdout)
+        except ResultError as exc:
+            print(f"{back}{label} failed after {elapsed:.0f}s", flush=True)
+            raise StageFailed(stage, log_file, str(exc)) from None
+        result_file = self.root / "results" / f"{stage}.json"
+        atomic_write_json(result_file, result.model_dump(mode="json"))
+        word = "cached " if result.reused else f"ok in {elapsed:5.0f}s"
+        print(f"{back}{label} {word}  {summarize(stage, result)}", flush=True)
+        self.runs[stage] = StageRun(result, elapsed, result_file)
         return result
 
     # ------------------------------------------------------------------ the chain
-    def run(self, start_from: str | None, keep_serving: bool) -> dict[str, Any]:
-        cfg = self.cfg
-        order = [
-            s
-            for s in STAGES
-            if s == "serve"
-            and cfg.serve.enabled
-            or (s != "serve" and getattr(cfg, s) is not None and getattr(cfg, s).enabled)
-        ]
+    def run(
+        self, start_from: str | None, keep_serving: bool, serve_unpromoted: bool = False
+    ) -> dict[str, Any]:
+        order = self.order()
         if start_from and start_from not in order:
-            raise ValueError(f"--from {start_from!r} is not an enabled stage of this pipeline: {order}")
+            raise ValueError(f"--from {start_from!r} is not an enabled stage of this recipe: {order}")
         forced = set(order[order.index(start_from) :]) if start_from else set()
         import mlflow
 
         exp = tracking.setup(self.settings, "tulpar-train")
         with mlflow.start_run(
             experiment_id=exp,
-            run_name=f"pipeline-{cfg.name}",
+            run_name=f"pipeline-{self.name}",
             tags={"tulpar.stage": "pipeline", "tulpar.git_commit": tracking.git_commit()},
         ) as run:
-            mlflow.log_dict(cfg.model_dump(), "pipeline.yaml")
-            n, r = len(order), self.results
+            mlflow.log_dict(self.recipe.model_dump(), "recipe.yaml")
+            n = len(order)
             i = 0
 
-            def step(stage: str, extra: list[str], inputs: dict[str, Any]) -> dict:
+            def step(stage: str, inputs: dict[str, Path], job_args: list[str] | None = None) -> StageResult:
                 nonlocal i
                 i += 1
-                spec = getattr(cfg, stage)
-                r[stage] = self.run_stage(stage, spec, extra, inputs, i, n, stage in forced, run.info.run_id)
-                return r[stage]
+                return self.run_stage(stage, inputs, i, n, stage in forced, run.info.run_id, job_args)
 
-            tok_dir = None
-            if "tokenizer" in order:
-                tok_dir = step("tokenizer", [], {})["outputs"]["tokenizer_dir"]
-            pre_extra = [f"tokenizer.path={tok_dir}", "tokenizer.train=null"] if tok_dir else []
-            dataset = step("preprocess", pre_extra, {"tokenizer": tok_dir})["outputs"]["dataset_dir"]
-            model_uri = step(
-                "pretrain", [f"data.dataset={dataset}", f"name={cfg.model_name}"], {"dataset": dataset}
-            )["outputs"]["model_uri"]
-            pretrained = model_uri
+            def file(stage: str) -> Path:
+                return self.runs[stage].result_file
+
+            step("tokenizer", {})
+            step("preprocess", {"tokenizer": file("tokenizer")})
+            step("pretrain", {"dataset": file("preprocess")})
+            last = "pretrain"
             for stage in ("sft", "dpo"):
                 if stage in order:
-                    model_uri = step(
-                        stage, [f"init={model_uri}", f"name={cfg.model_name}"], {"init": model_uri}
-                    )["outputs"]["model_uri"]
+                    step(stage, {"init": file(last)})
+                    last = stage
             if (
                 "distill" in order
             ):  # the student starts from the pretrained model, the teacher is the aligned one
-                step(
-                    "distill",
-                    [f"init={pretrained}", f"teacher={model_uri}"],
-                    {"init": pretrained, "teacher": model_uri},
-                )
+                step("distill", {"init": file("pretrain"), "teacher": file(last)})
+            trained = self.runs[last].result.outputs
+            assert isinstance(trained, ModelVersionOutputs)
+            evaluation: EvalOutputs | None = None
             if "eval" in order:
-                step("eval", [f"model.source={model_uri}", "promote=true"], {"model": model_uri})
+                evaluation = step("eval", {"model": file(last)}, ["--promote"]).outputs  # type: ignore[assignment]
             if "serve" in order:
                 i += 1
-                self.serve(model_uri, i, n, keep_serving)
-            mlflow.set_tag("tulpar.final_model_uri", model_uri)
-        return {
-            "model_uri": model_uri,
-            "results": r,
-            "timings": self.timings,
-            "pipeline_run_id": run.info.run_id,
-        }
+                source, why = self.choose_served_model(trained, evaluation, serve_unpromoted)
+                self.serve(source, why, i, n, keep_serving)
+            mlflow.set_tag("tulpar.final_model_uri", trained.model_uri)
+        return {"model_uri": trained.model_uri, "pipeline_run_id": run.info.run_id}
+
+    # ------------------------------------------------------------------ what to serve
+    def choose_served_model(
+        self, trained: ModelVersionOutputs, evaluation: EvalOutputs | None, serve_unpromoted: bool
+    ) -> tuple[str, str]:
+        """(model reference to serve, why). Fail closed: only a promoted model, an earlier champion, or an
+        explicitly unpromoted one (--serve-unpromoted)."""
+        if trained.model_uri is None:
+            raise ServingRefused("the last training stage registered no model version: nothing to serve")
+        if serve_unpromoted:
+            return trained.model_uri, "not promoted: --serve-unpromoted"
+        gate = evaluation.gate if evaluation is not None else None
+        if gate is not None and gate.passed and gate.promoted:
+            return evaluation.model_uri, f"promoted to @{gate.alias}"  # type: ignore[union-attr]
+        alias = gate.alias if gate is not None else self.recipe.serve.alias
+        refused = (
+            f"the gate refused {trained.model_uri} ({gate.reasons})"
+            if gate is not None
+            else f"{trained.model_uri} was not evaluated (the recipe has no eval stage), so nothing promoted it"
+        )
+        previous = champion_version(self.settings, self.model_name, alias)
+        if previous is None:
+            raise ServingRefused(
+                f"{refused}, and there is no earlier @{alias} to serve instead: fix the model or the gate rules, "
+                "or pass --serve-unpromoted to serve it anyway"
+            )
+        print(f"    {refused}: serving the previous @{alias}, {previous}", flush=True)
+        return previous, f"previous @{alias} (the gate refused the new model)"
 
     # ------------------------------------------------------------------ serve + smoke test
-    def serve(self, model_uri: str, index: int, total: int, keep_serving: bool) -> None:
-        spec = self.cfg.serve
-        source = self.champion_or(model_uri, spec.alias)
+    def serve(self, source: str, why: str, index: int, total: int, keep_serving: bool) -> None:
+        spec = self.recipe.serve
         log_file = self.root / "logs" / "serve.log"
         cmd = [
             sys.executable,
@@ -247,11 +241,13 @@ class Pipeline:
             "services.llm_serve",
             "--config",
             str(config_path("serve", spec.config)),
-            f"models.0.source={source}",
-            *spec.overrides,
+            "--model",
+            source,
+            *self.overrides("serve", spec),
         ]
         label = f"[{index}/{total}] {'serve':<10}"
         tty = sys.stdout.isatty()
+        back = chr(13) if tty else ""
         if tty:
             print(f"{label} starting {source} ...", end="", flush=True)
         started = time.perf_counter()
@@ -262,21 +258,27 @@ class Pipeline:
         try:
             url, served = wait_ready(log_file, proc, spec.startup_timeout_s)
             answers = smoke_test(url, served, spec)
-            self.timings["serve"] = time.perf_counter() - started
+            seconds = time.perf_counter() - started
             print(
-                f"{chr(13) if tty else ''}{label} ok in {self.timings['serve']:5.0f}s  {url} serves {served}",
-                flush=True,
+                f"{back}{label} ok in {seconds:5.0f}s  {url} serves {served} = {source} ({why})", flush=True
             )
             for lang, text in answers.items():
                 print(f"    [{lang}] {spec.prompts[lang]!r} -> {text!r}", flush=True)
-            self.results["serve"] = {"url": url, "model": served, "source": source, "answers": answers}
+            self.serving = {
+                "url": url,
+                "model": served,
+                "source": source,
+                "why": why,
+                "answers": answers,
+                "seconds": seconds,
+            }
             if keep_serving:
                 print(f"serving at {url} (model {served}); Ctrl-C stops", flush=True)
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
                 with contextlib.suppress(KeyboardInterrupt):
                     proc.wait()
         except Exception as exc:
-            print(f"{chr(13) if tty else ''}{label} failed", flush=True)
+            print(f"{back}{label} failed", flush=True)
             raise StageFailed("serve", log_file, str(exc)) from None
         finally:
             if proc.poll() is None:
@@ -287,16 +289,25 @@ class Pipeline:
                     os.killpg(proc.pid, signal.SIGKILL)
             log.close()
 
-    def champion_or(self, model_uri: str, alias: str) -> str:
-        from mlflow import MlflowClient
 
-        try:
-            MlflowClient(self.settings.mlflow_tracking_uri).get_model_version_by_alias(
-                self.cfg.model_name, alias
-            )
-            return f"models:/{self.cfg.model_name}@{alias}"
-        except Exception:
-            return model_uri  # the gate did not promote: serve what was just trained and evaluated
+def champion_version(settings: Settings, name: str, alias: str) -> str | None:
+    """models:/<name>/<version> that @alias points at; None only when the alias (or the model) does not exist
+    yet. An unreachable or failing registry raises: never a default that lets an unpromoted model through."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        mv = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        # MLflow answers an unknown alias with INVALID_PARAMETER_VALUE (SQL store) or RESOURCE_DOES_NOT_EXIST
+        if exc.error_code in (
+            ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),
+            ErrorCode.Name(INVALID_PARAMETER_VALUE),
+        ):
+            return None
+        raise
+    return f"models:/{name}/{mv.version}"
 
 
 def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
@@ -308,8 +319,8 @@ def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[
             tail = log_file.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the server exited with {proc.returncode}: {tail}")
         status = result_from_output(log_file.read_text(errors="replace"))
-        if status and status.get("status") == "ok" and "url" in status.get("outputs", {}):
-            url = status["outputs"]["url"]
+        if status and status.get("status") == "ok" and status.get("outputs", {}).get("url"):
+            url = read_result("serve", log_file.read_text(errors="replace")).outputs.url
             try:
                 models = httpx.get(f"{url}/models", timeout=5).json()["data"]
                 return url, models[0]["id"]
@@ -319,7 +330,12 @@ def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[
     raise TimeoutError(f"the server was not ready after {timeout:.0f}s")
 
 
+class SmokeTestFailed(RuntimeError):
+    pass
+
+
 def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
+    """One chat completion per language; an empty, whitespace-only or non-text answer fails the stage."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=2)
@@ -331,47 +347,63 @@ def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
             max_tokens=spec.max_tokens,
             temperature=0,
         )
-        answers[lang] = r.choices[0].message.content or ""
+        content = r.choices[0].message.content if r.choices else None
+        if not isinstance(content, str) or not content.strip():
+            raise SmokeTestFailed(
+                f"smoke test [{lang}]: {model} answered {content!r} to {prompt!r}: an empty or non-text answer "
+                "means the served model or its chat template is broken"
+            )
+        answers[lang] = content
     return answers
 
 
-def summarize(stage: str, result: dict) -> str:
-    """The key figure of a stage, for its progress line."""
-    m, o = result.get("metrics", {}), result.get("outputs", {})
+def per_eval_set(metrics: dict[str, float], prefix: str) -> str:
+    """`<prefix><eval set>/<lang>` metrics as 'set kk 1.234 ru 2.345 | set2 ...' (each figure under its set)."""
+    sets: dict[str, dict[str, float]] = {}
+    for k, v in metrics.items():
+        if k.startswith(prefix) and k.count("/") == prefix.count("/") + 1:
+            name, lang = k[len(prefix) :].split("/")
+            if lang != "avg":
+                sets.setdefault(name, {})[lang] = v
+    return " | ".join(
+        f"{name} " + " ".join(f"{lang} {v:.3f}" for lang, v in sorted(vals.items()))
+        for name, vals in sorted(sets.items())
+    )
 
-    def per_lang(prefix: str) -> str:
-        vals = {k.split("/")[-1]: v for k, v in m.items() if k.startswith(prefix)}
-        return " ".join(f"{lang} {v:.3f}" for lang, v in sorted(vals.items()))
 
-    if stage == "preprocess":
-        return f"{m.get('documents_kept', '?')} of {m.get('documents_in', '?')} documents kept -> {o.get('dataset_dir')}"
+def summarize(stage: str, result: StageResult) -> str:
+    """The key figure of a stage, for its progress line; every figure says what it was measured on."""
+    m, o = result.metrics, result.outputs
     if stage == "tokenizer":
-        return f"vocab {o.get('vocab_size')} -> {o.get('tokenizer_dir')}"
+        return f"vocab {o.vocab_size} -> {o.tokenizer_dir}"  # type: ignore[attr-defined]
+    if stage == "preprocess":
+        kept, total = m.get("documents_kept", float("nan")), m.get("documents_in", float("nan"))
+        return f"{kept:.0f} of {total:.0f} documents kept -> {o.dataset_dir}"  # type: ignore[attr-defined]
     if stage == "pretrain":
-        return f"val bpb {per_lang('best_val_bpb/')} -> {o.get('model_uri')}"
+        vals = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("best_val_bpb/")}
+        bpb = " ".join(f"{lang} {v:.3f}" for lang, v in sorted(vals.items()))
+        return f"bpb on the dataset's val split {bpb} -> {o.model_uri}"  # type: ignore[attr-defined]
     if stage in ("sft", "distill"):
-        return f"val loss {m.get('best_val_loss', float('nan')):.3f} -> {o.get('model_uri')}"
+        return f"val loss {m.get('best_val_loss', float('nan')):.3f} -> {o.model_uri}"  # type: ignore[attr-defined]
     if stage == "dpo":
         acc = m.get("best_val_rewards/accuracy/pairs")
-        return (
-            f"reward accuracy {acc:.2f} -> {o.get('model_uri')}"
-            if acc is not None
-            else str(o.get("model_uri"))
-        )
+        head = f"reward accuracy {acc:.2f} " if acc is not None else ""
+        return f"{head}-> {o.model_uri}"  # type: ignore[attr-defined]
     if stage == "eval":
-        gate = o.get("gate") or {}
-        bpb = per_lang("bpb/") or per_lang("flores200/bpb/")
-        return f"{bpb} gate {'passed' if gate.get('passed') else 'held'}".strip()
+        gate = o.gate  # type: ignore[attr-defined]
+        verdict = "no gate" if gate is None else ("gate passed" if gate.passed else "gate refused")
+        return f"bpb {per_eval_set(m, 'bpb/')} {verdict}".strip()
     return ""
 
 
 def summary_table(pipe: Pipeline, outcome: dict[str, Any]) -> str:
-    r, t = outcome["results"], outcome["timings"]
     rows = [("stage", "seconds", "result")]
-    for stage in [s for s in STAGES if s in r]:
-        res = r[stage]
+    for stage, sr in pipe.runs.items():
+        word = "cached" if sr.result.reused else f"{sr.seconds:.0f}"
+        rows.append((stage, word, summarize(stage, sr.result)))
+    if pipe.serving:
         rows.append(
-            (stage, f"{t.get(stage, 0):.0f}", summarize(stage, res) if stage != "serve" else res["url"])
+            ("serve", f"{pipe.serving['seconds']:.0f}", f"{pipe.serving['url']} = {pipe.serving['source']}")
         )
     width = max(len(x[0]) for x in rows)
     lines = [f"{a:<{width}}  {b:>7}  {c}" for a, b, c in rows]
@@ -380,27 +412,52 @@ def summary_table(pipe: Pipeline, outcome: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_recipe(name: str, overrides: list[str]) -> RecipeConfig:
+    path = recipe_path(name)
+    if not path.is_file():
+        from pipelines.recipes import list_recipes
+
+        raise ValueError(
+            f"no recipe {name!r} ({path}): choose one of {', '.join(list_recipes())} or pass a path"
+        )
+    return load_config(RecipeConfig, path, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.train_to_serve", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--config", "-c", default=str(REPO_ROOT / "configs" / "pipelines" / "demo.yaml"))
+    parser.add_argument("--recipe", "-r", default="tiny", help="configs/recipes/<name>.yaml, or a path")
+    parser.add_argument(
+        "--rehearsal",
+        action="store_true",
+        help="the recipe's real shapes for a handful of steps on this machine (its rehearsal: overrides)",
+    )
     parser.add_argument(
         "--from", dest="start_from", choices=STAGES, help="run this stage and all later ones again"
     )
     parser.add_argument(
-        "--target", help="override the config's target: local | http://host:8265 | ray://... | k8s"
+        "--target", help="override the recipe's target: local | http://host:8265 | ray://... | k8s"
     )
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the pipeline config")
+    parser.add_argument(
+        "--serve-unpromoted",
+        action="store_true",
+        help="serve the just-trained model even when the gate did not promote it",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)
         settings = Settings.from_env()
-        pipe = Pipeline(cfg, settings, args.target or cfg.target)
+        pipe = Pipeline(recipe, settings, args.target or recipe.target, rehearsal=args.rehearsal)
         started = time.perf_counter()
-        outcome = pipe.run(args.start_from, args.keep_serving or os.environ.get("KEEP_SERVING") == "1")
-    except StageFailed as exc:
+        outcome = pipe.run(
+            args.start_from,
+            args.keep_serving or os.environ.get("KEEP_SERVING") == "1",
+            args.serve_unpromoted,
+        )
+    except (StageFailed, ServingRefused) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         print(json.dumps({"stage": "pipeline", "status": "error", "error": str(exc)}))
         return 1
@@ -410,15 +467,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     total = time.perf_counter() - started
     print("\n" + summary_table(pipe, outcome) + f"\ntotal: {total:.0f}s")
+    timings = {f"seconds/{k}": sr.seconds for k, sr in pipe.runs.items()}
+    if pipe.serving:
+        timings["seconds/serve"] = pipe.serving["seconds"]
     result = {
         "stage": "pipeline",
         "status": "ok",
         "outputs": {
             "model_uri": outcome["model_uri"],
-            "serve": outcome["results"].get("serve"),
-            "state": str(pipe.root / "state.json"),
+            "serve": {k: v for k, v in (pipe.serving or {}).items() if k != "seconds"} or None,
+            "results": {k: str(sr.result_file) for k, sr in pipe.runs.items()},
+            "cached": sorted(k for k, sr in pipe.runs.items() if sr.result.reused),
         },
-        "metrics": {f"seconds/{k}": v for k, v in outcome["timings"].items()},
+        "metrics": timings,
         "mlflow_run_id": outcome["pipeline_run_id"],
     }
     atomic_write_json(pipe.root / "result.json", result)

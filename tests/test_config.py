@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, list_presets, load_config, model_config_from_preset
@@ -31,10 +32,28 @@ def test_presets_exist():
     assert set(list_presets()) >= EXPECTED_PRESETS
 
 
+# The vocabulary each preset is trained with in its recipe: the tokenizer's size, never the preset's.
+RECIPE_VOCAB = {"tiny": 4096, "minimind-26m": 32000, "gpt-130m": 32000, "kk-350m": 32000, "moe-small": 32000}
+
+
+def preset(name: str, vocab_size: int | None = None) -> ModelConfig:
+    return model_config_from_preset(name, [f"vocab_size={vocab_size or RECIPE_VOCAB[name]}"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_presets_never_state_a_vocabulary(name):
+    raw = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
+    assert "vocab_size" not in raw, "the vocabulary comes from the tokenizer, not the preset"
+    cfg = model_config_from_preset(name)
+    with pytest.raises(ValueError, match="comes from the tokenizer"):
+        cfg.num_params()
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
 def test_preset_param_count_and_servable(name):
     raw = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    cfg = model_config_from_preset(name)
+    raw["vocab_size"] = RECIPE_VOCAB[name]
+    cfg = preset(name)
     assert cfg.num_params() == analytic_params(raw)
     assert cfg.head_dim in VLLM_CPU_HEAD_DIMS, "every preset must be servable by vLLM's CPU attention"
     if name in ("tiny", "minimind-26m", "moe-small"):  # small enough to build here
@@ -42,14 +61,28 @@ def test_preset_param_count_and_servable(name):
 
 
 def test_preset_sizes_match_their_names():
-    assert model_config_from_preset("tiny").num_params() < 2_000_000
-    assert 24e6 < model_config_from_preset("minimind-26m").num_params() < 28e6
-    assert 120e6 < model_config_from_preset("gpt-130m").num_params() < 140e6
-    kk = model_config_from_preset("kk-350m")
-    assert 200e6 <= kk.num_params() <= 500e6 and 32_000 <= kk.vocab_size <= 64_000
-    moe = model_config_from_preset("moe-small")
+    assert preset("tiny").num_params() < 2_000_000
+    assert 24e6 < preset("minimind-26m", 6400).num_params() < 28e6  # MiniMind2-small's shape and vocabulary
+    assert 120e6 < preset("gpt-130m").num_params() < 140e6
+    kk = preset("kk-350m")
+    assert 200e6 <= kk.num_params() <= 500e6
+    moe = preset("moe-small")
     assert moe.num_experts > 1 and moe.num_shared_experts >= 1
     assert moe.num_active_params() < moe.num_params()
+
+
+def test_vocabulary_is_padded_to_a_multiple_of_64_and_padding_is_never_scored():
+    cfg = small_config(vocab_size=1000)
+    assert cfg.padded_vocab_size == 1024 and small_config(vocab_size=1024).padded_vocab_size == 1024
+    model = Transformer(cfg)
+    assert model.embed_tokens.weight.shape == (1024, cfg.dim)
+    assert model.num_params() == cfg.num_params()  # the 24 padding rows are not counted
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params() + 24 * cfg.dim
+    ids = torch.randint(0, 1000, (2, 16))
+    out = model(ids, ids)
+    assert out.logits.shape == (2, 16, 1000)
+    out.loss.backward()
+    assert model.embed_tokens.weight.grad[1000:].abs().sum() == 0  # tied head: padding rows get no gradient
 
 
 def test_gqa_divisibility_error_names_fields():

@@ -554,3 +554,20 @@ def test_qwen2_moe_attention_biases(tmp_path: Path) -> None:
     save_file(no_bias, path)
     with pytest.raises(ValueError, match="qkv_bias = true but the checkpoint lacks"):
         load_hf(out)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, tied):
+    """A 250-token tokenizer gives 256 embedding rows in llm_core; the HF export has exactly 250, with the same
+    logits and greedy tokens, and importing it back pads again with identical logits."""
+    model = build(tiny_cfg(vocab_size=250, tie_embeddings=tied))
+    assert model.embed_tokens.weight.shape[0] == 256
+    export_hf(model, tmp_path / "hf")
+    hf = load_transformers(tmp_path / "hf")
+    assert hf.config.vocab_size == 250 and hf.get_input_embeddings().weight.shape[0] == 250
+    ids = tokens(24, vocab=250)
+    assert max_logit_diff(model, hf, ids, f"padded vocab (tied={tied})") < TOL
+    assert_same_greedy(model, hf, ids[0, :8].tolist())
+    back = load_hf(tmp_path / "hf")
+    assert back.embed_tokens.weight.shape[0] == 256
+    torch.testing.assert_close(ours_logits(back, ids), ours_logits(model, ids), atol=0, rtol=0)

@@ -332,7 +332,7 @@ def test_one_and_two_workers_identical(run1, run2):
 def test_rerun_reuses_and_changed_config_writes_new_output(run1, corpus, tokenizer_dir, home, tmp_path):
     t0 = time.perf_counter()
     rc, result, _ = run_cli(run1["cfg"], tmp_path, home, corpus, "execution.num_workers=2")
-    assert rc == 0 and result["outputs"]["reused"] is True
+    assert rc == 0 and result["reused"] is True
     assert result["mlflow_run_id"] == run1["result"]["mlflow_run_id"]
     assert time.perf_counter() - t0 < 30
     changed = PreprocessConfig.model_validate({**run1["cfg"], "dedup": {"threshold": 0.9}})

@@ -75,7 +75,6 @@ def run_pretrain(home: Path, dataset: Path, *overrides: str, data_dir: Path) -> 
         "--config",
         "configs/pretrain/tiny.yaml",
         f"data.dataset={dataset}",
-        "model.vocab_size=1024",
         "train.batch_size=8",
         "train.seq_len=64",
         "train.eval_windows=8",
@@ -135,13 +134,16 @@ def test_pretrain_job_trains_exports_registers_and_resumes(tmp_path, dataset, da
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
 
-    # the same command again resumes the finished run: no new training steps
-    r2 = run_pretrain(
-        home, dataset, "train.steps=40", "train.eval_every=20", "train.log_every=10", data_dir=data_dir
-    )
-    assert "resumed from checkpoint at step 40" in r2.stdout + r2.stderr
-    assert "step    10 | train loss" not in r2.stdout
-    assert result_of(r2)["outputs"]["checkpoint_dir"] == str(run_dir)
+    # the same command again: the job finds its output current (same config, dataset and code) and returns it
+    same = ("train.steps=40", "train.eval_every=20", "train.log_every=10")
+    r2 = result_of(run_pretrain(home, dataset, *same, data_dir=data_dir))
+    assert r2["reused"] is True and r2["outputs"] == r["outputs"] and r2["cache_key"] == r["cache_key"]
+    assert len(client.search_model_versions("name='tulpar-tiny'")) == 1, "no new version for a cached run"
+    # --rerun redoes the work: it resumes the finished run (no new training steps) and registers a new version
+    r3 = run_pretrain(home, dataset, "--rerun", *same, data_dir=data_dir)
+    assert "resumed from checkpoint at step 40" in r3.stdout + r3.stderr
+    assert "step    10 | train loss" not in r3.stdout
+    assert result_of(r3)["reused"] is False and result_of(r3)["outputs"]["checkpoint_dir"] == str(run_dir)
 
 
 @pytest.mark.slow
@@ -209,4 +211,5 @@ def test_missing_dataset_and_vocab_mismatch_are_user_errors(tmp_path, dataset, d
     proc = run_pretrain(tmp_path / "home", tmp_path / "nope", data_dir=data_dir)
     assert proc.returncode == 2 and "make preprocess" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_pretrain(tmp_path / "home", dataset, "model.vocab_size=512", data_dir=data_dir)
-    assert proc.returncode == 2 and "set model.vocab_size=1024" in proc.stderr
+    assert proc.returncode == 2 and "model.vocab_size (512) cannot be set" in proc.stderr
+    assert "the dataset's tokenizer" in proc.stderr and "Traceback" not in proc.stderr

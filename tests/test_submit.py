@@ -246,7 +246,6 @@ def test_make_submit_pretrain_on_a_ray_head_logs_to_postgres_s3_mlflow(mlflow_st
     with stack.ray_head(tmp_path, env, num_cpus=2) as dashboard:
         overrides = [
             f"data.dataset={dataset}",
-            "model.vocab_size=512",
             "train.steps=6",
             "train.batch_size=4",
             "train.seq_len=32",

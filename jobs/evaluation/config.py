@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.prep.config import LangIdConfig
 from jobs.tokenizer_report import PRESETS as PARALLEL_PRESETS
 from llm_core.config import StrictModel
@@ -425,3 +426,11 @@ class EvalConfig(StrictModel):
                     )
                 }
         return out
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> EvalConfig:
+        """`--input model=<a training stage's result>`: evaluate that registered model version."""
+        got = take_inputs("eval", inputs, {"model": (ModelVersionOutputs,)})
+        data = self.model_dump()
+        if "model" in got:
+            data["model"]["source"] = model_reference(got["model"], "model")
+        return EvalConfig.model_validate(data)

@@ -11,6 +11,8 @@ Contract (../shared/design/platform.md, mirrored in docs/architecture.md):
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from jobs.platform.configfile import load_config
+from jobs.platform.results import OUTPUTS_BY_STAGE, Outputs, ResultError, StageResult, parse_result
 from llm_core.io import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +46,7 @@ class Settings:
     storage: str  # TULPAR_STORAGE: Ray Train checkpoints and large outputs (a path or s3:// URI)
     mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
     ray_address: str | None  # RAY_ADDRESS; None starts a local Ray
+    rerun: bool = False  # TULPAR_RERUN=1 or --rerun: redo the work even when a stored result is current
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,6 +65,7 @@ class Settings:
             storage=storage,
             mlflow_tracking_uri=tracking,
             ray_address=os.environ.get("RAY_ADDRESS") or None,
+            rerun=os.environ.get("TULPAR_RERUN") == "1",
         )
 
     def require_data(self, *parts: str) -> Path:
@@ -86,18 +91,40 @@ class Settings:
 
 @dataclass
 class JobResult:
+    """What a job's `main` returns. Stages with a contract (jobs.platform.results.OUTPUTS_BY_STAGE) return their
+    typed outputs model; helper jobs outside the chain (tokenizer_report, download_data) may return a dict."""
+
     stage: str
-    outputs: dict[str, Any] = field(default_factory=dict)
+    outputs: Outputs | dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     status: str = "ok"
     output_dir: Path | None = None  # where result.json goes
+    cache_key: str | None = (
+        None  # the job's identity of this output (config, inputs, code): see jobs.platform.cache
+    )
+    reused: bool = False  # the job found its output current and did no work
 
     def to_dict(self) -> dict[str, Any]:
+        if self.stage in OUTPUTS_BY_STAGE:  # validated against the stage's contract before anyone reads it
+            outputs = self.outputs if isinstance(self.outputs, Outputs) else dict(self.outputs)
+            typed = StageResult[OUTPUTS_BY_STAGE[self.stage]].model_validate(  # type: ignore[valid-type]
+                {
+                    "stage": self.stage,
+                    "outputs": outputs,
+                    "metrics": self.metrics,
+                    "mlflow_run_id": self.mlflow_run_id,
+                    "cache_key": self.cache_key,
+                    "reused": self.reused,
+                }
+            )
+            return typed.model_dump(mode="json")
         return {
             "stage": self.stage,
             "status": self.status,
-            "outputs": self.outputs,
+            "outputs": self.outputs.model_dump(mode="json")
+            if isinstance(self.outputs, Outputs)
+            else self.outputs,
             "metrics": self.metrics,
             "mlflow_run_id": self.mlflow_run_id,
         }
@@ -110,7 +137,7 @@ def default_config_path(stage: str, name: str) -> Path:
     return CONFIG_ROOT / stage / f"{name}.yaml"
 
 
-def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[str]]:
+def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[str], bool, list[str]]:
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{stage}",
         description=f"Tulpar {stage} job. Overrides are dotted key=value pairs, e.g. train.steps=100.",
@@ -118,14 +145,27 @@ def parse_args(stage: str, argv: list[str] | None) -> tuple[Path | None, list[st
     parser.add_argument(
         "--config", "-c", help=f"YAML config (e.g. configs/{stage}/tiny.yaml) or a name in it"
     )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="redo the work even when a stored result for this config is current",
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="ROLE=RESULT",
+        help="an earlier stage's typed result (its result.json path, or the JSON itself) in a role this stage "
+        "takes, e.g. tokenizer=.tulpar/tokenizers/tiny/result.json; the pipeline passes these",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied after the file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow overrides, as `make ... ARGS=` places them
     path = None
     if args.config:
         path = Path(args.config)
         if not path.exists() and "/" not in args.config and not args.config.endswith(".yaml"):
             path = default_config_path(stage, args.config)
-    return path, args.overrides
+    return path, args.overrides, args.rerun, args.input
 
 
 def disconnect_ray() -> None:
@@ -165,9 +205,13 @@ def run_job(
         print(json.dumps(record, ensure_ascii=False))
 
     try:
-        path, overrides = parse_args(stage, argv)
+        path, overrides, rerun, input_args = parse_args(stage, argv)
         cfg = load_config(config_cls, path, overrides)
+        if input_args:
+            cfg = apply_inputs(stage, cfg, parse_inputs(input_args))
         settings = Settings.from_env()
+        if rerun:
+            settings = dataclasses.replace(settings, rerun=True)
         result = main(cfg, settings)
     except ValueError as exc:  # user error: say what and how to fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
@@ -184,6 +228,47 @@ def run_job(
         atomic_write_json(Path(result.output_dir) / "result.json", result.to_dict())
     emit(result.to_dict())
     return 0
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, StageResult]:
+    """`--input ROLE=RESULT` pairs -> typed results (RESULT: a result.json path or the JSON itself)."""
+    inputs: dict[str, StageResult] = {}
+    for pair in pairs:
+        role, sep, value = pair.partition("=")
+        if not sep or not role:
+            raise ValueError(
+                f"--input {pair!r} is not ROLE=RESULT: e.g. --input tokenizer=path/to/result.json"
+            )
+        if role in inputs:
+            raise ValueError(f"--input {role}= is given twice: pass each role once")
+        text = value
+        if value.startswith("b64:"):  # as pipelines.submit sends it to a cluster
+            try:
+                text = base64.urlsafe_b64decode(value[4:].encode("ascii")).decode("utf-8")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"--input {role}=b64:...: not base64-encoded JSON ({exc})") from None
+        elif not value.lstrip().startswith("{"):
+            path = Path(value)
+            if not path.is_file():
+                raise ValueError(f"--input {role}={value}: no such result file; pass a stage's result.json")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--input {role}=: not a JSON stage result ({exc})") from None
+        try:
+            inputs[role] = parse_result(str(data.get("stage")), data)
+        except ResultError as exc:
+            raise ValueError(f"--input {role}=: {exc}") from None
+    return inputs
+
+
+def apply_inputs(stage: str, cfg: C, inputs: dict[str, StageResult]) -> C:
+    """The config with its inputs filled from earlier stages' typed results (the config class's `with_inputs`)."""
+    with_inputs = getattr(cfg, "with_inputs", None)
+    if with_inputs is None:
+        raise ValueError(f"jobs.{stage} takes no --input ({', '.join(inputs)} given): drop them")
+    return with_inputs(inputs)
 
 
 def result_from_output(text: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from jobs.platform.results import StageResult, TokenizerOutputs, take_inputs
 from llm_core.config import StrictModel, config_to_dict
 
 # Part of every dataset's content hash: bump it when a change to the code changes what a config produces, so that
@@ -265,31 +266,14 @@ class SplitConfig(StrictModel):
     val_fraction: float = Field(0.02, ge=0, lt=1)
 
 
-class TokenizerTrainSpec(StrictModel):
-    """Train a byte-level BPE (llm_core.tokenizer.train_bpe) on a sample of the cleaned train documents."""
-
-    vocab_size: int = Field(4096, gt=262)
-    max_chars_per_language: int = Field(
-        1_000_000, gt=0, description="balanced sample so no language dominates"
-    )
-    min_frequency: int = Field(2, ge=1)
-
-
 class TokenizerConfig(StrictModel):
-    """Give a tokenizer directory (`path`) or let the job train one (`train`)."""
+    """The tokenizer the shards are written with: the tokenizer stage's output (`jobs.tokenizer`). Preprocessing
+    never trains one; the dataset records it (path, sha256, vocabulary) and pretraining takes it from there."""
 
-    path: str | None = Field(
-        None,
+    path: str = Field(
         description="tokenizer dir or tokenizer.json; relative: cwd, $TULPAR_HOME/tokenizers, $TULPAR_DATA/tokenizers",
     )
-    train: TokenizerTrainSpec | None = None
     batch_size: int = Field(256, gt=0, description="documents per encode_batch call")
-
-    @model_validator(mode="after")
-    def _one(self) -> TokenizerConfig:
-        if (self.path is None) == (self.train is None):
-            raise ValueError("set exactly one of tokenizer.path (an existing tokenizer) or tokenizer.train")
-        return self
 
 
 class OutputConfig(StrictModel):
@@ -380,3 +364,11 @@ class PreprocessConfig(StrictModel):
         data = config_to_dict(self.model_copy(update={"execution": ExecutionConfig()}))
         blob = json.dumps({"pipeline_version": PIPELINE_VERSION, "config": data}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+    def with_inputs(self, inputs: dict[str, StageResult]) -> PreprocessConfig:
+        """`--input tokenizer=<tokenizer stage result>`: the shards are written with that tokenizer."""
+        got = take_inputs("preprocess", inputs, {"tokenizer": (TokenizerOutputs,)})
+        data = self.model_dump()
+        if "tokenizer" in got:
+            data["tokenizer"]["path"] = got["tokenizer"].tokenizer_dir
+        return PreprocessConfig.model_validate(data)

@@ -7,6 +7,7 @@ Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +20,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from jobs.platform import tracking
+from jobs.platform.cache import StageCache, files_sha256, model_version_still_registered
+from jobs.platform.results import ModelVersionOutputs
 from jobs.platform.runtime import JobResult, Settings
 from jobs.training.distributed import (
     RayTrainConfig,
@@ -188,6 +191,17 @@ def run_posttrain(
     prepared = prepare(tokenizer, init_dir)
     print(f"{stage}: {json.dumps(prepared.stats, ensure_ascii=False)}", flush=True)
     tracking.check_server(settings)
+    identity = {
+        "config": config_to_dict(cfg),
+        "parent_model_uri": parent_uri,
+        "data_sha256": rows_sha256(prepared.train) + rows_sha256(prepared.val),
+        "worker_extra": worker_extra or {},
+    }
+    if not parent_uri.startswith("models:/"):  # a directory: its files are the input
+        identity["init_sha256"] = files_sha256([p for p in Path(init_dir).rglob("*") if p.is_file()])
+    cache = StageCache(settings, stage, identity)
+    if (stored := cache.lookup(model_version_still_registered(settings))) is not None:
+        return stored
 
     run_key = f"{name}-{stage}-{config_sha256(cfg)[:8]}"
     run_dir = run_dir_for(settings, run_key)
@@ -254,18 +268,30 @@ def run_posttrain(
 
     metrics = best_val_metrics(best_meta)
     metrics["steps"] = float(best_meta["step"])
-    outputs = {
-        "checkpoint_dir": str(run_dir),
-        "best_checkpoint": best_ckpt.path,
-        "parent_model_uri": parent_uri,
-        "hf_dir": str(hf_dir),
-        "model_uri": model_uri,
-        "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        "samples": samples,
-        "data": prepared.stats,
-    }
+    outputs = ModelVersionOutputs(
+        checkpoint_dir=str(run_dir),
+        best_checkpoint=best_ckpt.path,
+        last_checkpoint=last_ckpt.path,
+        parent_model_uri=parent_uri,
+        hf_dir=str(hf_dir),
+        model_uri=model_uri,
+        adapter_dir=str(adapter_dir) if adapter_dir else None,
+        samples=samples,
+        data=prepared.stats,
+    )
     result_obj = JobResult(
         stage, outputs=outputs, metrics=metrics, mlflow_run_id=run.info.run_id, output_dir=run_dir
     )
     atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
-    return result_obj
+    return cache.store(result_obj)
+
+
+def rows_sha256(rows: list[dict[str, torch.Tensor]]) -> str:
+    """A content hash of prepared rows (keys, dtypes, shapes and values), for the stage's cache key."""
+    h = hashlib.sha256()
+    for row in rows:
+        for key in sorted(row):
+            t = row[key].detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()

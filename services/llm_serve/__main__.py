@@ -16,6 +16,7 @@ import threading
 import time
 
 from jobs.platform.configfile import apply_overrides, load_config, validate_config
+from jobs.platform.results import EndpointOutputs, StageResult
 from jobs.platform.runtime import EXIT_USER_ERROR, Settings
 from services.llm_serve.app import build_from, prepare
 from services.llm_serve.config import ServeConfig
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     summary = {m.served_name: m.uri for m in resolved}
     if check_only:
-        print(json.dumps({"stage": "serve", "status": "ok", "outputs": {"models": summary}}))
+        print(StageResult(stage="serve", outputs=EndpointOutputs(models=summary)).model_dump_json())
         return 0
 
     import ray
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_from(cfg, resolved), name=cfg.app_name, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}/v1"
     print(
-        json.dumps({"stage": "serve", "status": "ok", "outputs": {"url": url, "models": summary}}), flush=True
+        StageResult(stage="serve", outputs=EndpointOutputs(url=url, models=summary)).model_dump_json(),
+        flush=True,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
