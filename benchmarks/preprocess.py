@@ -36,6 +36,7 @@ from jobs.platform.configfile import load_config  # noqa: E402
 from jobs.platform.runtime import Settings  # noqa: E402
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.reference import run_loop  # noqa: E402
+from jobs.preprocess import resolve_tokenizer_path  # noqa: E402
 from llm_core.shards import read_manifest  # noqa: E402
 from llm_core.text import sample_language  # noqa: E402
 from llm_core.tokenizer import Tokenizer, train_bpe  # noqa: E402
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="tulpar-bench-prep-"))
     base = load_config(PreprocessConfig, REPO_ROOT / args.config, args.override)
-    tok_path = base.tokenizer.path
-    if tok_path is None:  # train once, outside the timings
+    try:
+        tok_path = str(resolve_tokenizer_path(base.tokenizer.path, settings))
+    except ValueError:  # no tokenizer stage output here: train one once, outside the timings
         texts = []
         for lang in base.languages:
             texts += sample_language(settings.require_data("corpus", lang), 1_000_000)

@@ -57,6 +57,7 @@ from jobs.evaluation.report import (
 )
 from jobs.evaluation.text import TextResult, evaluate_text_set, read_documents, resolve_path, text_metrics
 from jobs.platform import tracking
+from jobs.platform.cache import StageCache, stat_fingerprint
 from jobs.platform.runtime import JobResult, Settings, run_job
 from llm_core.config import config_to_dict
 from llm_core.io import atomic_write_json, atomic_write_text
@@ -355,6 +356,9 @@ def main(cfg: EvalConfig, settings: Settings) -> JobResult:
     check_config(cfg)
     tracking.check_server(settings)
     loaded = load_model(cfg.model, settings)
+    cache = StageCache(settings, STAGE, eval_identity(cfg, loaded, settings))
+    if (stored := cache.lookup(gate_still_holds(settings, loaded))) is not None:
+        return stored
     slug = f"{loaded.name}/{loaded.version}" if loaded.name else f"local/{Path(loaded.uri).name}"
     if cfg.output_dir:
         out_dir = Path(cfg.output_dir)
@@ -425,7 +429,53 @@ def main(cfg: EvalConfig, settings: Settings) -> JobResult:
         "gate": decision.to_dict() if decision else None,
         "lm_eval_command": " ".join(res.lm_eval_cmd) if res.lm_eval_cmd else None,
     }
-    return JobResult(STAGE, outputs=outputs, metrics=res.metrics, mlflow_run_id=run_id, output_dir=out_dir)
+    return cache.store(
+        JobResult(STAGE, outputs=outputs, metrics=res.metrics, mlflow_run_id=run_id, output_dir=out_dir)
+    )
+
+
+def eval_identity(cfg: EvalConfig, loaded: LoadedModel, settings: Settings) -> dict:
+    """What an evaluation's result depends on: the suite config, the model (a registered version is immutable; a
+    directory is hashed) and the eval data (jobs.platform.cache)."""
+    identity: dict = {"config": config_to_dict(cfg), "model": loaded.uri}
+    if not loaded.uri.startswith("models:/"):
+        identity["model_files"] = stat_fingerprint(Path(loaded.uri))
+    identity["eval_data"] = stat_fingerprint(settings.data / "eval")
+    identity["suites"] = {s.name: stat_fingerprint(Path(s.path)) for s in cfg.multiple_choice if s.path}
+    return identity
+
+
+def gate_still_holds(settings: Settings, loaded: LoadedModel):
+    """A stored evaluation with a gate is current only while the alias is where that decision left it: at this
+    version if it promoted it, at the same baseline if it did not (an unreachable registry raises)."""
+
+    def check(stored) -> bool:
+        gate = stored.outputs.gate
+        if gate is None or loaded.name is None:
+            return True
+        now = current_alias_version(settings, loaded.name, gate.alias)
+        expected = stored.outputs.model_uri if gate.promoted else gate.baseline_uri
+        return now == expected
+
+    return check
+
+
+def current_alias_version(settings: Settings, name: str, alias: str) -> str | None:
+    """models:/<name>/<version> of @alias, None when the alias is not set; other registry errors raise."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        mv = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in (
+            ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),
+            ErrorCode.Name(INVALID_PARAMETER_VALUE),
+        ):
+            return None
+        raise
+    return f"models:/{name}/{mv.version}"
 
 
 def write_comparison(

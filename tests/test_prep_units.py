@@ -341,7 +341,7 @@ def test_config_errors_name_the_key(tmp_path):
     )
     with pytest.raises(ConfigError) as e:
         load_config(PreprocessConfig, p)
-    assert "sum to 0.5" in str(e.value) and "exactly one of tokenizer.path" in str(e.value)
+    assert "sum to 0.5" in str(e.value) and "tokenizer.path: required but missing" in str(e.value)
     with pytest.raises(ConfigError, match="dedup.treshold: unknown key"):
         load_config(PreprocessConfig, "configs/preprocess/tiny.yaml", ["dedup.treshold=0.5"])
 
