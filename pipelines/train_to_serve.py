@@ -27,6 +27,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,41 @@ class StageRun:
     result: StageResult
     seconds: float
     result_file: Path
+    peak_rss_bytes: int = 0  # the job's whole process tree (its local Ray workers included), sampled
+
+
+class PeakRss:
+    """Samples, in a thread, the summed resident memory of a process and all its descendants (a local Ray's raylet
+    and workers are descendants of the job that started it) every `interval_s`; `peak` is the largest sum."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            total = 0
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                        total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Pipeline:
@@ -129,9 +166,15 @@ class Pipeline:
         if tty:
             print(f"{label} running ...", end="", flush=True)
         started = time.perf_counter()
-        with log_file.open("w") as log:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-            log.write(proc.stdout)
+        with log_file.open("w") as log, tempfile.TemporaryFile("w+") as out:
+            child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=log, text=True)
+            with PeakRss(child.pid) as rss:
+                child.wait()
+            peak_rss = rss.peak
+            out.seek(0)
+            stdout = out.read()
+            log.write(stdout)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, None)
         elapsed = time.perf_counter() - started
         back = chr(13) if tty else ""
         raw = result_from_output(proc.stdout)
@@ -148,7 +191,7 @@ class Pipeline:
         atomic_write_json(result_file, result.model_dump(mode="json"))
         word = "cached " if result.reused else f"ok in {elapsed:5.0f}s"
         print(f"{back}{label} {word}  {summarize(stage, result)}", flush=True)
-        self.runs[stage] = StageRun(result, elapsed, result_file)
+        self.runs[stage] = StageRun(result, elapsed, result_file, peak_rss)
         return result
 
     # ------------------------------------------------------------------ the chain
@@ -255,10 +298,12 @@ class Pipeline:
         proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        rss = PeakRss(proc.pid).__enter__()
         try:
             url, served = wait_ready(log_file, proc, spec.startup_timeout_s)
             answers = smoke_test(url, served, spec)
             seconds = time.perf_counter() - started
+            rss.__exit__()
             print(
                 f"{back}{label} ok in {seconds:5.0f}s  {url} serves {served} = {source} ({why})", flush=True
             )
@@ -271,6 +316,7 @@ class Pipeline:
                 "why": why,
                 "answers": answers,
                 "seconds": seconds,
+                "peak_rss_bytes": rss.peak,
             }
             if keep_serving:
                 print(f"serving at {url} (model {served}); Ctrl-C stops", flush=True)
@@ -281,6 +327,7 @@ class Pipeline:
             print(f"{back}{label} failed", flush=True)
             raise StageFailed("serve", log_file, str(exc)) from None
         finally:
+            rss.__exit__()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
                 try:
@@ -397,16 +444,15 @@ def summarize(stage: str, result: StageResult) -> str:
 
 
 def summary_table(pipe: Pipeline, outcome: dict[str, Any]) -> str:
-    rows = [("stage", "seconds", "result")]
+    rows = [("stage", "seconds", "peak RSS", "result")]
     for stage, sr in pipe.runs.items():
         word = "cached" if sr.result.reused else f"{sr.seconds:.0f}"
-        rows.append((stage, word, summarize(stage, sr.result)))
+        rows.append((stage, word, f"{sr.peak_rss_bytes / 2**30:.2f} GiB", summarize(stage, sr.result)))
     if pipe.serving:
-        rows.append(
-            ("serve", f"{pipe.serving['seconds']:.0f}", f"{pipe.serving['url']} = {pipe.serving['source']}")
-        )
+        s = pipe.serving
+        rows.append(("serve", f"{s['seconds']:.0f}", f"{s['peak_rss_bytes'] / 2**30:.2f} GiB", s["source"]))
     width = max(len(x[0]) for x in rows)
-    lines = [f"{a:<{width}}  {b:>7}  {c}" for a, b, c in rows]
+    lines = [f"{a:<{width}}  {b:>7}  {c:>9}  {d}" for a, b, c, d in rows]
     lines.append(f"final model: {outcome['model_uri']}")
     lines.append(f"MLflow UI:   make mlflow-ui   (tracking store {pipe.settings.mlflow_tracking_uri})")
     return "\n".join(lines)
@@ -468,14 +514,17 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     print("\n" + summary_table(pipe, outcome) + f"\ntotal: {total:.0f}s")
     timings = {f"seconds/{k}": sr.seconds for k, sr in pipe.runs.items()}
+    timings.update({f"peak_rss_bytes/{k}": float(sr.peak_rss_bytes) for k, sr in pipe.runs.items()})
     if pipe.serving:
         timings["seconds/serve"] = pipe.serving["seconds"]
+        timings["peak_rss_bytes/serve"] = float(pipe.serving["peak_rss_bytes"])
     result = {
         "stage": "pipeline",
         "status": "ok",
         "outputs": {
             "model_uri": outcome["model_uri"],
-            "serve": {k: v for k, v in (pipe.serving or {}).items() if k != "seconds"} or None,
+            "serve": {k: v for k, v in (pipe.serving or {}).items() if k not in ("seconds", "peak_rss_bytes")}
+            or None,
             "results": {k: str(sr.result_file) for k, sr in pipe.runs.items()},
             "cached": sorted(k for k, sr in pipe.runs.items() if sr.result.reused),
         },
