@@ -44,6 +44,7 @@ from llm_core.config import ConfigError, ModelConfig
 from pipelines.recipes import (
     STAGES,
     RecipeConfig,
+    ServeSpec,
     list_recipes,
     load_recipe,
     split_serve_overrides,
@@ -216,6 +217,7 @@ class RecipeChecker:
         self.base = source.parent
         self.reports: dict[str, StageReport] = {}
         self.classes = stage_classes()
+        self.serve_specs: dict[bool, ServeSpec] = {}
 
     # ------------------------------------------------------------------ helpers
     def report(self, stage: str) -> StageReport:
@@ -257,7 +259,10 @@ class RecipeChecker:
                 f"teacher=models:/{r.model_name}@dpo-latest",
             ]
         if stage == "eval":
-            return [f"model.source=models:/{r.model_name}@dpo-latest", "promote=true"]
+            last = next(
+                s for s in ("dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled
+            )
+            return [f"model.source=models:/{r.model_name}@{last}-latest", "promote=true"]
         if stage == "serve":
             return [f"models.0.source=models:/{r.model_name}@{r.serve.alias}"]
         return []
@@ -281,8 +286,6 @@ class RecipeChecker:
             if stage == "pretrain":
                 data = self.with_vocab(data, label)
             data = apply_overrides(data, self.wiring(stage, data))
-            if stage == "pretrain" and isinstance(data.get("model"), str):
-                data = resolve_presets(data)
             return Loaded(validate_config(self.classes[stage], data, f"{path}{label}"), data)
         except (ConfigError, ValueError) as exc:
             self.fail(
@@ -353,6 +356,8 @@ class RecipeChecker:
             if model is not None:
                 self.check_stage(stage, cfg, model)
         self.check_rehearsal(loaded, rehearsal, model)
+        self.check_aliases(loaded.get("eval"), rehearsal=False)
+        self.check_aliases(rehearsal.get("eval"), rehearsal=True)
         for stage in stages:
             self.report(stage)
         return self.reports
@@ -376,10 +381,28 @@ class RecipeChecker:
             list(self.recipe.rehearsal.serve) if rehearsal else []
         )
         try:
-            apply_overrides(self.recipe.serve.model_dump(), spec_items)  # ServeSpec keys must parse
+            data = apply_overrides(self.recipe.serve.model_dump(), spec_items)
+            self.serve_specs[rehearsal] = validate_config(ServeSpec, data, "rehearsal.serve")
         except ConfigError as exc:
             self.fail("serve", "rehearsal.serve", str(exc), "fix the override")
         return self.load("serve", config_items, " + rehearsal" if rehearsal else "")
+
+    def check_aliases(self, evals: Loaded | None, rehearsal: bool) -> None:
+        """The pipeline serves the alias the gate moves: serve.alias must be the eval gate's alias."""
+        spec = self.serve_specs.get(rehearsal)
+        if evals is None or evals.config is None or spec is None or not spec.enabled:
+            return
+        gate = evals.config.gate.alias
+        if spec.alias != gate:
+            where = "rehearsal.serve: alias" if rehearsal else "serve.alias"
+            self.fail(
+                "rehearsal" if rehearsal else "serve",
+                where,
+                f"serves @{spec.alias}, but the eval gate promotes to @{gate}"
+                + (" with the rehearsal overrides" if rehearsal else ""),
+                f"serve the alias the gate moves: set {where.replace(': ', ' ')}={gate}, or change the eval's "
+                "gate.alias",
+            )
 
     def check_tokenizer(self, tok: Loaded | None) -> None:
         if tok is None or tok.config is None:

@@ -293,3 +293,14 @@ def test_kk_350m_memory_estimate_fits_an_h100():
         m, rows=8, seq_len=4096, num_workers=8, parallelism="fsdp", activation_checkpointing=False
     )
     assert no_ckpt.activations_gb > 5 * est.activations_gb  # what activation checkpointing saves
+
+
+def test_serving_an_alias_the_gate_does_not_move_fails(env, capsys, tmp_path):
+    recipe = broken_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["rehearsal"] = {"eval": ["gate.alias=rehearsal"]}  # the rehearsal still serves @champion
+    write(recipe, data)
+    rc, _, err = run(capsys, str(recipe))
+    (msg,) = failures(err)
+    assert rc == 2 and "stage rehearsal, key rehearsal.serve: alias: serves @champion" in msg
+    assert "the eval gate promotes to @rehearsal" in msg and "set rehearsal.serve alias=rehearsal" in msg
