@@ -307,6 +307,16 @@ class RecipeChecker:
         if not isinstance(model, dict) or self.derived_vocab is None:
             return data
         stated = model.get("vocab_size")
+        rehearsal_sets_vocab = any(
+            o.split("=", 1)[0] == "model.vocab_size" for o in self.recipe.rehearsal.pretrain
+        )
+        if label and rehearsal_sets_vocab and stated != self.derived_vocab:
+            self.fail(
+                "rehearsal",
+                "rehearsal.pretrain: model.vocab_size",
+                f"{stated} != the tokenizer's {self.derived_vocab}",
+                "a rehearsal keeps the real vocabulary: drop that override",
+            )
         if stated is not None and stated != self.derived_vocab and not label:
             where = self.model_source()
             self.fail(

@@ -216,13 +216,14 @@ def test_missing_input_file_fails(env, capsys, tmp_path):
 def test_rehearsal_that_changes_shapes_fails(env, capsys, tmp_path):
     recipe = broken_recipe(tmp_path)
     data = yaml.safe_load(recipe.read_text())
-    data["rehearsal"] = {"pretrain": ["model.num_layers=1", "train.seq_len=64"]}
+    data["rehearsal"] = {"pretrain": ["model.num_layers=1", "train.seq_len=64", "model.vocab_size=512"]}
     write(recipe, data)
     rc, _, err = run(capsys, str(recipe))
     msgs = failures(err)
     assert rc == 2
     assert any("key rehearsal.pretrain: model.num_layers: 1 != the recipe's 2" in m for m in msgs)
     assert any("key rehearsal.pretrain: train.seq_len: 64 != the recipe's 128" in m for m in msgs)
+    assert any("key rehearsal.pretrain: model.vocab_size: 512 != the tokenizer's 4096" in m for m in msgs)
 
 
 def test_gpu_memory_that_does_not_fit_fails(env, capsys, tmp_path):
