@@ -17,8 +17,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from jobs.platform.configfile import load_config
 from jobs.platform.runtime import REPO_ROOT
-from llm_core.config import StrictModel
+from llm_core.config import ConfigError, StrictModel
 
 RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
 STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "distill", "eval", "serve")
@@ -104,3 +105,69 @@ def recipe_path(name: str) -> Path:
 
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> RecipeConfig:
+    """A recipe by name (configs/recipes/<name>.yaml) or path; ConfigError naming the bad key."""
+    path = recipe_path(name)
+    if not path.is_file():
+        known = ", ".join(list_recipes()) or "none"
+        raise ConfigError(f"unknown recipe {name!r}: choose one of {known} (files in {RECIPE_DIR})")
+    return load_config(RecipeConfig, path)
+
+
+def stage_config_path(stage: str, config: str, base: Path | None = None) -> Path:
+    """configs/<stage>/<config>.yaml, or `config` itself when it names a YAML file (relative to the recipe's
+    directory first, then the working directory)."""
+    p = Path(config)
+    if p.suffix in (".yaml", ".yml"):
+        for candidate in ([base / p] if base is not None and not p.is_absolute() else []) + [p]:
+            if candidate.is_file():
+                return candidate
+        return p
+    return REPO_ROOT / "configs" / stage / f"{config}.yaml"
+
+
+SERVE_SPEC_KEYS = frozenset(ServeSpec.model_fields) - {"config", "overrides"}
+
+
+def split_serve_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Rehearsal `serve:` overrides: keys of the smoke test (ServeSpec: alias, max_tokens, prompts, ...) apply to
+    the recipe's serve spec, every other key to the serve config (configs/serve/<config>.yaml)."""
+    spec, config = [], []
+    for item in items:
+        (spec if item.split("=", 1)[0].split(".", 1)[0] in SERVE_SPEC_KEYS else config).append(item)
+    return spec, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.recipes --check [NAME ...]`: exit 0 when every named recipe (default: all) passes,
+    2 with every failure listed (recipe, stage, key, fix) when one does not."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.recipes", description=main.__doc__)
+    parser.add_argument("--check", action="store_true", help="validate recipes without training")
+    parser.add_argument(
+        "names", nargs="*", help=f"recipes to check (default all: {', '.join(list_recipes())})"
+    )
+    args = parser.parse_args(argv)
+    if not args.check:
+        parser.print_usage(sys.stderr)
+        print(
+            "nothing to do: pass --check (to run a recipe: python -m pipelines.train_to_serve --recipe NAME)",
+            file=sys.stderr,
+        )
+        return 2
+    from pipelines.recipe_check import run_check
+
+    try:
+        run_check(args.names or None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,6 +30,8 @@ from llm_core.scoring import Scorer, ScoreRequest, plan_windows
 from tests.conftest import DATA, REPO, small_config
 
 FIX = REPO / "tests" / "fixtures" / "eval"
+# the multiple-choice fixtures configs/eval/tiny.yaml names ship with the configs (the images have no tests/)
+SHIPPED = REPO / "configs" / "eval" / "fixtures"
 LANGS = ("kk", "ru", "en")
 
 
@@ -208,7 +210,7 @@ def test_mc_with_a_model_that_prefers_the_correct_answer(small_tokenizer, tmp_pa
     """Through the real tokenizer and scorer: a table LM that puts its mass on the correct choice's tokens."""
     tok = small_tokenizer
     spec = MCSuiteSpec(
-        name="belebele-kk", language="kk", format="belebele", path=str(FIX / "belebele_kk.jsonl")
+        name="belebele-kk-fixture", language="kk", format="belebele", path=str(SHIPPED / "belebele_kk.jsonl")
     )
     items, pool, _ = load_suite(spec, settings_for(tmp_path))
     V = tok.vocab_size
@@ -226,19 +228,19 @@ def test_mc_with_a_model_that_prefers_the_correct_answer(small_tokenizer, tmp_pa
 @pytest.mark.parametrize(
     "fmt, file, answers, n_choices",
     [
-        ("generic", "generic_en.jsonl", [0, 2, 1, 1, 2, 1], 4),
-        ("belebele", "belebele_kk.jsonl", [0, 1, 2, 3], 4),
-        ("mmlu", "mmlu_en.jsonl", [1, 2, 0, 1], 4),
-        ("mmlu_csv", "mmlu_headerless.csv", [1, 2, 0], 4),
-        ("ceval", "ceval_ru.csv", [2, 1, 0], 4),
-        ("cmmlu", "cmmlu_ru.csv", [1, 0], 4),
-        ("kazmmlu", "kazmmlu_kk.csv", [2, 0, 0, 2], None),  # blank option E dropped: 5 or 4 choices
+        ("generic", FIX / "generic_en.jsonl", [0, 2, 1, 1, 2, 1], 4),
+        ("belebele", SHIPPED / "belebele_kk.jsonl", [0, 1, 2, 3], 4),
+        ("mmlu", SHIPPED / "mmlu_en.jsonl", [1, 2, 0, 1], 4),
+        ("mmlu_csv", FIX / "mmlu_headerless.csv", [1, 2, 0], 4),
+        ("ceval", FIX / "ceval_ru.csv", [2, 1, 0], 4),
+        ("cmmlu", FIX / "cmmlu_ru.csv", [1, 0], 4),
+        ("kazmmlu", SHIPPED / "kazmmlu_kk.csv", [2, 0, 0, 2], None),  # blank option E dropped: 5 or 4 choices
     ],
 )
 def test_format_loaders(tmp_path, fmt, file, answers, n_choices):
-    spec = MCSuiteSpec(name="s", format=fmt, path=str(FIX / file))
+    spec = MCSuiteSpec(name="s", format=fmt, path=str(file))
     items, _, source = load_suite(spec, settings_for(tmp_path))
-    assert [it.answer for it in items] == answers and source.endswith(file)
+    assert [it.answer for it in items] == answers and source.endswith(file.name)
     if n_choices:
         assert {len(it.choices) for it in items} == {n_choices}
     if fmt == "kazmmlu":
@@ -251,7 +253,7 @@ def test_fewshot_prompt_and_letters_style(tmp_path):
     from jobs.evaluation.multiple_choice import build_prompt
 
     spec = MCSuiteSpec(
-        name="m", format="mmlu", style="letters", num_fewshot=2, path=str(FIX / "mmlu_en.jsonl")
+        name="m", format="mmlu", style="letters", num_fewshot=2, path=str(SHIPPED / "mmlu_en.jsonl")
     )
     items, pool, _ = load_suite(spec, settings_for(tmp_path))
     context, conts = build_prompt(items[0], 0, items, pool, spec)
@@ -431,10 +433,10 @@ def suite_file(tmp_path: Path, name: str = "gatetest", **extra) -> Path:
         "text": [{"preset": "flores200_devtest", "max_docs": 30}],
         "multiple_choice": [
             {
-                "name": "belebele-kk",
+                "name": "belebele-kk-fixture",
                 "language": "kk",
                 "format": "belebele",
-                "path": str(FIX / "belebele_kk.jsonl"),
+                "path": str(SHIPPED / "belebele_kk.jsonl"),
             }
         ],
         "generation": {
@@ -625,5 +627,5 @@ def test_lm_eval_harness_runs_the_hf_export_and_reproduces_our_bpb(home_env, cap
         ours = m[f"bpb/flores200_devtest/{lang}"]
         theirs = m[f"lm_eval/tulpar_lmcompat_flores200_devtest_{lang}/bits_per_byte"]
         assert theirs == pytest.approx(ours, rel=1e-5), lang
-    assert 0.0 <= m["lm_eval/tulpar_lmcompat_belebele_kk/acc"] <= 1.0
+    assert 0.0 <= m["lm_eval/tulpar_lmcompat_belebele_kk_fixture/acc"] <= 1.0
     assert "--model hf" in r["outputs"]["lm_eval_command"]

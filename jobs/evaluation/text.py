@@ -44,7 +44,7 @@ class TextResult:
 
 def resolve_path(path: str, settings: Settings) -> Path:
     """Absolute paths as given; relative ones under TULPAR_DATA, else the working directory, else the repository
-    (configs/eval/tiny.yaml names test fixtures). A path found nowhere is reported under TULPAR_DATA."""
+    (configs/eval/tiny.yaml names the fixtures in configs/eval/fixtures). A path found nowhere is reported under TULPAR_DATA."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
