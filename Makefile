@@ -42,14 +42,10 @@ RECIPE ?= tiny
 recipe: setup ## a model's whole chain: make recipe RECIPE=kk-350m [REHEARSAL=1] [TARGET=k8s] [ARGS="--from sft"]
 	$(PY) -m pipelines.train_to_serve --recipe $(RECIPE) $(if $(REHEARSAL),--rehearsal) $(if $(TARGET),--target $(TARGET)) $(if $(KEEP_SERVING),--keep-serving) $(ARGS)
 
-RECIPE ?= tiny
-recipe: setup ## run a recipe, tokenizer to served model: make recipe RECIPE=kk-350m (REHEARSAL=1: real shapes, a few CPU steps)
-	$(PY) -m pipelines.train_to_serve --recipe $(RECIPE) $(if $(REHEARSAL),--rehearsal) $(ARGS)
-
 recipe-check: setup ## validate recipes without training (configs, vocab, head_dim, tokens/step, GPU memory, paths): make recipe-check [RECIPES="kk-350m"]
 	$(PY) -m pipelines.recipes --check $(RECIPES)
 
-.PHONY: recipe recipe-check
+.PHONY: recipe-check
 
 test: setup lint browser postgres ## lint, then run the test suite (GPU tests skip without a GPU)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -161,7 +161,10 @@ def estimate_gpu_memory(
     Total = (states + activations + logits) x 1.1 (allocator fragmentation) + 1.5 GiB (CUDA context, cuBLAS and
     NCCL workspaces). An estimate for planning, not a measurement: compare with `peak_mem` in the training logs.
     """
-    p = model.num_params()
+    # the padding rows of the embedding/head are not parameters anyone uses, but they are allocated and updated
+    p = model.num_params() + (model.padded_vocab_size - model.require_vocab_size()) * model.dim * (
+        1 if model.tie_embeddings else 2
+    )
     h, hkv = model.dim, model.num_kv_heads * model.head_dim
     if lora:
         states, how = 4 * p, "lora"
@@ -184,7 +187,7 @@ def estimate_gpu_memory(
         how += ", activation checkpointing"
     else:
         acts = model.num_layers * per_layer
-    logits = 10 * rows * seq_len * model.vocab_size
+    logits = 10 * rows * seq_len * model.padded_vocab_size
     total = (states + acts + logits) * FRAGMENTATION / GiB + FIXED_OVERHEAD_GB
     return MemoryEstimate(states / GiB, acts / GiB, logits / GiB, total, how)
 
@@ -241,10 +244,7 @@ class RecipeChecker:
         r, home = self.recipe, self.settings.home
         if stage == "preprocess":
             tok_name = self.tokenizer_name or "tokenizer"
-            out = [f"tokenizer.path={home / 'tokenizers' / tok_name}"]
-            if isinstance(raw.get("tokenizer"), dict) and "train" in raw["tokenizer"]:
-                out.append("tokenizer.train=null")  # the pipeline replaces a preprocess-trained tokenizer
-            return out
+            return [f"tokenizer.path={home / 'tokenizers' / tok_name}"]
         if stage == "pretrain":
             return [
                 f"data.dataset={home / 'datasets' / (self.dataset_name or 'dataset')}",
@@ -286,7 +286,10 @@ class RecipeChecker:
             if stage == "pretrain":
                 data = self.with_vocab(data, label)
             data = apply_overrides(data, self.wiring(stage, data))
-            return Loaded(validate_config(self.classes[stage], data, f"{path}{label}"), data)
+            cfg = validate_config(self.classes[stage], data, f"{path}{label}")
+            if stage == "pretrain" and self.tokenizer_vocab is not None:
+                cfg = cfg.with_vocabulary(self.tokenizer_vocab)  # as jobs.pretrain does from the dataset
+            return Loaded(cfg, data)
         except (ConfigError, ValueError) as exc:
             self.fail(
                 stage, "config", f"{path}{label} does not load: {exc}", "fix the config or the overrides"
@@ -317,19 +320,17 @@ class RecipeChecker:
                 f"{stated} != the tokenizer's {self.derived_vocab}",
                 "a rehearsal keeps the real vocabulary: drop that override",
             )
-        if stated is not None and stated != self.derived_vocab and not label:
+        if stated is not None and not label:
             where = self.model_source()
             self.fail(
                 "pretrain",
                 "model.vocab_size",
-                f"{where} states vocab_size {stated}, but tokenizer {self.tokenizer_name} produces "
-                f"{self.tokenizer_vocab} tokens, so the embedding is {self.derived_vocab} (rounded up to a multiple "
-                f"of {VOCAB_MULTIPLE})",
-                f"remove vocab_size from {where} (the vocabulary comes from the tokenizer), or change the "
-                f"tokenizer's tokenizer.vocab_size",
+                f"{where} states vocab_size {stated}, but the vocabulary is the tokenizer's: "
+                f"{self.tokenizer_name} produces {self.tokenizer_vocab} tokens (embedding {self.derived_vocab}, "
+                f"rounded up to a multiple of {VOCAB_MULTIPLE}); jobs.pretrain refuses a stated vocab_size",
+                f"remove vocab_size from {where}, or change the tokenizer's tokenizer.vocab_size",
             )
-        if "vocab_size" in ModelConfig.model_fields:
-            model["vocab_size"] = self.derived_vocab
+        model.pop("vocab_size", None)  # jobs.pretrain sets it from the dataset's tokenizer
         return data
 
     def model_source(self) -> str:
@@ -426,8 +427,8 @@ class RecipeChecker:
         if pre is None or pre.config is None:
             return None
         model: ModelConfig = pre.config.model
-        if self.derived_vocab is not None and model.vocab_size != self.derived_vocab:
-            model = model.model_copy(update={"vocab_size": self.derived_vocab})
+        if model.vocab_size is None:  # the tokenizer stage did not load: nothing to size the model with
+            return None
         return model
 
     def head_dims_for(self, serve_cfg: Any) -> tuple[str, tuple[int, ...]]:

@@ -107,13 +107,14 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(name: str) -> RecipeConfig:
-    """A recipe by name (configs/recipes/<name>.yaml) or path; ConfigError naming the bad key."""
+def load_recipe(name: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe by name (configs/recipes/<name>.yaml) or path, with dotted overrides; ConfigError naming the bad
+    key."""
     path = recipe_path(name)
     if not path.is_file():
         known = ", ".join(list_recipes()) or "none"
         raise ConfigError(f"unknown recipe {name!r}: choose one of {known} (files in {RECIPE_DIR})")
-    return load_config(RecipeConfig, path)
+    return load_config(RecipeConfig, path, overrides)
 
 
 def stage_config_path(stage: str, config: str, base: Path | None = None) -> Path:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.platform import tracking
-from jobs.platform.configfile import load_config
+from jobs.platform.configfile import apply_overrides, validate_config
 from jobs.platform.results import (
     EvalOutputs,
     ModelVersionOutputs,
@@ -45,7 +45,14 @@ from jobs.platform.results import (
 )
 from jobs.platform.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
 from llm_core.io import atomic_write_json
-from pipelines.recipes import STAGES, RecipeConfig, ServeSpec, StageSpec, recipe_path
+from pipelines.recipes import (
+    STAGES,
+    RecipeConfig,
+    ServeSpec,
+    StageSpec,
+    load_recipe,
+    split_serve_overrides,
+)
 
 TRAINING = ("pretrain", "sft", "dpo")
 
@@ -121,6 +128,13 @@ class Pipeline:
         (self.root / "results").mkdir(parents=True, exist_ok=True)
         self.runs: dict[str, StageRun] = {}
         self.serving: dict[str, Any] | None = None
+        # a rehearsal's serve overrides: smoke-test keys (alias, max_tokens, ...) to the spec, the rest to the config
+        spec_over, self.serve_config_overrides = split_serve_overrides(
+            list(recipe.rehearsal.serve) if rehearsal else []
+        )
+        self.serve_spec = validate_config(
+            ServeSpec, apply_overrides(recipe.serve.model_dump(), spec_over), "recipe serve + rehearsal"
+        )
 
     def order(self) -> list[str]:
         r = self.recipe
@@ -132,6 +146,8 @@ class Pipeline:
         ]
 
     def overrides(self, stage: str, spec: StageSpec | ServeSpec) -> list[str]:
+        if stage == "serve":
+            return [*spec.overrides, *self.serve_config_overrides]
         extra = list(getattr(self.recipe.rehearsal, stage)) if self.rehearsal else []
         return [*spec.overrides, *extra]
 
@@ -259,7 +275,7 @@ class Pipeline:
         gate = evaluation.gate if evaluation is not None else None
         if gate is not None and gate.passed and gate.promoted:
             return evaluation.model_uri, f"promoted to @{gate.alias}"  # type: ignore[union-attr]
-        alias = gate.alias if gate is not None else self.recipe.serve.alias
+        alias = gate.alias if gate is not None else self.serve_spec.alias
         refused = (
             f"the gate refused {trained.model_uri} ({gate.reasons})"
             if gate is not None
@@ -276,7 +292,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ serve + smoke test
     def serve(self, source: str, why: str, index: int, total: int, keep_serving: bool) -> None:
-        spec = self.recipe.serve
+        spec = self.serve_spec
         log_file = self.root / "logs" / "serve.log"
         cmd = [
             sys.executable,
@@ -456,17 +472,6 @@ def summary_table(pipe: Pipeline, outcome: dict[str, Any]) -> str:
     lines.append(f"final model: {outcome['model_uri']}")
     lines.append(f"MLflow UI:   make mlflow-ui   (tracking store {pipe.settings.mlflow_tracking_uri})")
     return "\n".join(lines)
-
-
-def load_recipe(name: str, overrides: list[str]) -> RecipeConfig:
-    path = recipe_path(name)
-    if not path.is_file():
-        from pipelines.recipes import list_recipes
-
-        raise ValueError(
-            f"no recipe {name!r} ({path}): choose one of {', '.join(list_recipes())} or pass a path"
-        )
-    return load_config(RecipeConfig, path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from llm_core.config import ModelConfig
-from pipelines.recipe_check import estimate_gpu_memory, padded_vocab
-from pipelines.recipes import list_recipes, load_recipe, main
+from pipelines.recipe_check import estimate_gpu_memory
+from pipelines.recipes import list_recipes, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,17 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def env(tulpar_home, data_dir):
     return tulpar_home
-
-
-def preset_vocab_conflict(recipe: str) -> str | None:
-    """The preset name when the recipe's model preset still states a vocab_size other than the one its tokenizer
-    gives (the presets lose vocab_size when pretraining derives it from the tokenizer)."""
-    r = load_recipe(recipe)
-    pre = yaml.safe_load((REPO / "configs/pretrain" / f"{r.pretrain.config}.yaml").read_text())
-    tok = yaml.safe_load((REPO / "configs/tokenizer" / f"{r.tokenizer.config}.yaml").read_text())
-    stated = yaml.safe_load((REPO / "configs/model" / f"{pre['model']}.yaml").read_text()).get("vocab_size")
-    derived = padded_vocab(tok["tokenizer"]["vocab_size"])
-    return pre["model"] if stated is not None and stated != derived else None
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -42,15 +31,8 @@ def test_every_recipe_passes_the_check(env, capsys, name):
     rc, out, err = run(capsys, name)
     stages = [line.split()[1] for line in out.splitlines()]
     assert stages[:3] == ["tokenizer", "preprocess", "pretrain"] and stages[-1] == "rehearsal"
-    conflict = preset_vocab_conflict(name)
-    if conflict is None:
-        assert rc == 0, err
-        assert " FAIL" not in out
-    else:  # until the preset's vocab_size goes: that, and only that, fails
-        failures = [line for line in err.splitlines() if line.startswith("  recipe ")]
-        assert rc == 2 and len(failures) == 1, err
-        assert f"configs/model/{conflict}.yaml states vocab_size" in failures[0]
-        assert "key model.vocab_size" in failures[0] and "remove vocab_size" in failures[0]
+    assert rc == 0, err
+    assert " FAIL" not in out
 
 
 def test_recipe_lines_name_every_stage(env, capsys):
@@ -142,13 +124,15 @@ def test_vocab_mismatch_fails_naming_key_and_fix(env, capsys, tmp_path):
     (msg,) = failures(err)
     assert rc == 2 and "Traceback" not in err
     assert msg.startswith("recipe broken (broken.yaml), stage pretrain, key model.vocab_size:")
-    assert "states vocab_size 8192, but tokenizer tiny produces 4096 tokens, so the embedding is 4096" in msg
+    assert "states vocab_size 8192, but the vocabulary is the tokenizer's: tiny produces 4096 tokens" in msg
     assert "remove vocab_size from the model section of" in msg
 
 
-def test_vocab_equal_to_the_padded_tokenizer_size_is_accepted(env, capsys, tmp_path):
+def test_any_stated_vocabulary_fails_even_when_it_matches(env, capsys, tmp_path):
+    """The vocabulary is derived, never configured: jobs.pretrain refuses a stated one, so the check does too."""
     rc, _, err = run(capsys, str(broken_recipe(tmp_path, model={"vocab_size": 4096})))
-    assert rc == 0, err
+    (msg,) = failures(err)
+    assert rc == 2 and "key model.vocab_size" in msg and "jobs.pretrain refuses a stated vocab_size" in msg
 
 
 def test_unservable_head_dim_fails_on_cpu(env, capsys, tmp_path):
