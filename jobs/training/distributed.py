@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from jobs.platform.raycluster import init_ray
 from jobs.platform.runtime import Settings
 from llm_core.config import StrictModel
 
@@ -57,24 +58,6 @@ class RayTrainConfig(StrictModel):
         None,
         gt=0,
         description="testing only: rank 0 kills its own process once at this step, to exercise recovery",
-    )
-
-
-def init_ray(settings: Settings) -> None:
-    """Connect to RAY_ADDRESS, or start a local Ray whose workers see the same settings."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith(("TULPAR_", "MLFLOW_", "AWS_"))}
-    env.setdefault("TULPAR_HOME", str(settings.home))
-    env.setdefault("TULPAR_DATA", str(settings.data))
-    ray.init(
-        address=settings.ray_address,
-        runtime_env={"env_vars": env},
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
     )
 
 
