@@ -23,10 +23,10 @@ from jobs.training.distributed import (
     launch,
     run_dir_for,
 )
+from jobs.training.sampling import end_of_training_samples
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
 from llm_core.data import DataError, RandomWindows
-from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_write_json
 from llm_core.model import Transformer
 from llm_core.shards import TokenDataset, file_sha256
@@ -132,22 +132,6 @@ def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup
     return TaskSetup(Transformer(ModelConfig.model_validate(config["model"])), sampler, eval_sets)
 
 
-def sample(model: Transformer, tokenizer: Tokenizer, spec: SampleSpec) -> dict[str, str]:
-    params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        seed=spec.seed,
-        stop_token_ids=[tokenizer.eos_id],
-    )
-    model.eval()
-    out = {}
-    for lang, prompt in spec.prompts.items():
-        ids = generate(model, [tokenizer.encode(prompt)], params, pad_id=tokenizer.pad_id)[0]
-        out[lang] = prompt + tokenizer.decode(ids)
-    return out
-
-
 def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ValueError(
@@ -213,7 +197,16 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             },
         )
 
-        samples = sample(best, tokenizer, cfg.sample)
+        samples = end_of_training_samples(
+            best,
+            tokenizer,
+            cfg.sample.prompts,
+            chat=False,
+            max_new_tokens=cfg.sample.max_new_tokens,
+            temperature=cfg.sample.temperature,
+            top_p=cfg.sample.top_p,
+            seed=cfg.sample.seed,
+        )
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")

@@ -29,10 +29,10 @@ from jobs.training.distributed import (
     launch,
     run_dir_for,
 )
+from jobs.training.sampling import end_of_training_samples
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
 from llm_core.export_hf import load_hf
-from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_dir, atomic_write_json
 from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter, strip_lora
 from llm_core.model import Transformer
@@ -143,25 +143,6 @@ class Prepared:
     stats: dict[str, Any]
 
 
-def chat_samples(model: Transformer, tokenizer: Tokenizer, spec: ChatSampleSpec) -> dict[str, str]:
-    params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature,
-        stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id],
-        seed=0,
-    )
-    model.eval()
-    out = {}
-    for lang, question in spec.prompts.items():
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True
-        )
-        out[lang] = tokenizer.decode(
-            generate(model, [tokenizer.encode(text)], params, pad_id=tokenizer.pad_id)[0]
-        )
-    return out
-
-
 def run_posttrain(
     *,
     stage: str,
@@ -223,7 +204,15 @@ def run_posttrain(
             state = load_checkpoint(best_dir, restore_rng=False)
         model.load_state_dict(state["model_state"])
         model.eval()
-        samples = chat_samples(model, tokenizer, cfg.sample)  # type: ignore[attr-defined]
+        sample_spec: ChatSampleSpec = cfg.sample  # type: ignore[attr-defined]
+        samples = end_of_training_samples(
+            model,
+            tokenizer,
+            sample_spec.prompts,
+            chat=True,
+            max_new_tokens=sample_spec.max_new_tokens,
+            temperature=sample_spec.temperature,
+        )
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
