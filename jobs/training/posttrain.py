@@ -1,13 +1,13 @@
 """What SFT, DPO and distillation share: where the starting model comes from, shipping prepared data to the Ray
 Train workers, and turning the best checkpoint into a registered model version (with a PEFT adapter for LoRA).
 
-Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names a worker-side
-`build_task`, and calls `run_posttrain`. The training loop itself is llm_core's Trainer via jobs.training.distributed.
+Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names its training task
+(`jobs.training.tasks`: SFTTask, DPOTask, WhiteboxDistillTask) and calls `run_posttrain`. The training loop itself
+is llm_core's Trainer via jobs.training.distributed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -24,18 +24,18 @@ from jobs.training.distributed import (
     RayTrainConfig,
     best_val_metrics,
     checkpoint_storage_path,
-    filesystem_for,
     final_checkpoints,
     launch,
     run_dir_for,
 )
 from jobs.training.sampling import end_of_training_samples
+from jobs.training.storage import put_object
+from jobs.training.tasks import ChatRowsTask, SFTTask, build_model
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
 from llm_core.export_hf import load_hf
 from llm_core.io import atomic_dir, atomic_write_json
-from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter, strip_lora
-from llm_core.model import Transformer
+from llm_core.lora import LoRAConfig, save_peft_adapter, strip_lora
 from llm_core.tokenizer import Tokenizer
 
 log = logging.getLogger("tulpar.posttrain")
@@ -106,31 +106,6 @@ def resolve_model(source: str, settings: Settings) -> tuple[Path, str]:
     )
 
 
-def build_model(init_dir: Path, lora: LoRAConfig | None) -> Transformer:
-    model = load_hf(init_dir)
-    model.train()
-    return apply_lora(model, lora) if lora is not None else model
-
-
-# ---------------------------------------------------------------------------------------- data transfer
-
-
-def put_object(uri: str, obj: Any) -> None:
-    """torch.save `obj` to a local path or object-store URI (workers read it with get_object)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    filesystem, path = filesystem_for(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(buf.getvalue())
-
-
-def get_object(uri: str) -> Any:
-    filesystem, path = filesystem_for(uri)
-    with filesystem.open_input_stream(path) as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=False)
-
-
 # ---------------------------------------------------------------------------------------- the driver
 
 
@@ -150,12 +125,14 @@ def run_posttrain(
     settings: Settings,
     init: str,
     prepare: Callable[[Tokenizer, Path], Prepared],
-    task_builder: str,
-    worker_extra: dict[str, Any] | None = None,
+    task: Callable[..., ChatRowsTask] = SFTTask,
     lora: LoRAConfig | None = None,
     tags: dict[str, str] | None = None,
 ) -> JobResult:
-    """Resolve the starting model, prepare rows, train on Ray Train, export + register the best checkpoint."""
+    """Resolve the starting model, prepare rows, train on Ray Train, export + register the best checkpoint.
+
+    `task` makes the stage's training task from init, lora, prepared and train: a registered ChatRowsTask class,
+    or a functools.partial of one carrying the stage's own fields (DPO's beta, the distillation teacher)."""
     name: str = cfg.name  # type: ignore[attr-defined]
     train_cfg = cfg.train  # type: ignore[attr-defined]
     ray_cfg: RayTrainConfig = cfg.ray  # type: ignore[attr-defined]
@@ -184,19 +161,16 @@ def run_posttrain(
         settings, stage, cfg, run_name=run_key, tags=all_tags, system_metrics=True
     ) as run:
         tracking.log_dict(prepared.stats, "data/stats.json")
-        worker_config = {
-            "task_builder": task_builder,
-            "init": str(init_dir),
-            "lora": lora.model_dump() if lora else None,
-            "prepared": prepared_uri,
-            "train": train_cfg.model_dump(mode="json"),
-            "run_config": config_to_dict(cfg),
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_tracking_uri": settings.mlflow_tracking_uri,
-            "fault_marker": str(run_dir / ".fault-injected"),
-            **(worker_extra or {}),
-        }
-        result = launch(settings=settings, run_name=run_key, ray_cfg=ray_cfg, worker_config=worker_config)
+        spec = task(init=str(init_dir), lora=lora, prepared=prepared_uri, train=train_cfg)
+        result = launch(
+            settings=settings,
+            run_name=run_key,
+            ray_cfg=ray_cfg,
+            task=spec,
+            run_config=config_to_dict(cfg),
+            mlflow_run_id=run.info.run_id,
+            fault_marker=str(run_dir / ".fault-injected"),
+        )
         best_ckpt, last_ckpt = final_checkpoints(result, settings, run_key, run_dir)
         model = build_model(init_dir, lora)
         with best_ckpt.as_directory() as best_dir:
