@@ -11,6 +11,7 @@ prompts of the data files are collected with concurrency and retries into an SFT
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import time
@@ -23,15 +24,13 @@ from pydantic import Field
 from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import ChatDataSpec, data_files, limited, prepare_sft
-from jobs.sft import build_task as build_sft_task
-from jobs.training.distributed import RayTrainConfig, TaskSetup
+from jobs.training.distributed import RayTrainConfig
 from jobs.training.posttrain import ChatSampleSpec, resolve_model, run_posttrain
+from jobs.training.tasks import SFTTask, WhiteboxDistillTask
 from llm_core.chat_data import read_jsonl, record_to_messages
 from llm_core.config import StrictModel
-from llm_core.export_hf import load_hf
 from llm_core.io import atomic_write_text
 from llm_core.lora import LoRAConfig
-from llm_core.losses import distill_loss
 from llm_core.tokenizer import Tokenizer
 from llm_core.trainer import TrainConfig
 
@@ -76,34 +75,6 @@ class DistillConfig(StrictModel):
         for role, outputs in got.items():
             data[role] = model_reference(outputs, role)
         return DistillConfig.model_validate(data)
-
-
-# ------------------------------------------------------------------------------------------- white-box
-
-
-def make_distill_loss(teacher, temperature: float, alpha: float):
-    import torch
-
-    def loss_fn(model, batch):
-        kwargs = {"segment_ids": batch.get("segment_ids"), "position_ids": batch.get("position_ids")}
-        student = model(batch["input_ids"], **kwargs).logits
-        with torch.no_grad():
-            teacher_logits = teacher(batch["input_ids"], **kwargs).logits
-        loss, metrics = distill_loss(
-            student, teacher_logits, batch["targets"], temperature=temperature, alpha=alpha
-        )
-        return loss, {**metrics, "ce_loss": metrics["ce"]}
-
-    return loss_fn
-
-
-def build_whitebox_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
-    task = build_sft_task(config, rank=rank, world_size=world_size, device=device)
-    teacher = load_hf(config["teacher"]).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    task.loss_fn = make_distill_loss(teacher, config["temperature"], config["alpha"])
-    return task
 
 
 # ------------------------------------------------------------------------------------------- black-box
@@ -213,8 +184,9 @@ def main(cfg: DistillConfig, settings: Settings) -> JobResult:
             settings=settings,
             init=cfg.init,
             prepare=lambda tokenizer, _d: prepare_sft(cfg, settings, tokenizer),  # type: ignore[arg-type]
-            task_builder="jobs.distill:build_whitebox_task",
-            worker_extra={"teacher": str(teacher_dir), "temperature": cfg.temperature, "alpha": cfg.alpha},
+            task=functools.partial(
+                WhiteboxDistillTask, teacher=str(teacher_dir), temperature=cfg.temperature, alpha=cfg.alpha
+            ),
             lora=cfg.lora,
             tags={"tulpar.teacher_model_uri": teacher_uri, "tulpar.distill_mode": "whitebox"},
         )
@@ -231,7 +203,7 @@ def main(cfg: DistillConfig, settings: Settings) -> JobResult:
         settings=settings,
         init=cfg.init,
         prepare=lambda tokenizer, _d: prepare_sft(sft_cfg, settings, tokenizer),  # type: ignore[arg-type]
-        task_builder="jobs.sft:build_task",
+        task=SFTTask,
         lora=cfg.lora,
         tags={
             "tulpar.teacher_endpoint": cfg.endpoint.base_url,

@@ -8,30 +8,20 @@ margins; registers the result with alias `@dpo-latest`.
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
-import torch
 from pydantic import Field
 
 from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import data_paths, limited
-from jobs.training.distributed import RayTrainConfig, TaskSetup
-from jobs.training.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
-from llm_core.chat_data import (
-    RowSampler,
-    Stats,
-    batches_of,
-    collate,
-    preference_rows,
-    read_jsonl,
-    split_holdout,
-)
+from jobs.training.distributed import RayTrainConfig
+from jobs.training.posttrain import ChatSampleSpec, Prepared, run_posttrain
+from jobs.training.tasks import DPOTask
+from llm_core.chat_data import Stats, preference_rows, read_jsonl, split_holdout
 from llm_core.config import StrictModel
-from llm_core.export_hf import load_hf
 from llm_core.lora import LoRAConfig
-from llm_core.losses import dpo_loss, sequence_logprobs
-from llm_core.trainer import EvalBatches, TrainConfig
+from llm_core.trainer import TrainConfig
 
 
 class PreferenceDataSpec(StrictModel):
@@ -63,46 +53,6 @@ class DPOConfig(StrictModel):
         return DPOConfig.model_validate({**self.model_dump(), "init": model_reference(got["init"], "init")})
 
 
-def make_dpo_loss(beta: float, label_smoothing: float):
-    def loss_fn(model, batch):
-        """batch: input_ids/targets (2B, T) with chosen rows first; ref_logps (B, 2)."""
-        logits = model(batch["input_ids"]).logits
-        logps = sequence_logprobs(logits, batch["targets"])  # (2B,)
-        pairs = logps.size(0) // 2
-        ref = batch["ref_logps"]
-        return dpo_loss(
-            logps[:pairs], logps[pairs:], ref[:, 0], ref[:, 1], beta=beta, label_smoothing=label_smoothing
-        )
-
-    return loss_fn
-
-
-@torch.no_grad()
-def add_reference_logps(rows: list[dict], model, rank: int, world_size: int, batch_size: int = 8) -> None:
-    """rows[i]["ref_logps"] = (chosen, rejected) sequence log-probs under `model`; rows are split across ranks and
-    the results gathered, so each rank computes 1/world_size of them."""
-    model.eval()
-    mine = list(range(rank, len(rows), world_size))
-    values: dict[int, torch.Tensor] = {}
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
-        batch = collate([rows[j] for j in idx])
-        device = next(model.parameters()).device
-        logps = sequence_logprobs(
-            model(batch["input_ids"].to(device)).logits, batch["targets"].to(device)
-        ).cpu()
-        pairs = len(idx)
-        for k, j in enumerate(idx):
-            values[j] = torch.stack([logps[k], logps[pairs + k]])
-    if world_size > 1:
-        gathered: list = [None] * world_size
-        torch.distributed.all_gather_object(gathered, values)
-        values = {j: v for part in gathered for j, v in part.items()}
-    for j, row in enumerate(rows):
-        row["ref_logps"] = values[j]
-    model.train()
-
-
 def prepare_dpo(cfg: DPOConfig, settings: Settings, tokenizer) -> Prepared:
     stats = Stats()
     files = data_paths(cfg.data.files, settings)
@@ -117,28 +67,6 @@ def prepare_dpo(cfg: DPOConfig, settings: Settings, tokenizer) -> Prepared:
     return Prepared(train, val, {**stats.to_dict(), "train_pairs": len(train), "val_pairs": len(val)})
 
 
-def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
-    train_cfg = TrainConfig.model_validate(config["train"])
-    lora = LoRAConfig.model_validate(config["lora"]) if config.get("lora") else None
-    data = get_object(config["prepared"])
-    policy = build_model(Path(config["init"]), lora)
-    reference = load_hf(config["reference"]) if config.get("reference") else policy
-    for rows in (data["train"], data["val"]):
-        add_reference_logps(
-            rows, reference.to(device) if reference is not policy else reference, rank, world_size
-        )
-    sampler = RowSampler(
-        data["train"], train_cfg.batch_size, seed=train_cfg.seed, rank=rank, world_size=world_size
-    )
-    val = batches_of(data["val"], train_cfg.batch_size)
-    return TaskSetup(
-        policy,
-        sampler,
-        [EvalBatches("pairs", val)] if val else [],
-        make_dpo_loss(config["beta"], config["label_smoothing"]),
-    )
-
-
 def main(cfg: DPOConfig, settings: Settings) -> JobResult:
     from jobs.training.posttrain import resolve_model
 
@@ -149,8 +77,9 @@ def main(cfg: DPOConfig, settings: Settings) -> JobResult:
         settings=settings,
         init=cfg.init,
         prepare=lambda tokenizer, _init_dir: prepare_dpo(cfg, settings, tokenizer),
-        task_builder="jobs.dpo:build_task",
-        worker_extra={"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "reference": reference},
+        task=functools.partial(
+            DPOTask, beta=cfg.beta, label_smoothing=cfg.label_smoothing, reference=reference
+        ),
         lora=cfg.lora,
     )
 

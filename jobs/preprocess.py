@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from jobs.platform import tracking
 from jobs.platform.cache import cache_key
+from jobs.platform.raycluster import init_ray
 from jobs.platform.results import DatasetOutputs, ResultError, parse_result
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.prep import dedup, langid, plan, report, stages
@@ -75,24 +76,19 @@ META_COLUMNS = [
 # ------------------------------------------------------------------------------------------------ Ray
 
 
-def init_ray(cfg: PreprocessConfig, settings: Settings) -> None:
-    """Connect to RAY_ADDRESS, or start a local Ray; set Ray Data's progress bars and CPU limit."""
-    import ray
+def start_ray_data(cfg: PreprocessConfig, settings: Settings) -> None:
+    """Join Ray (a local Ray limited to execution.local_num_cpus / object_store_mb, workers' output not
+    forwarded), then set Ray Data's progress bars and CPU limit."""
     from ray.data import DataContext, ExecutionResources
 
-    if not ray.is_initialized():
-        if settings.ray_address:
-            ray.init(address=settings.ray_address, log_to_driver=False)
-        else:
-            store = cfg.execution.object_store_mb * 1024 * 1024 if cfg.execution.object_store_mb else None
-            ray.init(
-                num_cpus=cfg.execution.local_num_cpus,
-                object_store_memory=store,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=True,
-                logging_level=logging.WARNING,
-            )
+    store = cfg.execution.object_store_mb * 1024 * 1024 if cfg.execution.object_store_mb else None
+    init_ray(
+        settings,
+        forward_settings=False,
+        log_to_driver=False,
+        num_cpus=cfg.execution.local_num_cpus,
+        object_store_memory=store,
+    )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.execution.progress_bars
     ctx.enable_operator_progress_bars = cfg.execution.progress_bars
@@ -553,7 +549,7 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
     tags = {"tulpar.dataset_name": cfg.name, "tulpar.input_sha256": ip.input_sha256}
     run_name = f"{cfg.name}-{ip.content_sha256[:8]}"
     with tracking.start_run(settings, "preprocess", cfg, run_name=run_name, tags=tags) as run:
-        init_ray(cfg, settings)
+        start_ray_data(cfg, settings)
         log.info(
             "pass 1: %d files in %d chunks -> read/normalize/langid/quality/pii/signature",
             len(ip.files),

@@ -19,21 +19,20 @@ from jobs.platform.results import DatasetOutputs, ModelVersionOutputs, StageResu
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.training.distributed import (
     RayTrainConfig,
-    TaskSetup,
     best_val_metrics,
     final_checkpoints,
     launch,
     run_dir_for,
 )
+from jobs.training.sampling import end_of_training_samples
+from jobs.training.tasks import PretrainWindowsTask
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
-from llm_core.data import DataError, RandomWindows
-from llm_core.generate import SamplingParams, generate
+from llm_core.data import DataError
 from llm_core.io import atomic_write_json
-from llm_core.model import Transformer
 from llm_core.shards import TokenDataset, file_sha256
 from llm_core.tokenizer import Tokenizer
-from llm_core.trainer import EvalSet, TrainConfig
+from llm_core.trainer import TrainConfig
 
 log = logging.getLogger("tulpar.pretrain")
 
@@ -138,41 +137,6 @@ def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
     return tokenizer
 
 
-def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
-    """Ray Train worker side: memory-mapped token shards, random windows, per-language validation sets."""
-    train_cfg = TrainConfig.model_validate(config["train"])
-    dataset = TokenDataset.open(config["dataset"])
-    sampler = RandomWindows(
-        dataset.tokens("train"),
-        train_cfg.seq_len,
-        train_cfg.batch_size,
-        seed=train_cfg.seed,
-        rank=rank,
-        world_size=world_size,
-    )
-    languages = config.get("languages") or dataset.languages
-    eval_sets = [
-        EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang)) for lang in languages
-    ]
-    return TaskSetup(Transformer(ModelConfig.model_validate(config["model"])), sampler, eval_sets)
-
-
-def sample(model: Transformer, tokenizer: Tokenizer, spec: SampleSpec) -> dict[str, str]:
-    params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        seed=spec.seed,
-        stop_token_ids=[tokenizer.eos_id],
-    )
-    model.eval()
-    out = {}
-    for lang, prompt in spec.prompts.items():
-        ids = generate(model, [tokenizer.encode(prompt)], params, pad_id=tokenizer.pad_id)[0]
-        out[lang] = prompt + tokenizer.decode(ids)
-    return out
-
-
 def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ValueError(
@@ -209,18 +173,18 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     with tracking.start_run(
         settings, "pretrain", cfg, run_name=run_key, tags=tags, system_metrics=True
     ) as run:
-        worker_config = {
-            "task_builder": "jobs.pretrain:build_task",
-            "model": cfg.model.model_dump(mode="json"),
-            "train": cfg.train.model_dump(mode="json"),
-            "dataset": dataset_path,
-            "languages": cfg.data.languages,
-            "run_config": config_to_dict(cfg),
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_tracking_uri": settings.mlflow_tracking_uri,
-            "fault_marker": str(run_dir / ".fault-injected"),
-        }
-        result = launch(settings=settings, run_name=run_key, ray_cfg=cfg.ray, worker_config=worker_config)
+        task = PretrainWindowsTask(
+            model=cfg.model, train=cfg.train, dataset=dataset_path, languages=cfg.data.languages
+        )
+        result = launch(
+            settings=settings,
+            run_name=run_key,
+            ray_cfg=cfg.ray,
+            task=task,
+            run_config=config_to_dict(cfg),
+            mlflow_run_id=run.info.run_id,
+            fault_marker=str(run_dir / ".fault-injected"),
+        )
         best_ckpt, last_ckpt = final_checkpoints(result, settings, run_key, run_dir)
         atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
 
@@ -247,7 +211,16 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             },
         )
 
-        samples = sample(best, tokenizer, cfg.sample)
+        samples = end_of_training_samples(
+            best,
+            tokenizer,
+            cfg.sample.prompts,
+            chat=False,
+            max_new_tokens=cfg.sample.max_new_tokens,
+            temperature=cfg.sample.temperature,
+            top_p=cfg.sample.top_p,
+            seed=cfg.sample.seed,
+        )
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")

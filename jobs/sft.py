@@ -15,8 +15,9 @@ from pydantic import Field
 
 from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
-from jobs.training.distributed import RayTrainConfig, TaskSetup
-from jobs.training.posttrain import ChatSampleSpec, Prepared, build_model, get_object, run_posttrain
+from jobs.training.distributed import RayTrainConfig
+from jobs.training.posttrain import ChatSampleSpec, Prepared, run_posttrain
+from jobs.training.tasks import SFTTask
 from llm_core.chat_data import (
     Stats,
     encode_examples,
@@ -29,7 +30,7 @@ from llm_core.chat_data import (
 from llm_core.config import StrictModel
 from llm_core.lora import LoRAConfig
 from llm_core.tokenizer import Tokenizer
-from llm_core.trainer import EvalBatches, TrainConfig
+from llm_core.trainer import TrainConfig
 
 
 class HubFile(StrictModel):
@@ -127,22 +128,6 @@ def prepare_sft(cfg: SFTConfig, settings: Settings, tokenizer: Tokenizer) -> Pre
     return Prepared(train_rows, val_rows, info)
 
 
-def build_task(config: dict, *, rank: int, world_size: int, device) -> TaskSetup:
-    """Ray Train worker side: the starting model (+ LoRA), the prepared rows, assistant-only CE loss."""
-    from llm_core.chat_data import RowSampler, batches_of
-
-    train_cfg = TrainConfig.model_validate(config["train"])
-    lora = LoRAConfig.model_validate(config["lora"]) if config.get("lora") else None
-    data = get_object(config["prepared"])
-    sampler = RowSampler(
-        data["train"], train_cfg.batch_size, seed=train_cfg.seed, rank=rank, world_size=world_size
-    )
-    val = batches_of(data["val"], train_cfg.batch_size)
-    return TaskSetup(
-        build_model(Path(config["init"]), lora), sampler, [EvalBatches("chat", val)] if val else []
-    )
-
-
 def main(cfg: SFTConfig, settings: Settings) -> JobResult:
     return run_posttrain(
         stage="sft",
@@ -150,7 +135,7 @@ def main(cfg: SFTConfig, settings: Settings) -> JobResult:
         settings=settings,
         init=cfg.init,
         prepare=lambda tokenizer, _init_dir: prepare_sft(cfg, settings, tokenizer),
-        task_builder="jobs.sft:build_task",
+        task=SFTTask,
         lora=cfg.lora,
     )
 

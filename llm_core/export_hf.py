@@ -46,6 +46,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm_core.checkpoint import unwrap_model
 from llm_core.config import ModelConfig, RopeScaling
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
@@ -270,10 +271,6 @@ def _qkv_bias_sizes(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
-
-
 _VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # (padded vocab, dim) in llm_core, (vocab, dim) in HF
 
 
@@ -283,7 +280,7 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
     MoE experts use the legacy per-expert layout, and MoE models get all-zero q/k/v biases when
     QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     cfg = model.cfg
     _check_exportable(cfg)
     target = DTYPES[_dtype_name(dtype)] if dtype is not None else None
@@ -345,7 +342,7 @@ def export_hf(
     The directory is built beside `out_dir` and renamed into place, so readers never see a half-written export;
     an existing `out_dir` is replaced.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     cfg = model.cfg
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -28,8 +28,9 @@ from pydantic import Field, field_validator
 from safetensors.torch import save_file
 from torch import nn
 
+from llm_core.checkpoint import unwrap_model
 from llm_core.config import StrictModel
-from llm_core.export_hf import hf_module_names, read_tensors, unwrap_compiled
+from llm_core.export_hf import hf_module_names, read_tensors
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 
@@ -130,19 +131,19 @@ class LoRALinear(nn.Module):
 
 
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in unwrap_compiled(model).named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)}
 
 
 def _targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Names of the nn.Linear modules `cfg` adapts; ValueError naming targets that match nothing."""
-    linears = {name: m for name, m in unwrap_compiled(model).named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, nn.Linear)}
     leaf = {name: name.rsplit(".", 1)[-1] for name in linears}
     valid = [t for t in LORA_TARGETS if t in leaf.values()]
     missing = [t for t in cfg.target_modules if t not in valid]
     if missing:
         others = sorted({n for n in leaf.values() if n not in LORA_TARGETS})
         hint = ""
-        is_moe = getattr(getattr(unwrap_compiled(model), "cfg", None), "is_moe", False)
+        is_moe = getattr(getattr(unwrap_model(model), "cfg", None), "is_moe", False)
         if is_moe and set(missing) & {"gate_proj", "up_proj", "down_proj"}:
             hint = (
                 " (routed MoE experts are stacked Parameters, not nn.Linear: only a shared expert's "
@@ -167,7 +168,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             "model already has LoRA adapters: strip_lora(model) first, or load_peft_adapter into it"
         )
     names = _targets(model, cfg)
-    root = unwrap_compiled(model)
+    root = unwrap_model(model)
     root.requires_grad_(False)
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -205,7 +206,7 @@ def strip_lora(model: nn.Module) -> nn.Module:
     The result is an ordinary Transformer with the update baked in (export_hf exports it as is). Its parameters
     stay frozen as apply_lora left them: call model.requires_grad_(True) to train it in full.
     """
-    root = unwrap_compiled(model)
+    root = unwrap_model(model)
     for name, m in _lora_modules(root).items():
         m.merge()
         parent, _, child = name.rpartition(".")
@@ -234,7 +235,7 @@ def lora_config_of(model: nn.Module) -> LoRAConfig | None:
 
 def _peft_keys(model: nn.Module, names: list[str]) -> dict[str, tuple[str, str]]:
     """PEFT tensor key -> (our module name, 'lora_A' | 'lora_B') for the adapted modules `names`."""
-    hf = hf_module_names(unwrap_compiled(model).cfg)
+    hf = hf_module_names(unwrap_model(model).cfg)
     return {
         f"{_PEFT_PREFIX}{hf[name]}.{part}.weight": (name, part)
         for name in names
@@ -256,9 +257,9 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_
     cfg = lora_config_of(model)
     if cfg is None:
         raise ValueError("model has no LoRA adapters: apply_lora(model, cfg) first")
-    if not isinstance(unwrap_compiled(model), Transformer):
+    if not isinstance(unwrap_model(model), Transformer):
         raise ValueError(
-            f"save_peft_adapter needs an llm_core Transformer, got {type(unwrap_compiled(model)).__name__}"
+            f"save_peft_adapter needs an llm_core Transformer, got {type(unwrap_model(model)).__name__}"
         )
     tensors: dict[str, torch.Tensor] = {}
     for key, (name, part) in _peft_keys(model, list(modules)).items():
@@ -376,7 +377,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"adapter {str(weights_path)!r} does not match the model: missing tensors {missing}; "
             f"unexpected tensors {unexpected}"
         )
-    root = unwrap_compiled(model)
+    root = unwrap_model(model)
     want_shapes = {}
     for key, (name, part) in keys.items():
         base = root.get_submodule(name)

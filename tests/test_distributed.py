@@ -69,3 +69,152 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
         np.testing.assert_allclose(out[parallelism], single, rtol=1e-5, err_msg=parallelism)
     a, b = out["resume"]
     assert a == b, "a resumed FSDP run continues bit-identically"
+
+
+# ------------------------------------------------------------------------------- typed training tasks
+
+
+def _every_registered_task():
+    from jobs.training.tasks import (
+        DPOTask,
+        PretrainWindowsTask,
+        SFTTask,
+        WhiteboxDistillTask,
+    )
+    from llm_core.lora import LoRAConfig
+    from llm_core.trainer import TrainConfig
+
+    train = TrainConfig(steps=7, batch_size=3, seq_len=48, lr=2.5e-4, seed=11)
+    rows = {"init": "/models/start", "prepared": "/runs/r/prepared.pt", "train": train}
+    return [
+        PretrainWindowsTask(model=small_config(), train=train, dataset="/data/ds", languages=["kk", "en"]),
+        SFTTask(**rows, lora=LoRAConfig(rank=4, alpha=8)),
+        DPOTask(**rows, reference="/models/ref", beta=0.25, label_smoothing=0.1),
+        WhiteboxDistillTask(**rows, teacher="/models/teacher", temperature=1.5, alpha=0.3),
+    ]
+
+
+def test_every_registered_task_round_trips_through_the_worker_spec():
+    """What a worker receives is JSON; validating it again gives back the driver's task, of the same class."""
+    import json
+
+    from jobs.training.distributed import RayTrainConfig, WorkerSpec
+    from jobs.training.tasks import TASKS
+
+    tasks = _every_registered_task()
+    assert sorted(t.kind for t in tasks) == sorted(TASKS)
+    for task in tasks:
+        spec = WorkerSpec(task=task, ray=RayTrainConfig(), run_name="r", run_config={"name": "x"})
+        received = WorkerSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json"))))
+        assert type(received.task) is type(task)
+        assert received.task == task and received == spec
+
+
+def test_unknown_or_malformed_task_specs_are_rejected():
+    from pydantic import ValidationError
+
+    from jobs.training.tasks import PretrainWindowsTask, task_from_dict
+
+    task = _every_registered_task()[0]
+    data = task.model_dump(mode="json")
+    with pytest.raises(LookupError, match="no training task 'pretrain-shards' is registered"):
+        task_from_dict({**data, "kind": "pretrain-shards"})
+    with pytest.raises(ValidationError, match="reference"):  # a DPO field on a pretraining task
+        task_from_dict({**data, "reference": "/models/ref"})
+    assert isinstance(task_from_dict(data), PretrainWindowsTask)
+
+
+# ------------------------------------------------------------------------------- worker errors
+
+
+def test_error_file_that_is_not_a_worker_record_is_an_internal_failure(tmp_path):
+    from jobs.training.distributed import read_user_error, write_user_error
+    from llm_core.data import DataError
+    from llm_core.trainer import TrainingError
+
+    error_file = str(tmp_path / "run" / "fatal_error.txt")
+    assert read_user_error(error_file) is None
+    write_user_error(error_file, DataError("shard 3 is truncated: re-run preprocessing"), rank=1)
+    error = read_user_error(error_file)
+    assert isinstance(error, TrainingError) and str(error) == "shard 3 is truncated: re-run preprocessing"
+    Path(error_file).write_text("ValueError: shard 3 is truncated")  # text, as Ray would print it
+    with pytest.raises(RuntimeError, match="not a worker's error record"):
+        read_user_error(error_file)
+
+
+USER_ERROR = "shard train/kk/0 ends mid-document: re-run preprocessing"
+
+
+def raise_data_error(config: dict) -> None:
+    from llm_core.data import DataError
+
+    raise DataError(USER_ERROR)
+
+
+def raise_runtime_error(config: dict) -> None:
+    raise RuntimeError("the worker lost its device")
+
+
+def raise_runtime_error_quoting_a_value_error(config: dict) -> None:
+    raise RuntimeError(f"could not restore the checkpoint (it said ValueError: {USER_ERROR})")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loop, exit_code",
+    [
+        (raise_data_error, 2),
+        (raise_runtime_error, 1),
+        (raise_runtime_error_quoting_a_value_error, 1),
+    ],
+)
+def test_worker_errors_reach_the_cli_through_the_error_file_only(
+    loop, exit_code, local_ray, tulpar_home, monkeypatch, capsys
+):
+    """A ValueError subclass in a Ray Train worker is a user error (exit 2, its message, no traceback); any other
+    exception is an internal failure (exit 1), even when its text quotes a ValueError."""
+    import json
+
+    from pydantic import BaseModel
+
+    from jobs.platform.runtime import JobResult, Settings, run_job
+    from jobs.training.distributed import RayTrainConfig, error_file_for, launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_name = f"errors-{loop.__name__}"
+
+    class Empty(BaseModel):
+        pass
+
+    def main(cfg: Empty, settings: Settings) -> JobResult:
+        launch(
+            settings=settings,
+            run_name=run_name,
+            ray_cfg=RayTrainConfig(num_workers=1, cpus_per_worker=1, max_failures=0),
+            task=_every_registered_task()[0],
+            run_config={},
+            train_loop=loop,
+        )
+        return JobResult("errors")
+
+    code = run_job("errors", Empty, main, argv=[])
+    out, err = capsys.readouterr()
+    assert code == exit_code, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    error_file = Path(error_file_for(Settings.from_env(), run_name))
+    # the job's own traceback starts a line; Ray's log lines forwarded from its actors are prefixed "(Name pid=..)"
+    job_traceback = any(line.startswith("Traceback") for line in err.splitlines())
+    if exit_code == 2:
+        assert err.strip().splitlines()[-1] == f"error: {USER_ERROR}" and not job_traceback
+        assert result == {"stage": "errors", "status": "error", "error": USER_ERROR}
+        assert json.loads(error_file.read_text()) == {"type": "DataError", "message": USER_ERROR, "rank": 0}
+    else:
+        assert result["status"] == "failed" and job_traceback
+        assert "\nerror: " not in err and not error_file.exists()

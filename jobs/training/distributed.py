@@ -1,33 +1,39 @@
 """Ray Train plumbing shared by the training stages: launch a TorchTrainer and run llm_core's Trainer per worker.
 
-The driver (a job's `main`) calls `launch(...)`; every Ray Train worker runs `worker_loop`, which builds the model,
-opens the token dataset (memory-mapped), restores the latest checkpoint if Ray Train hands one back (after a worker
-failure, or when the same run is started again), trains, and reports each evaluation to Ray Train together with a
-checkpoint. Rank 0 logs step metrics straight to the job's MLflow run. Nothing here is specific to one machine:
-on a cluster only `RAY_ADDRESS`, `num_workers`/`use_gpu`, `TULPAR_STORAGE` and `MLFLOW_TRACKING_URI` change.
+The driver (a job's `main`) calls `launch(...)` with a typed training task (`jobs.training.tasks`); every Ray Train
+worker runs `worker_loop`, which validates the task again, builds it (model, sampler, eval sets, loss), restores the
+latest checkpoint if Ray Train hands one back (after a worker failure, or when the same run is started again),
+trains, and reports each evaluation to Ray Train together with a checkpoint. Rank 0 logs step metrics straight to
+the job's MLflow run. Nothing here is specific to one machine: on a cluster only `RAY_ADDRESS`,
+`num_workers`/`use_gpu`, `TULPAR_STORAGE` and `MLFLOW_TRACKING_URI` change.
+
+User errors raised in a worker (ValueError and subclasses: bad data, a diverged loss) reach the driver through one
+channel: the worker writes {"type", "message", "rank"} as JSON to the run's error file
+(`<storage>/checkpoints/<run>/fatal_error.txt`) and ends without a retry; the driver raises TrainingError with that
+message (exit 2). Any other failure, whatever its text says, is an internal failure (exit 1).
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
+import json
 import logging
 import os
-import re
 import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
+from jobs.platform.raycluster import init_ray
 from jobs.platform.runtime import Settings
+from jobs.training.storage import delete, read_bytes, write_bytes
+from jobs.training.tasks import TaskSetup, TrainingTask, task_from_dict
 from llm_core.config import StrictModel
-
-if TYPE_CHECKING:
-    from llm_core.data import StepSampler
+from llm_core.trainer import TrainingError
 
 log = logging.getLogger("tulpar.distributed")
 
@@ -60,34 +66,83 @@ class RayTrainConfig(StrictModel):
     )
 
 
-def init_ray(settings: Settings) -> None:
-    """Connect to RAY_ADDRESS, or start a local Ray whose workers see the same settings."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith(("TULPAR_", "MLFLOW_", "AWS_"))}
-    env.setdefault("TULPAR_HOME", str(settings.home))
-    env.setdefault("TULPAR_DATA", str(settings.data))
-    ray.init(
-        address=settings.ray_address,
-        runtime_env={"env_vars": env},
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-    )
-
-
 def checkpoint_storage_path(settings: Settings) -> str:
     storage = settings.storage.rstrip("/")
     return f"{storage}/checkpoints" if "://" in storage else str(Path(storage, "checkpoints").resolve())
 
 
-def _user_error_from(exc: BaseException) -> str | None:
-    """The message of a ValueError raised inside a worker, recovered from Ray's wrapped exception text."""
-    text = str(exc)
-    found = re.findall(r"(?:TrainingError|DataError|ConfigError|ValueError): (.+)", text)
-    return found[-1].strip() if found else None
+class WorkerSpec(StrictModel):
+    """Everything a Ray Train worker gets from the driver: sent as `model_dump(mode="json")`, validated again there
+    (the task through the registry of training tasks)."""
+
+    task: SerializeAsAny[TrainingTask] = Field(description="the registered training task to build")
+    ray: RayTrainConfig
+    run_name: str
+    run_config: dict[str, Any] = Field(description="the stage's resolved config, kept in every checkpoint")
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    fault_marker: str | None = Field(None, description="file recording the one injected fault of a run")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _registered_task(cls, value: Any) -> TrainingTask:
+        return value if isinstance(value, TrainingTask) else task_from_dict(value)
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+
+def error_file_for(settings: Settings, run_name: str) -> str:
+    """The run's error file: where a worker records the user error that ended the run."""
+    return f"{checkpoint_storage_path(settings)}/{run_name}/fatal_error.txt"
+
+
+def write_user_error(uri: str, exc: ValueError, rank: int) -> None:
+    record = {"type": type(exc).__name__, "message": str(exc), "rank": rank}
+    write_bytes(uri, json.dumps(record, ensure_ascii=False).encode("utf-8"))
+
+
+def read_user_error(uri: str) -> TrainingError | None:
+    """TrainingError with the message a worker wrote to the error file; None when there is no such file. A file
+    that is not a worker's JSON record is an internal failure (RuntimeError), never a user error."""
+    data = read_bytes(uri)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data.decode("utf-8"))
+        message, kind = record["message"], record["type"]
+        if not isinstance(message, str) or not isinstance(kind, str):
+            raise TypeError("type and message must be strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(
+            f"the worker error file {uri} is not a worker's error record ({exc}): {data[:200]!r}"
+        ) from None
+    return TrainingError(message)
+
+
+def run_reporting_user_errors(
+    loop: Callable[[dict[str, Any]], None], error_file: str, config: dict[str, Any]
+) -> None:
+    """Every worker's entry point: run `loop`. A user error (ValueError) is written to the error file and the
+    worker ends normally: it is the same on every rank and would recur on a retry, so Ray Train must not restart
+    the group. Anything else propagates to Ray Train (a restart from the latest checkpoint, then a failure)."""
+    import ray.train
+
+    try:
+        loop(config)
+    except ValueError as exc:
+        write_user_error(error_file, exc, ray.train.get_context().get_world_rank())
+
+
+def _internal(exc: BaseException) -> BaseException:
+    """`exc` as an internal failure. Ray re-raises a worker's exception as a class derived from the original, so a
+    ValueError that did not come through the error file must not reach the CLI as a user error."""
+    if isinstance(exc, ValueError):
+        return RuntimeError(f"Ray Train failed with {type(exc).__name__}: {exc}")
+    return exc
+
+
+# ------------------------------------------------------------------------------------------ driver side
 
 
 def launch(
@@ -95,17 +150,20 @@ def launch(
     settings: Settings,
     run_name: str,
     ray_cfg: RayTrainConfig,
-    worker_config: dict[str, Any],
+    task: TrainingTask,
+    run_config: dict[str, Any],
+    mlflow_run_id: str | None = None,
+    fault_marker: str | None = None,
     train_loop: Callable[[dict[str, Any]], None] | None = None,
 ):
-    """Run `train_loop` (default: worker_loop) on Ray Train; returns the ray.train.Result.
+    """Train `task` on Ray Train with `train_loop` (default: worker_loop; it receives the WorkerSpec's dump) and
+    return the ray.train.Result.
 
     Checkpoints go to <TULPAR_STORAGE>/checkpoints/<run_name>/step-XXXXXX; Ray Train keeps the best one by mean
-    validation loss and the latest one. Raises TrainingError with the worker's message on user errors."""
+    validation loss and the latest one. Raises TrainingError with the message a worker wrote to the error file;
+    every other failure is raised as an internal one."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from llm_core.trainer import TrainingError
 
     init_ray(settings)
     if ray_cfg.cpus_per_worker is None:  # CPU training: give the workers the cluster's cores (threads follow)
@@ -121,7 +179,7 @@ def launch(
     scaling = ScalingConfig(
         num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
     )
-    run_config = RunConfig(
+    ray_run_config = RunConfig(
         name=run_name,
         storage_path=checkpoint_storage_path(settings),
         failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
@@ -129,59 +187,41 @@ def launch(
             num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
     )
-    error_file = f"{checkpoint_storage_path(settings)}/{run_name}/fatal_error.txt"
-    _delete(error_file)  # a stale error from an earlier attempt of this run
-    config = {**worker_config, "ray": ray_cfg.model_dump(), "run_name": run_name, "error_file": error_file}
-    trainer = TorchTrainer(
-        train_loop_per_worker=train_loop or worker_loop,
-        train_loop_config=config,
-        scaling_config=scaling,
+    spec = WorkerSpec(
+        task=task,
+        ray=ray_cfg,
+        run_name=run_name,
         run_config=run_config,
+        mlflow_run_id=mlflow_run_id,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri if mlflow_run_id else None,
+        fault_marker=fault_marker,
+    )
+    error_file = error_file_for(settings, run_name)
+    delete(error_file)  # a stale error from an earlier attempt of this run
+    trainer = TorchTrainer(
+        train_loop_per_worker=functools.partial(
+            run_reporting_user_errors, train_loop or worker_loop, error_file
+        ),
+        train_loop_config=spec.model_dump(mode="json"),
+        scaling_config=scaling,
+        run_config=ray_run_config,
     )
     try:
         result = trainer.fit()
     except Exception as exc:
-        message = _user_error_from(exc)
-        if message:
-            raise TrainingError(message) from None
-        raise
-    fatal = _read(error_file)
-    if fatal:
-        raise TrainingError(fatal)
+        user_error = read_user_error(error_file)
+        if user_error is not None:
+            raise user_error from None
+        internal = _internal(exc)
+        if internal is exc:
+            raise
+        raise internal from exc
+    user_error = read_user_error(error_file)
+    if user_error is not None:
+        raise user_error
     if result.error is not None:
-        raise result.error
+        raise _internal(result.error) from result.error
     return result
-
-
-def filesystem_for(uri: str):
-    from pyarrow import fs
-
-    return fs.FileSystem.from_uri(uri)  # local paths and s3:// alike
-
-
-def _write(uri: str, text: str) -> None:
-    filesystem, path = filesystem_for(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _read(uri: str) -> str | None:
-    from pyarrow import fs
-
-    filesystem, path = filesystem_for(uri)
-    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
-
-
-def _delete(uri: str) -> None:
-    from pyarrow import fs
-
-    filesystem, path = filesystem_for(uri)
-    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
-        filesystem.delete_file(path)
 
 
 def best_and_last(result) -> tuple[Any, Any]:
@@ -231,9 +271,9 @@ def link_best_last(run_dir: Path, best_path: str, last_path: str) -> None:
 # ------------------------------------------------------------------------------------------ worker side
 
 
-def _mlflow_logger(config: dict[str, Any], rank: int) -> Callable[[int, dict[str, float]], None]:
+def _mlflow_logger(spec: WorkerSpec, rank: int) -> Callable[[int, dict[str, float]], None]:
     """Log step metrics to the driver's MLflow run from rank 0 (no-op on other ranks)."""
-    run_id, uri = config.get("mlflow_run_id"), config.get("mlflow_tracking_uri")
+    run_id, uri = spec.mlflow_run_id, spec.mlflow_tracking_uri
     if rank != 0 or not run_id or not uri:
         return lambda step, metrics: None
     from mlflow import MlflowClient
@@ -250,94 +290,73 @@ def _mlflow_logger(config: dict[str, Any], rank: int) -> Callable[[int, dict[str
     return log
 
 
-@dataclass
-class TaskSetup:
-    """What a training stage hands the shared worker loop: the model, its data and its loss."""
-
-    model: Any  # llm_core Transformer (possibly with LoRA adapters)
-    sampler: StepSampler  # RandomWindows or RowSampler
-    eval_sets: list[Any]  # EvalSet / EvalBatches
-    loss_fn: Callable | None = None  # None: next-token cross-entropy
-
-
-def import_string(path: str) -> Callable:
-    """'package.module:function' -> the function."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def worker_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker of any training stage: `config["task_builder"]` ("module:function") builds the
-    TaskSetup; this loop restores the latest checkpoint, trains with llm_core's Trainer and reports to Ray Train."""
+    """One Ray Train worker of any training stage: validates the WorkerSpec, builds its task (`task.build`),
+    restores the latest checkpoint, trains with llm_core's Trainer and reports to Ray Train."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from llm_core.trainer import TrainConfig, Trainer
+    from llm_core.trainer import Trainer
 
+    try:
+        spec = WorkerSpec.model_validate(config)
+    except ValidationError as exc:  # the driver validated this spec: a mismatch here is ours, not the user's
+        raise RuntimeError(f"the worker could not validate the driver's WorkerSpec: {exc}") from None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ray_cfg = RayTrainConfig.model_validate(config["ray"])
+    ray_cfg, train_cfg = spec.ray, spec.task.train
     torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
-    train_cfg = TrainConfig.model_validate(config["train"])
     device = ray.train.torch.get_device()
-    log_metrics = _mlflow_logger(config, rank)
-    try:
-        torch.manual_seed(train_cfg.seed)
-        task: TaskSetup = import_string(config["task_builder"])(
-            config, rank=rank, world_size=world, device=device
-        )
-        parallelism = "none" if world == 1 else ray_cfg.parallelism
-        extra = {"loss_fn": task.loss_fn} if task.loss_fn is not None else {}
-        trainer = Trainer(
-            task.model,
-            train_cfg,
-            device=device,
-            run_config=config["run_config"],
-            parallelism=parallelism,
-            **extra,
-        )
-        sampler, eval_sets = task.sampler, task.eval_sets
-        restored = ray.train.get_checkpoint()
-        if restored is not None:
-            with restored.as_directory() as ckpt_dir:
-                trainer.resume(Path(ckpt_dir), sampler)
-            if rank == 0:
-                print(f"resumed from checkpoint at step {trainer.step}", flush=True)
-        kill_at = ray_cfg.fault_injection_kill_at_step
-        marker = config.get("fault_marker")
-
-        def on_log(step: int, metrics: dict[str, float]) -> None:
-            log_metrics(step, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()})
-            if rank == 0:
-                print(
-                    f"step {step:5d} | train loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                    f"{metrics['tokens_per_s']:,.0f} tok/s",
-                    flush=True,
-                )
-            if kill_at and step >= kill_at and rank == 0 and marker and not Path(marker).exists():
-                Path(marker).write_text(f"killed at step {step}\n")
-                os.kill(os.getpid(), signal.SIGKILL)  # a real worker crash: Ray Train restarts the group
-
-        def on_eval(step: int, metrics: dict[str, float], is_best: bool) -> None:
-            log_metrics(step, metrics)
-            if rank == 0:
-                losses = " ".join(
-                    f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss/")
-                )
-                print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
-            with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
-                path = trainer.save_to(Path(tmp) / "checkpoint", sampler, metrics)
-                checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
-                ray.train.report(
-                    {**metrics, "step": step, "is_best": float(is_best)},
-                    checkpoint=checkpoint,
-                    checkpoint_dir_name=f"step-{step:06d}",
-                )
-
-        trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, progress=False)
-    except ValueError as exc:
-        # A user error (bad data, diverged loss) is the same on every rank and would recur on a retry: record it
-        # for the driver and end normally instead of letting Ray Train restart the workers.
+    log_metrics = _mlflow_logger(spec, rank)
+    torch.manual_seed(train_cfg.seed)
+    task: TaskSetup = spec.task.build(rank=rank, world_size=world, device=device)
+    parallelism = "none" if world == 1 else ray_cfg.parallelism
+    extra = {"loss_fn": task.loss_fn} if task.loss_fn is not None else {}
+    trainer = Trainer(
+        task.model,
+        train_cfg,
+        device=device,
+        run_config=spec.run_config,
+        parallelism=parallelism,
+        **extra,
+    )
+    sampler, eval_sets = task.sampler, task.eval_sets
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            trainer.resume(Path(ckpt_dir), sampler)
         if rank == 0:
-            _write(config["error_file"], str(exc))
+            print(f"resumed from checkpoint at step {trainer.step}", flush=True)
+    kill_at = ray_cfg.fault_injection_kill_at_step
+    marker = spec.fault_marker
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        log_metrics(step, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()})
+        if rank == 0:
+            print(
+                f"step {step:5d} | train loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                f"{metrics['tokens_per_s']:,.0f} tok/s",
+                flush=True,
+            )
+        if kill_at and step >= kill_at and rank == 0 and marker and not Path(marker).exists():
+            Path(marker).write_text(f"killed at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)  # a real worker crash: Ray Train restarts the group
+
+    def on_eval(step: int, metrics: dict[str, float], is_best: bool) -> None:
+        log_metrics(step, metrics)
+        if rank == 0:
+            losses = " ".join(
+                f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss/")
+            )
+            print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
+            path = trainer.save_to(Path(tmp) / "checkpoint", sampler, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
+            ray.train.report(
+                {**metrics, "step": step, "is_best": float(is_best)},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"step-{step:06d}",
+            )
+
+    trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, progress=False)

@@ -1,14 +1,14 @@
 """What SFT, DPO and distillation share: where the starting model comes from, shipping prepared data to the Ray
 Train workers, and turning the best checkpoint into a registered model version (with a PEFT adapter for LoRA).
 
-Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names a worker-side
-`build_task`, and calls `run_posttrain`. The training loop itself is llm_core's Trainer via jobs.training.distributed.
+Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names its training task
+(`jobs.training.tasks`: SFTTask, DPOTask, WhiteboxDistillTask) and calls `run_posttrain`. The training loop itself
+is llm_core's Trainer via jobs.training.distributed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -27,18 +27,18 @@ from jobs.training.distributed import (
     RayTrainConfig,
     best_val_metrics,
     checkpoint_storage_path,
-    filesystem_for,
     final_checkpoints,
     launch,
     run_dir_for,
 )
+from jobs.training.sampling import end_of_training_samples
+from jobs.training.storage import put_object
+from jobs.training.tasks import ChatRowsTask, SFTTask, build_model
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
 from llm_core.export_hf import load_hf
-from llm_core.generate import SamplingParams, generate
 from llm_core.io import atomic_dir, atomic_write_json
-from llm_core.lora import LoRAConfig, apply_lora, save_peft_adapter, strip_lora
-from llm_core.model import Transformer
+from llm_core.lora import LoRAConfig, save_peft_adapter, strip_lora
 from llm_core.tokenizer import Tokenizer
 
 log = logging.getLogger("tulpar.posttrain")
@@ -109,31 +109,6 @@ def resolve_model(source: str, settings: Settings) -> tuple[Path, str]:
     )
 
 
-def build_model(init_dir: Path, lora: LoRAConfig | None) -> Transformer:
-    model = load_hf(init_dir)
-    model.train()
-    return apply_lora(model, lora) if lora is not None else model
-
-
-# ---------------------------------------------------------------------------------------- data transfer
-
-
-def put_object(uri: str, obj: Any) -> None:
-    """torch.save `obj` to a local path or object-store URI (workers read it with get_object)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    filesystem, path = filesystem_for(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(buf.getvalue())
-
-
-def get_object(uri: str) -> Any:
-    filesystem, path = filesystem_for(uri)
-    with filesystem.open_input_stream(path) as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=False)
-
-
 # ---------------------------------------------------------------------------------------- the driver
 
 
@@ -146,25 +121,6 @@ class Prepared:
     stats: dict[str, Any]
 
 
-def chat_samples(model: Transformer, tokenizer: Tokenizer, spec: ChatSampleSpec) -> dict[str, str]:
-    params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature,
-        stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id],
-        seed=0,
-    )
-    model.eval()
-    out = {}
-    for lang, question in spec.prompts.items():
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True
-        )
-        out[lang] = tokenizer.decode(
-            generate(model, [tokenizer.encode(text)], params, pad_id=tokenizer.pad_id)[0]
-        )
-    return out
-
-
 def run_posttrain(
     *,
     stage: str,
@@ -172,12 +128,14 @@ def run_posttrain(
     settings: Settings,
     init: str,
     prepare: Callable[[Tokenizer, Path], Prepared],
-    task_builder: str,
-    worker_extra: dict[str, Any] | None = None,
+    task: Callable[..., ChatRowsTask] = SFTTask,
     lora: LoRAConfig | None = None,
     tags: dict[str, str] | None = None,
 ) -> JobResult:
-    """Resolve the starting model, prepare rows, train on Ray Train, export + register the best checkpoint."""
+    """Resolve the starting model, prepare rows, train on Ray Train, export + register the best checkpoint.
+
+    `task` makes the stage's training task from init, lora, prepared and train: a registered ChatRowsTask class,
+    or a functools.partial of one carrying the stage's own fields (DPO's beta, the distillation teacher)."""
     name: str = cfg.name  # type: ignore[attr-defined]
     train_cfg = cfg.train  # type: ignore[attr-defined]
     ray_cfg: RayTrainConfig = cfg.ray  # type: ignore[attr-defined]
@@ -195,7 +153,8 @@ def run_posttrain(
         "config": config_to_dict(cfg),
         "parent_model_uri": parent_uri,
         "data_sha256": rows_sha256(prepared.train) + rows_sha256(prepared.val),
-        "worker_extra": worker_extra or {},
+        "task": task_identity(task),
+        "tags": tags or {},  # e.g. the resolved teacher version of a distillation
     }
     if not parent_uri.startswith("models:/"):  # a directory: its files are the input
         identity["init_sha256"] = files_sha256([p for p in Path(init_dir).rglob("*") if p.is_file()])
@@ -217,19 +176,16 @@ def run_posttrain(
         settings, stage, cfg, run_name=run_key, tags=all_tags, system_metrics=True
     ) as run:
         tracking.log_dict(prepared.stats, "data/stats.json")
-        worker_config = {
-            "task_builder": task_builder,
-            "init": str(init_dir),
-            "lora": lora.model_dump() if lora else None,
-            "prepared": prepared_uri,
-            "train": train_cfg.model_dump(mode="json"),
-            "run_config": config_to_dict(cfg),
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_tracking_uri": settings.mlflow_tracking_uri,
-            "fault_marker": str(run_dir / ".fault-injected"),
-            **(worker_extra or {}),
-        }
-        result = launch(settings=settings, run_name=run_key, ray_cfg=ray_cfg, worker_config=worker_config)
+        spec = task(init=str(init_dir), lora=lora, prepared=prepared_uri, train=train_cfg)
+        result = launch(
+            settings=settings,
+            run_name=run_key,
+            ray_cfg=ray_cfg,
+            task=spec,
+            run_config=config_to_dict(cfg),
+            mlflow_run_id=run.info.run_id,
+            fault_marker=str(run_dir / ".fault-injected"),
+        )
         best_ckpt, last_ckpt = final_checkpoints(result, settings, run_key, run_dir)
         model = build_model(init_dir, lora)
         with best_ckpt.as_directory() as best_dir:
@@ -237,7 +193,15 @@ def run_posttrain(
             state = load_checkpoint(best_dir, restore_rng=False)
         model.load_state_dict(state["model_state"])
         model.eval()
-        samples = chat_samples(model, tokenizer, cfg.sample)  # type: ignore[attr-defined]
+        sample_spec: ChatSampleSpec = cfg.sample  # type: ignore[attr-defined]
+        samples = end_of_training_samples(
+            model,
+            tokenizer,
+            sample_spec.prompts,
+            chat=True,
+            max_new_tokens=sample_spec.max_new_tokens,
+            temperature=sample_spec.temperature,
+        )
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
@@ -284,6 +248,13 @@ def run_posttrain(
     )
     atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
     return cache.store(result_obj)
+
+
+def task_identity(task: Callable[..., ChatRowsTask]) -> dict[str, Any]:
+    """The training task's kind and its settings (a teacher's local path left out: the tags carry its version)."""
+    func = getattr(task, "func", task)
+    keywords = {k: v for k, v in getattr(task, "keywords", {}).items() if k != "teacher"}
+    return {"task": getattr(func, "__name__", repr(func)), "settings": keywords}
 
 
 def rows_sha256(rows: list[dict[str, torch.Tensor]]) -> str:

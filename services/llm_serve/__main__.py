@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from jobs.training.distributed import init_ray
+    from jobs.platform.raycluster import init_ray
 
     init_ray(settings)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

@@ -1,0 +1,278 @@
+"""The registry of training tasks: what a Ray Train worker builds before llm_core's Trainer runs.
+
+A training task is a pydantic spec (its `kind` is its registry name) with everything a worker needs to build the
+model, its data sampler, its evaluation sets and its loss: `build(rank, world_size, device) -> TaskSetup`. The
+driver (a stage's `main`) creates and validates the spec; `jobs.training.distributed.launch` ships it to the workers
+as `model_dump(mode="json")`, and each worker validates it again through this registry (`task_from_dict`) before it
+builds the task. Registered tasks:
+
+| kind | stage | data | loss |
+|---|---|---|---|
+| `pretrain-windows` | `jobs.pretrain` | random windows of the token shards, per-language validation | next-token CE |
+| `sft` | `jobs.sft`, black-box `jobs.distill` | prepared chat rows | CE on assistant tokens |
+| `dpo` | `jobs.dpo` | prepared preference pairs + reference log-probs | sigmoid DPO |
+| `whitebox-distill` | white-box `jobs.distill` | prepared chat rows + the teacher | KL to the teacher + CE |
+
+New tasks subclass `TrainingTask` with a `kind: Literal["<name>"] = "<name>"` field and register with
+`@register_task`. This module imports only llm_core and jobs.training/jobs.platform, never a stage module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import torch
+from pydantic import Field
+
+from jobs.training.storage import get_object
+from llm_core.config import ModelConfig, StrictModel
+from llm_core.export_hf import load_hf
+from llm_core.lora import LoRAConfig, apply_lora
+from llm_core.model import Transformer
+from llm_core.trainer import EvalBatches, EvalSet, TrainConfig
+
+if TYPE_CHECKING:
+    from llm_core.data import StepSampler
+
+
+@dataclass
+class TaskSetup:
+    """What a built training task hands the shared worker loop: the model, its data and its loss."""
+
+    model: Any  # llm_core Transformer (possibly with LoRA adapters)
+    sampler: StepSampler  # RandomWindows or RowSampler
+    eval_sets: list[Any]  # EvalSet / EvalBatches
+    loss_fn: Callable | None = None  # None: next-token cross-entropy
+
+
+class TrainingTask(StrictModel):
+    """Base of every registered training task: its registry name and the training settings the worker loop uses."""
+
+    kind: str = Field(description="the task's registry name")
+    train: TrainConfig
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        raise NotImplementedError(f"{type(self).__name__} does not implement build()")
+
+
+T = TypeVar("T", bound=type[TrainingTask])
+TASKS: dict[str, type[TrainingTask]] = {}
+
+
+def register_task(cls: T) -> T:
+    """Class decorator: register a TrainingTask subclass under the default of its `kind` field."""
+    kind = cls.model_fields["kind"].default
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(
+            f"{cls.__name__} needs a `kind: Literal[...]` field with its registry name as default"
+        )
+    if kind in TASKS and TASKS[kind] is not cls:
+        raise TypeError(f"training task {kind!r} is already registered by {TASKS[kind].__name__}")
+    TASKS[kind] = cls
+    return cls
+
+
+def get_task(kind: str) -> type[TrainingTask]:
+    """The registered task class named `kind`."""
+    if kind not in TASKS:
+        raise LookupError(f"no training task {kind!r} is registered (registered: {sorted(TASKS)})")
+    return TASKS[kind]
+
+
+def task_from_dict(data: dict[str, Any]) -> TrainingTask:
+    """A task spec from its `model_dump`, validated by the class its `kind` names."""
+    if not isinstance(data, dict) or "kind" not in data:
+        raise LookupError(
+            f"a training task spec is a dict with its registry `kind`, got {type(data).__name__}"
+        )
+    return get_task(data["kind"]).model_validate(data)
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+
+
+@register_task
+class PretrainWindowsTask(TrainingTask):
+    """Pretraining: random windows of memory-mapped token shards; one validation set per language."""
+
+    kind: Literal["pretrain-windows"] = "pretrain-windows"
+    model: ModelConfig
+    dataset: str = Field(description="the jobs.preprocess output directory or URI")
+    languages: list[str] | None = Field(None, description="validation languages; default: all in the dataset")
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        from llm_core.data import RandomWindows
+        from llm_core.shards import TokenDataset
+
+        dataset = TokenDataset.open(self.dataset)
+        sampler = RandomWindows(
+            dataset.tokens("train"),
+            self.train.seq_len,
+            self.train.batch_size,
+            seed=self.train.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        eval_sets = [
+            EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
+            for lang in self.languages or dataset.languages
+        ]
+        return TaskSetup(Transformer(self.model), sampler, eval_sets)
+
+
+# ------------------------------------------------------------------------------------------ post-training
+
+
+def build_model(init_dir: Path, lora: LoRAConfig | None) -> Transformer:
+    """The starting model of a post-training run (an HF directory), in training mode, with LoRA adapters if asked."""
+    model = load_hf(init_dir)
+    model.train()
+    return apply_lora(model, lora) if lora is not None else model
+
+
+class ChatRowsTask(TrainingTask):
+    """What the post-training tasks share: a starting model and rows the driver prepared and stored."""
+
+    init: str = Field(description="the starting model: a local HF directory")
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters instead of all weights")
+    prepared: str = Field(
+        description="path or URI of the driver's prepared rows: {'train': [...], 'val': [...]}"
+    )
+
+    def rows(self) -> dict[str, list[dict[str, torch.Tensor]]]:
+        return get_object(self.prepared)
+
+    def row_sampler(self, rows: list[dict[str, torch.Tensor]], rank: int, world_size: int):
+        from llm_core.chat_data import RowSampler
+
+        return RowSampler(rows, self.train.batch_size, seed=self.train.seed, rank=rank, world_size=world_size)
+
+
+@register_task
+class SFTTask(ChatRowsTask):
+    """Supervised fine-tuning on prepared chat rows (labels only on assistant tokens)."""
+
+    kind: Literal["sft"] = "sft"
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        from llm_core.chat_data import batches_of
+
+        data = self.rows()
+        sampler = self.row_sampler(data["train"], rank, world_size)
+        val = batches_of(data["val"], self.train.batch_size)
+        return TaskSetup(
+            build_model(Path(self.init), self.lora), sampler, [EvalBatches("chat", val)] if val else []
+        )
+
+
+def make_dpo_loss(beta: float, label_smoothing: float):
+    from llm_core.losses import dpo_loss, sequence_logprobs
+
+    def loss_fn(model, batch):
+        """batch: input_ids/targets (2B, T) with chosen rows first; ref_logps (B, 2)."""
+        logits = model(batch["input_ids"]).logits
+        logps = sequence_logprobs(logits, batch["targets"])  # (2B,)
+        pairs = logps.size(0) // 2
+        ref = batch["ref_logps"]
+        return dpo_loss(
+            logps[:pairs], logps[pairs:], ref[:, 0], ref[:, 1], beta=beta, label_smoothing=label_smoothing
+        )
+
+    return loss_fn
+
+
+@torch.no_grad()
+def add_reference_logps(rows: list[dict], model, rank: int, world_size: int, batch_size: int = 8) -> None:
+    """rows[i]["ref_logps"] = (chosen, rejected) sequence log-probs under `model`; rows are split across ranks and
+    the results gathered, so each rank computes 1/world_size of them."""
+    from llm_core.chat_data import collate
+    from llm_core.losses import sequence_logprobs
+
+    model.eval()
+    mine = list(range(rank, len(rows), world_size))
+    values: dict[int, torch.Tensor] = {}
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        batch = collate([rows[j] for j in idx])
+        device = next(model.parameters()).device
+        logps = sequence_logprobs(
+            model(batch["input_ids"].to(device)).logits, batch["targets"].to(device)
+        ).cpu()
+        pairs = len(idx)
+        for k, j in enumerate(idx):
+            values[j] = torch.stack([logps[k], logps[pairs + k]])
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, values)
+        values = {j: v for part in gathered for j, v in part.items()}
+    for j, row in enumerate(rows):
+        row["ref_logps"] = values[j]
+    model.train()
+
+
+@register_task
+class DPOTask(ChatRowsTask):
+    """DPO on prepared preference pairs against a frozen reference whose log-probs are computed once here."""
+
+    kind: Literal["dpo"] = "dpo"
+    reference: str | None = Field(
+        None, description="reference model (local HF directory); default: the start"
+    )
+    beta: float = Field(gt=0)
+    label_smoothing: float = Field(ge=0, lt=0.5)
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        from llm_core.chat_data import batches_of
+
+        data = self.rows()
+        policy = build_model(Path(self.init), self.lora)
+        reference = load_hf(self.reference) if self.reference else policy
+        for rows in (data["train"], data["val"]):
+            add_reference_logps(
+                rows, reference.to(device) if reference is not policy else reference, rank, world_size
+            )
+        sampler = self.row_sampler(data["train"], rank, world_size)
+        val = batches_of(data["val"], self.train.batch_size)
+        return TaskSetup(
+            policy,
+            sampler,
+            [EvalBatches("pairs", val)] if val else [],
+            make_dpo_loss(self.beta, self.label_smoothing),
+        )
+
+
+def make_distill_loss(teacher, temperature: float, alpha: float):
+    from llm_core.losses import distill_loss
+
+    def loss_fn(model, batch):
+        kwargs = {"segment_ids": batch.get("segment_ids"), "position_ids": batch.get("position_ids")}
+        student = model(batch["input_ids"], **kwargs).logits
+        with torch.no_grad():
+            teacher_logits = teacher(batch["input_ids"], **kwargs).logits
+        loss, metrics = distill_loss(
+            student, teacher_logits, batch["targets"], temperature=temperature, alpha=alpha
+        )
+        return loss, {**metrics, "ce_loss": metrics["ce"]}
+
+    return loss_fn
+
+
+@register_task
+class WhiteboxDistillTask(SFTTask):
+    """White-box distillation: SFT rows, with the loss mixing KL to a frozen teacher's distributions and CE."""
+
+    kind: Literal["whitebox-distill"] = "whitebox-distill"  # type: ignore[assignment]
+    teacher: str = Field(description="the teacher: a local HF directory sharing the student's tokenizer")
+    temperature: float = Field(gt=0)
+    alpha: float = Field(ge=0, le=1)
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        task = super().build(rank, world_size, device)
+        teacher = load_hf(self.teacher).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        task.loss_fn = make_distill_loss(teacher, self.temperature, self.alpha)
+        return task
