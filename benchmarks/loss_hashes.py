@@ -1,10 +1,13 @@
 """Fixed-seed loss fingerprints of tiny pretraining, SFT and DPO, to show that a refactor changes no numerics.
 
-    python benchmarks/loss_hashes.py [--home DIR] [--json-out FILE] [--keep]
+    python benchmarks/loss_hashes.py --tokenizer DIR [--repo CHECKOUT] [--home DIR] [--json-out FILE] [--keep]
 
-Runs, in a fresh TULPAR_HOME (a temporary directory unless --home names an empty one), the tiny preprocessing
-(1,024-token tokenizer) and then `jobs.pretrain`, `jobs.sft` and `jobs.dpo` with small fixed-seed overrides, each
-as its own process exactly as a user would. SFT starts from `@pretrain-latest` and DPO from `@sft-latest`, as their
+Runs, in a fresh TULPAR_HOME (a temporary directory unless --home names an empty one), the tiny preprocessing with
+the given tokenizer directory and then `jobs.pretrain`, `jobs.sft` and `jobs.dpo` with small fixed-seed overrides,
+each as its own process exactly as a user would, in this checkout or in `--repo` (another checkout, e.g. a
+`git worktree` of the commit before a refactor; older checkouts whose preprocessing trained its own tokenizer and
+whose presets stated a vocabulary get `tokenizer.train=null` and `model.vocab_size=<the tokenizer's>`, so both
+sides train on the same shards with the same model). SFT starts from `@pretrain-latest` and DPO from `@sft-latest`, as their
 configs say. For each training stage it reads every logged per-step `train_loss` and every validation metric
 (`val_*`) back from MLflow (`MlflowClient.get_metric_history`), prints one sha256 per stage over that JSON and one
 over the end-of-training samples the stage logged (samples.txt), then the loss lists. Two checkouts whose hashes
@@ -26,12 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-PREPROCESS = ["--config", "configs/preprocess/tiny.yaml", "tokenizer.train.vocab_size=1024"]
+PREPROCESS = ["--config", "configs/preprocess/tiny.yaml"]
 STAGES: dict[str, list[str]] = {
     "pretrain": [
         "--config",
         "configs/pretrain/tiny.yaml",
-        "model.vocab_size=1024",
         "train.steps=30",
         "train.eval_every=15",
         "train.log_every=1",
@@ -67,13 +69,13 @@ STAGES: dict[str, list[str]] = {
 }
 
 
-def run_stage(module: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+def run_stage(module: str, args: list[str], env: dict[str, str], log_dir: Path, repo: Path = REPO) -> None:
     """Run `python -m <module> <args>` in the repository; its output goes to <log_dir>/<stage>.log."""
     log_path = log_dir / f"{module.rsplit('.', 1)[-1]}.log"
     print(f"running {module} (log: {log_path})", file=sys.stderr, flush=True)
     with log_path.open("w") as log:
         code = subprocess.call(
-            [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", module, *args], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     if code != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
@@ -126,6 +128,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--tokenizer", type=Path, required=True, help="a tokenizer directory, the same for both sides"
+    )
+    parser.add_argument(
+        "--repo", type=Path, default=REPO, help="the checkout whose jobs run (default: this one)"
+    )
     parser.add_argument("--home", type=Path, help="TULPAR_HOME to use (must not exist or be empty)")
     parser.add_argument("--json-out", type=Path, help="also write {stage: {sha256, losses}} to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary TULPAR_HOME")
@@ -145,10 +153,20 @@ def main() -> None:
     env.setdefault("TULPAR_DATA", str(REPO.parent / "shared" / "data"))
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
 
-    run_stage("jobs.preprocess", PREPROCESS, env, home)
+    repo = args.repo.resolve()
+    tokenizer = args.tokenizer.resolve()
+    preprocess = [*PREPROCESS, f"tokenizer.path={tokenizer}"]
+    stages = {k: list(v) for k, v in STAGES.items()}
+    if "train:" in (repo / "configs" / "preprocess" / "tiny.yaml").read_text():  # before one tokenizer path
+        preprocess.append("tokenizer.train=null")
+        vocab = json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
+        added = json.loads((tokenizer / "tokenizer.json").read_text()).get("added_tokens", [])
+        size = len(set(vocab.values()) | {t["id"] for t in added})
+        stages["pretrain"].insert(2, f"model.vocab_size={size}")
+    run_stage("jobs.preprocess", preprocess, env, home, repo)
     results = {}
-    for stage, stage_args in STAGES.items():
-        run_stage(f"jobs.{stage}", stage_args, env, home)
+    for stage, stage_args in stages.items():
+        run_stage(f"jobs.{stage}", stage_args, env, home, repo)
         run = stage_run(tracking_uri, stage)
         history = stage_losses(tracking_uri, run)
         samples = stage_samples(tracking_uri, run)
