@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -90,6 +91,8 @@ def start_ray_data(cfg: PreprocessConfig, settings: Settings) -> None:
         object_store_memory=store,
     )
     ctx = DataContext.get_current()
+    # passes 1-2: Ray Data's own progress (bars with ETA on a terminal, else a progress summary logged every
+    # RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL seconds); pass 3's Ray tasks: BlockProgress
     ctx.enable_progress_bars = cfg.execution.progress_bars
     ctx.enable_operator_progress_bars = cfg.execution.progress_bars
     ctx.execution_options.resource_limits = ExecutionResources(cpu=cfg.execution.num_workers)
@@ -151,7 +154,13 @@ def write(root: str, specs: list, dtype: str, eos_id: int, vocab_size: int, *par
 
 
 def write_shards(
-    tok_ds, shard_plan: plan.ShardPlan, root: str, tok: Tokenizer, dtype: str, limit: int | None
+    tok_ds,
+    shard_plan: plan.ShardPlan,
+    root: str,
+    tok: Tokenizer,
+    dtype: str,
+    limit: int | None,
+    progress: bool = True,
 ):
     """Pass 3 as a map/reduce of Ray tasks over the materialized token blocks: `place` splits every block by
     destination shard, `write` gathers one shard's pieces and writes it. (Ray Data's groupby does the same
@@ -174,7 +183,63 @@ def write_shards(
         ],
         limit,
     )
-    return ray.get(rows)
+    return _wait_all(rows, BlockProgress(n, "pass 3 write", "shard", enabled=progress))
+
+
+class BlockProgress:
+    """Progress over a known number of blocks or tasks: a tqdm bar with ETA on stderr when it is a terminal,
+    else a plain log line (the same text: count, percentage, elapsed<remaining, rate) at most every
+    `every_s` seconds and at the end, so that captured logs stay readable."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        *,
+        enabled: bool = True,
+        every_s: float = 10.0,
+        clock=time.monotonic,
+    ):
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.unit, self.every_s, self.clock = total, desc, unit, every_s, clock
+        self.n, self.t0 = 0, clock()
+        self.last_line = self.t0
+        self.enabled = enabled
+        on_terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) if on_terminal else None
+
+    def advance(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self.clock()
+        if self.enabled and (self.n >= self.total or now - self.last_line >= self.every_s):
+            self.last_line = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_meter(self.n, self.total, now - self.t0, prefix=self.desc, unit=self.unit, ncols=0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _wait_all(refs: list, progress: BlockProgress) -> list:
+    """ray.get(refs), moving `progress` as each one finishes."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        progress.advance(len(done))
+    progress.close()
+    return ray.get(refs)
 
 
 def _bounded(submits: list, limit: int | None) -> list:
@@ -570,7 +635,15 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         log.info("pass 3: write %d shards to %s", len(shard_plan.shards), out.location)
         with out.writing() as (root, write_file):
             dtype = dtype_name(tok.vocab_size)
-            infos = write_shards(tok_ds, shard_plan, root, tok, dtype, cfg.execution.num_workers)
+            infos = write_shards(
+                tok_ds,
+                shard_plan,
+                root,
+                tok,
+                dtype,
+                cfg.execution.num_workers,
+                progress=cfg.execution.progress_bars,
+            )
             if len(infos) != len(shard_plan.shards):
                 raise RuntimeError(f"wrote {len(infos)} shards, planned {len(shard_plan.shards)}")
             manifest = build_manifest(

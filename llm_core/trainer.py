@@ -430,10 +430,13 @@ class Trainer:
         checkpoint_root: Path | None = None,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
     ) -> FitResult:
         """Train until cfg.steps; evaluate every eval_every steps and at the end. With `checkpoint_root`, keep
-        root/best and root/last there; otherwise `on_eval` decides where checkpoints go (e.g. Ray Train)."""
+        root/best and root/last there; otherwise `on_eval` decides where checkpoints go (e.g. Ray Train).
+        `on_step` sees every optimizer step (e.g. to move a progress bar drawn elsewhere); `progress` draws a
+        tqdm bar on this process's stderr when it is a terminal."""
         from tqdm.auto import tqdm
 
         history: list[dict[str, float]] = []
@@ -447,6 +450,8 @@ class Trainer:
             window_tokens += metrics["tokens"]
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if on_step:
+                on_step(self.step, metrics)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 tps = window_tokens / elapsed  # all ranks together

@@ -218,3 +218,17 @@ def test_worker_errors_reach_the_cli_through_the_error_file_only(
     else:
         assert result["status"] == "failed" and job_traceback
         assert "\nerror: " not in err and not error_file.exists()
+def test_step_lines_give_progress_and_the_eta_of_this_attempt():
+    from jobs.training.distributed import StepETA
+
+    now = [0.0]
+    eta = StepETA(100, 400, clock=lambda: now[0])  # an attempt resumed at step 100
+    assert eta.describe(100) == "25% of 400 steps, ETA unknown"
+    now[0] = 10.0  # 50 steps in 10 s: 250 steps left take 50 s
+    assert eta.describe(150) == "38% of 400 steps, ETA 50s"
+    now[0] = 40.0  # 100 steps in 40 s: 200 left take 80 s
+    assert eta.describe(200) == "50% of 400 steps, ETA 1m20s"
+    assert eta.describe(400) == "100% of 400 steps, ETA 0s"
+    long = StepETA(0, 100_000, clock=lambda: now[0])
+    now[0] = 100.0  # 10 steps in 60 s: 99,990 steps left take 599,940 s
+    assert long.describe(10) == "0% of 100000 steps, ETA 166h39m"

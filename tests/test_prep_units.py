@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import sys
 import unicodedata
 
@@ -372,3 +373,25 @@ def test_chunk_plan_only_splits_plain_line_files(tmp_path):
     per_file = {f.uri.rsplit("/", 1)[-1]: sum(c.file_id == f.file_id for c in chunks) for f in files}
     assert per_file == {"a.txt": 6, "b.jsonl": 6, "c.txt.gz": 1, "d.txt.gz": 0}
     assert chunks[0] == Chunk(0, 0, 0, 1000)
+
+
+def test_block_progress_off_a_terminal_logs_plain_lines_with_eta(caplog):
+    from jobs.preprocess import BlockProgress
+
+    now = [0.0]
+    progress = BlockProgress(6, "pass 3 write", "shard", every_s=10.0, clock=lambda: now[0])
+    assert progress.bar is None  # pytest's stderr is not a terminal
+    with caplog.at_level(logging.INFO, logger="tulpar.preprocess"):
+        now[0] = 1.0
+        progress.advance()  # under 10 s since the start: no line
+        now[0] = 12.0
+        progress.advance(2)
+        now[0] = 13.0
+        progress.advance(2)  # 1 s after the last line: none
+        now[0] = 14.0
+        progress.advance()  # the last block: always a line
+        progress.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "pass 3 write:  50% 3/6 [00:12<00:12,  4.00s/shard]",
+        "pass 3 write: 100% 6/6 [00:14<00:00,  2.33s/shard]",
+    ]

@@ -174,3 +174,19 @@ def test_evaluate_reports_the_loss_functions_metrics():
     x = torch.randint(0, 256, (2, 16))
     m = t.evaluate([EvalBatches("set", [{"input_ids": x, "targets": x}])])
     assert m["val_custom/set"] == 2.0 and m["val_loss"] == m["val_loss/set"]
+
+
+def test_on_step_sees_every_optimizer_step_and_on_log_every_log_every():
+    """A progress bar drawn elsewhere (the Ray driver) moves with on_step; the step lines come from on_log."""
+    t = trainer(steps=7, log_every=3, eval_every=100)
+    stepped, logged = [], []
+    t.fit(
+        RandomWindows(TOKENS, 32, 4),
+        [],
+        on_step=lambda step, m: stepped.append((step, m["loss"])),
+        on_log=lambda step, m: logged.append(step),
+        progress=False,
+    )
+    assert [s for s, _ in stepped] == list(range(1, 8))
+    assert all(math.isfinite(loss) for _, loss in stepped)
+    assert logged == [3, 6, 7]

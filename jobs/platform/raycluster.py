@@ -16,6 +16,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     env.setdefault("TULPAR_HOME", str(settings.home))
     env.setdefault("TULPAR_DATA", str(settings.data))
+    # Ray Train's print patch sends each worker line to the driver twice: see jobs.training.distributed's
+    # WORKER_PRINT_PATCH
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return env
 
 

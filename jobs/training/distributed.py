@@ -19,7 +19,9 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +38,8 @@ from llm_core.config import StrictModel
 from llm_core.trainer import TrainingError
 
 log = logging.getLogger("tulpar.distributed")
+# the worker loop's lines (steps, evaluations, resume); Ray Train's console handler sends them to stderr once
+train_log = logging.getLogger("tulpar.train")
 
 
 class RayTrainConfig(StrictModel):
@@ -82,6 +86,9 @@ class WorkerSpec(StrictModel):
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     fault_marker: str | None = Field(None, description="file recording the one injected fault of a run")
+    progress_bar: bool = Field(
+        False, description="rank 0 draws a step bar on the driver's stderr (a terminal)"
+    )
 
     @field_validator("task", mode="before")
     @classmethod
@@ -142,6 +149,80 @@ def _internal(exc: BaseException) -> BaseException:
     return exc
 
 
+# WORKER_PRINT_PATCH: Ray Train (v2) replaces `print` in its workers by a function that logs the text through the
+# root logger (to the worker's stderr) and, because Ray has already swapped the worker's sys.stdout for its log
+# file, also prints it to stdout: every line a training worker prints reached the driver twice, once on stdout and
+# once on stderr. init_ray turns that patch off (RAY_TRAIN_ENABLE_PRINT_PATCH=0), and the worker loop writes its
+# own lines through the `tulpar.train` logger, which Ray Train sends to stderr once.
+
+
+def hide_placement_group_cleaner_output() -> None:
+    """Drop what Ray Train's detached `PlacementGroupCleaner` actor prints, on this driver's console only.
+
+    Why: every Ray Train run starts the cleaner, which asks the Ray State API (served by the dashboard) every
+    few seconds whether the Train controller is alive. The local Ray that init_ray starts has no dashboard
+    (include_dashboard=False keeps start-up light on small machines), so every query fails: a 30-line
+    `ConnectionError` traceback when the cleaner cannot find an API server, or a "Failed to query Ray Train
+    Controller actor state. State API may be temporarily unavailable" warning every check interval (212 of 416
+    console lines in a 400-step run with one worker restart). The cleaner only removes the placement group of
+    a controller that died ungracefully, which shutting the local Ray down with the job does anyway. Called
+    only for a local Ray (on a cluster the dashboard serves the State API and the cleaner's lines are real);
+    they stay in /tmp/ray/session_latest/logs. Ray's log dispatcher is private API: if it changes, this leaves
+    the output untouched (and tests/test_pretrain.py's console assertions fail)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # a Ray without this dispatcher: leave the output as it is
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+    for name, handler in handlers:
+        if name != "ray_print_logs" or getattr(handler, "tulpar_filtered", False):
+            continue
+
+        def filtered(data, _print=handler):
+            if data.get("actor_name") != "PlacementGroupCleaner":
+                _print(data)
+
+        filtered.tulpar_filtered = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    pid = re.search(r"\bpid[=:]\s*(\d+)", str(exc))
+    return f"{type(exc).__name__}: {text}" + (f" (pid {pid.group(1)})" if pid else "")
+
+
+def restart_events(max_failures: int):
+    """A Ray Train callback (it runs on the Train controller) that prints one line per worker-group failure:
+    which rank(s) died and why, and the checkpoint the restarted workers resume from (or that no restart is
+    left). Rank 0 then prints "resumed from checkpoint at step N" once it has restored that checkpoint."""
+    from ray.train import UserCallback
+
+    class RestartEvents(UserCallback):
+        def __init__(self) -> None:
+            self.failures, self.latest = 0, None
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if checkpoint is not None:
+                self.latest = Path(checkpoint.path).name
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            self.failures += 1
+            died = "; ".join(f"rank {r}: {_first_line(e)}" for r, e in sorted(worker_exceptions.items()))
+            if self.failures > max_failures:
+                then = f"no restart left (ray.max_failures={max_failures}): the run stops"
+            else:
+                start = f"checkpoint {self.latest}" if self.latest else "the latest checkpoint, if any"
+                then = f"restart {self.failures} of {max_failures} from {start}"
+            sys.stderr.write(f"training worker died: {died} -> {then}\n")
+            sys.stderr.flush()
+
+    return RestartEvents()
+
+
 # ------------------------------------------------------------------------------------------ driver side
 
 
@@ -162,10 +243,12 @@ def launch(
     Checkpoints go to <TULPAR_STORAGE>/checkpoints/<run_name>/step-XXXXXX; Ray Train keeps the best one by mean
     validation loss and the latest one. Raises TrainingError with the message a worker wrote to the error file;
     every other failure is raised as an internal one."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray(settings)
+    if not settings.ray_address:
+        hide_placement_group_cleaner_output()
     if ray_cfg.cpus_per_worker is None:  # CPU training: give the workers the cluster's cores (threads follow)
         import ray
 
@@ -186,6 +269,11 @@ def launch(
         checkpoint_config=CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
+        # Ray Train's own INFO/WARNING records (a line with every reported metric per evaluation, the failure
+        # policy's decision with the worker's whole traceback, "graceful shutdown failed" after a crash) stay in
+        # its log files (/tmp/ray/session_latest/logs/train/); the console gets restart_events' one line instead.
+        logging_config=LoggingConfig(log_level="ERROR"),
+        callbacks=[restart_events(ray_cfg.max_failures)],
     )
     spec = WorkerSpec(
         task=task,
@@ -195,6 +283,7 @@ def launch(
         mlflow_run_id=mlflow_run_id,
         mlflow_tracking_uri=settings.mlflow_tracking_uri if mlflow_run_id else None,
         fault_marker=fault_marker,
+        progress_bar=sys.stderr.isatty(),  # else periodic plain lines (logs stay readable)
     )
     error_file = error_file_for(settings, run_name)
     delete(error_file)  # a stale error from an earlier attempt of this run
@@ -290,6 +379,43 @@ def _mlflow_logger(spec: WorkerSpec, rank: int) -> Callable[[int, dict[str, floa
     return log
 
 
+class StepETA:
+    """Progress of a run for the periodic step lines: "38% of 400 steps, ETA 1m40s", from this attempt's
+    rate (a restarted attempt starts counting again at the step it resumed from)."""
+
+    def __init__(self, start_step: int, total_steps: int, clock: Callable[[], float] = time.monotonic):
+        self.start_step, self.total, self.clock = start_step, total_steps, clock
+        self.t0 = clock()
+
+    def describe(self, step: int) -> str:
+        done = step - self.start_step
+        elapsed = self.clock() - self.t0
+        share = f"{100 * step / self.total:.0f}% of {self.total} steps"
+        if done <= 0 or elapsed <= 0:
+            return f"{share}, ETA unknown"
+        return f"{share}, ETA {_duration((self.total - step) * elapsed / done)}"
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _quiet_ray_train_report_lines() -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(<every metric>)" per rank and evaluation
+    through a logger named by its source file's path, not under `ray.train`, so RunConfig's LoggingConfig does
+    not reach it and Ray's root console handler prints it at INFO. Raise that one logger to WARNING."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker of any training stage: validates the WorkerSpec, builds its task (`task.build`),
     restores the latest checkpoint, trains with llm_core's Trainer and reports to Ray Train."""
@@ -305,6 +431,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         raise RuntimeError(f"the worker could not validate the driver's WorkerSpec: {exc}") from None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _quiet_ray_train_report_lines()
     ray_cfg, train_cfg = spec.ray, spec.task.train
     torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
@@ -327,17 +454,32 @@ def worker_loop(config: dict[str, Any]) -> None:
         with restored.as_directory() as ckpt_dir:
             trainer.resume(Path(ckpt_dir), sampler)
         if rank == 0:
-            print(f"resumed from checkpoint at step {trainer.step}", flush=True)
+            name = Path(restored.path).name
+            train_log.info("resumed from checkpoint at step %d (%s)", trainer.step, name)
     kill_at = ray_cfg.fault_injection_kill_at_step
     marker = spec.fault_marker
+    eta = StepETA(trainer.step, train_cfg.steps)
+    bar = None
+    if rank == 0 and spec.progress_bar:  # the driver draws it on its stderr (a terminal)
+        from ray.experimental.tqdm_ray import tqdm as driver_tqdm
+
+        bar = driver_tqdm(desc="train", total=train_cfg.steps, unit="step")
+        bar.update(trainer.step)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if bar is not None:
+            bar.update(1)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         log_metrics(step, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()})
         if rank == 0:
-            print(
-                f"step {step:5d} | train loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                f"{metrics['tokens_per_s']:,.0f} tok/s",
-                flush=True,
+            train_log.info(
+                "step %5d | train loss %.4f | lr %.2e | %s tok/s | %s",
+                step,
+                metrics["loss"],
+                metrics["lr"],
+                f"{metrics['tokens_per_s']:,.0f}",
+                eta.describe(step),
             )
         if kill_at and step >= kill_at and rank == 0 and marker and not Path(marker).exists():
             Path(marker).write_text(f"killed at step {step}\n")
@@ -349,7 +491,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             losses = " ".join(
                 f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss/")
             )
-            print(f"step {step:5d} | val loss {losses}{' (best)' if is_best else ''}", flush=True)
+            train_log.info("step %5d | val loss %s%s", step, losses, " (best)" if is_best else "")
         with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
             path = trainer.save_to(Path(tmp) / "checkpoint", sampler, metrics)
             checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
@@ -359,4 +501,6 @@ def worker_loop(config: dict[str, Any]) -> None:
                 checkpoint_dir_name=f"step-{step:06d}",
             )
 
-    trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, progress=False)
+    trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, on_step=on_step, progress=False)
+    if bar is not None:
+        bar.close()
