@@ -2,9 +2,10 @@
 
 A public name is either an alias from the config, whose targets are `models:/<name>@<alias>` (resolved through the
 MLflow registry to the version the alias points at, re-resolved every `alias_refresh_s`), `models:/<name>/<version>`
-or a served id (`models:` URIs are parsed and resolved by jobs.platform.registry, whose typed errors name the URI;
-the gateway keeps the last good answer when a refresh fails); or, with `allow_served_ids`, an id the upstream lists in its own /v1/models. A served id is what
-services.llm_serve calls a registered version: `<name>-v<version>` by default (`served_name_template`).
+or a served id; or, with `allow_served_ids`, an id the upstream lists in its own /v1/models. A served id is what
+services.llm_serve calls a registered version: `<name>-v<version>` by default (`served_name_template`). `models:`
+URIs are parsed and resolved by jobs.platform.registry, whose typed errors name the URI; when a refresh fails
+(registry unreachable included) a target keeps its last good answer.
 
 With two or more targets, each request goes to one of them in proportion to the weights. `split: request_id`
 hashes the request's X-Request-ID (sha256, so the same id always lands on the same target and ids spread
