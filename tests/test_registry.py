@@ -85,7 +85,15 @@ def test_registered_references_resolve_to_canonical_versions(reg):
     assert latest.uri == "models:/tulpar-reg/2" and latest.aliases == ("pretrain-latest",)
     assert registry.champion_version("tulpar-reg", "pretrain-latest", settings).version == "2"
 
-    fetched = registry.hf_model("models:/tulpar-reg@pretrain-latest", settings)
+    import mlflow
+
+    mlflow.set_tracking_uri(
+        f"sqlite:///{reg['root'] / 'other.db'}"
+    )  # the process-wide URI is not the registry's
+    try:
+        fetched = registry.hf_model("models:/tulpar-reg@pretrain-latest", settings)
+    finally:
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     assert fetched.path == settings.home / "cache" / "models" / "tulpar-reg" / "2"
     assert json.loads((fetched.path / "config.json").read_text())["marker"] == "v2"
     assert (fetched.path / "weights.txt").read_text() == "v2"

@@ -359,11 +359,16 @@ class Registry:
         dst = cache_root / str(resolved.name) / str(resolved.version)
         if not (dst / "config.json").is_file():
             with atomic_dir(dst) as tmp:
-                mlflow.artifacts.download_artifacts(
+                # the artifact location from this registry's client: mlflow's models:/ download would ask the
+                # process-wide registry URI instead, which need not be this one
+                location = self._call(
                     resolved.uri,
-                    dst_path=str(tmp),
-                    tracking_uri=self.tracking_uri,
-                    registry_uri=self.tracking_uri,
+                    self.client.get_model_version_download_uri,
+                    str(resolved.name),
+                    str(resolved.version),
+                )
+                mlflow.artifacts.download_artifacts(
+                    location, dst_path=str(tmp), tracking_uri=self.tracking_uri
                 )
                 nested = [p for p in tmp.iterdir() if p.is_dir()]  # some stores add the artifact dir's name
                 if not (tmp / "config.json").is_file() and len(nested) == 1:
