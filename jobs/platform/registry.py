@@ -396,10 +396,6 @@ def model_cache(settings: Settings) -> Path:
     return settings.home / "cache" / "models"
 
 
-def fetch(resolved: ResolvedModel, settings: Settings) -> ResolvedModel:
-    return registry_for(settings).fetch(resolved, model_cache(settings))
-
-
 def resolve_fetched(reference: str, settings: Settings) -> ResolvedModel:
     """Resolve and, for a registered version, download: `path` is always set."""
     reg = registry_for(settings)
