@@ -21,11 +21,12 @@ from typing import Literal
 
 from pydantic import Field
 
+from jobs.platform.registry import hf_model
 from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.sft import ChatDataSpec, data_files, limited, prepare_sft
 from jobs.training.distributed import RayTrainConfig
-from jobs.training.posttrain import ChatSampleSpec, resolve_model, run_posttrain
+from jobs.training.posttrain import ChatSampleSpec, run_posttrain
 from jobs.training.tasks import SFTTask, WhiteboxDistillTask
 from llm_core.chat_data import read_jsonl, record_to_messages
 from llm_core.config import StrictModel
@@ -170,8 +171,9 @@ def main(cfg: DistillConfig, settings: Settings) -> JobResult:
     if cfg.mode == "whitebox":
         if not cfg.teacher:
             raise ValueError("mode=whitebox needs teacher: models:/<name>@<alias> or an HF directory")
-        teacher_dir, teacher_uri = resolve_model(cfg.teacher, settings)
-        student_dir, _ = resolve_model(cfg.init, settings)
+        teacher = hf_model(cfg.teacher, settings)
+        teacher_dir, teacher_uri = teacher.path, teacher.uri
+        student_dir = hf_model(cfg.init, settings).path
         t_tok, s_tok = Tokenizer.from_dir(teacher_dir), Tokenizer.from_dir(student_dir)
         if t_tok.sha256 != s_tok.sha256:
             raise ValueError(

@@ -68,9 +68,9 @@ def prepare_dpo(cfg: DPOConfig, settings: Settings, tokenizer) -> Prepared:
 
 
 def main(cfg: DPOConfig, settings: Settings) -> JobResult:
-    from jobs.training.posttrain import resolve_model
+    from jobs.platform.registry import hf_model
 
-    reference = str(resolve_model(cfg.reference, settings)[0]) if cfg.reference else None
+    reference = str(hf_model(cfg.reference, settings).path) if cfg.reference else None
     return run_posttrain(
         stage="dpo",
         cfg=cfg,

@@ -56,7 +56,7 @@ from jobs.evaluation.report import (
     version_rows,
 )
 from jobs.evaluation.text import TextResult, evaluate_text_set, read_documents, resolve_path, text_metrics
-from jobs.platform import tracking
+from jobs.platform import registry, tracking
 from jobs.platform.cache import StageCache, stat_fingerprint
 from jobs.platform.runtime import JobResult, Settings, run_job
 from llm_core.config import config_to_dict
@@ -239,17 +239,15 @@ def baseline_metrics(
     run_id: str,
 ) -> tuple[str | None, dict[str, float] | None, str]:
     """(baseline URI, its metrics for this suite, note). The baseline is <name>@<baseline_alias>; results it has
-    for this suite config are reused, otherwise it is evaluated now (and tagged) when gate.evaluate_baseline."""
+    for this suite config are reused, otherwise it is evaluated now (and tagged) when gate.evaluate_baseline.
+    Returns no baseline only when the alias is not set yet; any other failure to read it raises."""
     alias = cfg.gate.baseline_alias or cfg.gate.alias
     if loaded.name is None:
         return None, None, "not a registered model: relative rules have no baseline"
-    from mlflow import MlflowClient
-
-    try:
-        mv = MlflowClient().get_model_version_by_alias(loaded.name, alias)
-    except Exception:
-        return None, None, f"no current @{alias}: relative rules not applied"
-    uri = f"models:/{loaded.name}/{mv.version}"
+    mv = registry.champion_version(loaded.name, alias, settings)
+    if mv is None:
+        return None, None, f"no current @{alias} (the alias is not set yet): relative rules not applied"
+    uri = mv.uri
     if str(mv.version) == str(loaded.version):
         return uri, current, f"the model is the current @{alias}"
     found = metrics_from_tags(dict(mv.tags), cfg.name, cfg.suite_sha256())
@@ -278,20 +276,30 @@ def apply_gate(
 ) -> GateDecision:
     import mlflow
 
-    base_uri, base, note = baseline_metrics(loaded, cfg, settings, out_dir, metrics, run_id)
+    alias = cfg.gate.alias
+    baseline_alias = cfg.gate.baseline_alias or alias
+    baseline_error = None
+    try:
+        base_uri, base, note = baseline_metrics(loaded, cfg, settings, out_dir, metrics, run_id)
+    # fail closed: only "alias not set yet" (no baseline, no error) lets the absolute rules decide alone
+    except Exception as exc:
+        if not isinstance(exc, ValueError):
+            log.exception("reading the baseline @%s of %s failed", baseline_alias, loaded.name)
+        base_uri, base = None, None
+        baseline_error = (
+            f"the baseline @{baseline_alias} of {loaded.name} could not be read, so the gate refuses instead of "
+            f"skipping its relative rules: {type(exc).__name__}: {exc}"
+        )
+        note = "baseline unreadable"
     if base is not None and base is not metrics:
         tracking.log_metrics({f"baseline/{k}": v for k, v in base.items()})
-    decision = decide(cfg.gate, metrics, base, base_uri)
-    alias = cfg.gate.alias
+    decision = decide(cfg.gate, metrics, base, base_uri, baseline_error)
     if cfg.promote and decision.passed:
         from mlflow import MlflowClient
 
-        client = MlflowClient()
-        try:
-            previous = client.get_model_version_by_alias(loaded.name, alias).version
-        except Exception:
-            previous = None
-        client.set_registered_model_alias(loaded.name, alias, loaded.version)
+        champion = registry.champion_version(str(loaded.name), alias, settings)
+        previous = champion.version if champion is not None else None
+        MlflowClient().set_registered_model_alias(loaded.name, alias, loaded.version)
         decision.promoted = True
         decision.note = f"{note}; promoted: @{alias} {'v' + str(previous) if previous else '(unset)'} -> v{loaded.version}"
     elif cfg.promote:
@@ -334,7 +342,7 @@ def check_config(cfg: EvalConfig) -> None:
     if not (cfg.text or cfg.multiple_choice or cfg.generation.enabled or cfg.lm_eval.enabled):
         raise ValueError(f"suite {cfg.name!r} evaluates nothing: add text, multiple_choice or generation")
     if cfg.promote:
-        if not cfg.model.source.startswith("models:/"):
+        if not registry.is_registered(cfg.model.source):
             raise ValueError(
                 f"--promote moves an alias of a registered model, but {cfg.model.source!r} is not one: pass "
                 "models:/<name>/<version> (register it first)"
@@ -462,20 +470,8 @@ def gate_still_holds(settings: Settings, loaded: LoadedModel):
 
 def current_alias_version(settings: Settings, name: str, alias: str) -> str | None:
     """models:/<name>/<version> of @alias, None when the alias is not set; other registry errors raise."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    try:
-        mv = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in (
-            ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),
-            ErrorCode.Name(INVALID_PARAMETER_VALUE),
-        ):
-            return None
-        raise
-    return f"models:/{name}/{mv.version}"
+    resolved = registry.champion_version(name, alias, settings)
+    return None if resolved is None else resolved.uri
 
 
 def write_comparison(

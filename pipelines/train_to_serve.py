@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.platform import tracking
+from jobs.platform import registry, tracking
 from jobs.platform.configfile import apply_overrides, validate_config
 from jobs.platform.results import (
     EvalOutputs,
@@ -354,23 +354,10 @@ class Pipeline:
 
 
 def champion_version(settings: Settings, name: str, alias: str) -> str | None:
-    """models:/<name>/<version> that @alias points at; None only when the alias (or the model) does not exist
-    yet. An unreachable or failing registry raises: never a default that lets an unpromoted model through."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    try:
-        mv = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        # MLflow answers an unknown alias with INVALID_PARAMETER_VALUE (SQL store) or RESOURCE_DOES_NOT_EXIST
-        if exc.error_code in (
-            ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),
-            ErrorCode.Name(INVALID_PARAMETER_VALUE),
-        ):
-            return None
-        raise
-    return f"models:/{name}/{mv.version}"
+    """models:/<name>/<version> that @alias points at; None only when the alias is not set yet. An unreachable or
+    failing registry raises (jobs.platform.registry): never a default that lets an unpromoted model through."""
+    resolved = registry.champion_version(name, alias, settings)
+    return None if resolved is None else resolved.uri
 
 
 def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

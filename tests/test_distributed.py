@@ -218,6 +218,8 @@ def test_worker_errors_reach_the_cli_through_the_error_file_only(
     else:
         assert result["status"] == "failed" and job_traceback
         assert "\nerror: " not in err and not error_file.exists()
+
+
 def test_step_lines_give_progress_and_the_eta_of_this_attempt():
     from jobs.training.distributed import StepETA
 

@@ -336,6 +336,20 @@ def test_gate_rules():
     assert not missing.passed and "mc/belebele-kk/acc was not computed" in missing.reasons
 
 
+def test_gate_refuses_when_the_baseline_cannot_be_read():
+    spec = GateSpec(
+        rules=[{"metric": "bpb/flores/kk", "max_regression": 0.01}, {"metric": "bpb/flores/avg", "max": 10.0}]
+    )
+    metrics = {"bpb/flores/kk": 2.0, "bpb/flores/avg": 2.5}
+    unset = decide(spec, metrics, None, None)  # the alias is not set yet: the absolute rule decides
+    assert unset.passed and "no baseline, relative bound not applied" in unset.reasons
+    unreadable = decide(spec, metrics, None, None, baseline_error="registry at http://x did not answer")
+    assert not unreadable.passed and unreadable.baseline_error == "registry at http://x did not answer"
+    assert unreadable.reasons.startswith("fail: registry at http://x did not answer")
+    assert "bpb/flores/kk = 2: relative bound not checked" in unreadable.reasons
+    assert unreadable.to_dict()["baseline_error"] == "registry at http://x did not answer"
+
+
 def test_user_text_override_adds_a_text_set():
     from jobs.platform.configfile import load_config
 
@@ -564,6 +578,63 @@ def test_gate_accepts_a_better_model_and_refuses_a_worse_one(home_env, capsys, t
     assert (
         "tulpar.eval.other.bpb/flores200_devtest/kk" in client.get_model_version("tulpar-evaltest", "2").tags
     )
+
+
+def test_gate_fails_closed_when_the_registry_is_unreachable(home_env, capsys, tmp_path, monkeypatch):
+    """An unset alias lets the absolute rule decide; a registry that does not answer when the baseline is read
+    refuses the gate (reason recorded, alias untouched) instead of skipping the relative rule."""
+    from mlflow import MlflowClient
+
+    from tests.stack import free_port
+
+    untrained, trained = (v["uri"] for v in home_env["versions"])
+    alias = "fail-closed"  # a gate alias of its own: unset at first whatever other tests promoted
+    config = str(
+        suite_file(
+            tmp_path,
+            "failclosed",
+            languages=["kk"],
+            text=[{"preset": "flores200_devtest", "max_docs": 3}],
+            multiple_choice=[],
+            generation={"enabled": False},
+            gate={
+                "alias": alias,
+                "rules": [
+                    {"metric": "bpb/flores200_devtest/kk", "max_regression": 0.01},
+                    {"metric": "bpb/flores200_devtest/kk", "max": 100.0},
+                ],
+            },
+        )
+    )
+    client = mlflow_client(home_env["home"])
+
+    rc, r, err = run_eval(capsys, "--model", untrained, "--config", config, "--promote")
+    assert rc == 0, err
+    gate = r["outputs"]["gate"]
+    assert gate["passed"] and gate["promoted"] and gate["baseline_error"] is None, gate
+    assert f"no current @{alias} (the alias is not set yet)" in gate["note"]
+    assert str(client.get_model_version_by_alias("tulpar-evaltest", alias).version) == "1"
+
+    # the registry stops answering alias lookups: a real MLflow REST client against a closed loopback port
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    real_lookup = MlflowClient.get_model_version_by_alias
+
+    def unreachable(self, name, alias_name):
+        return real_lookup(MlflowClient(tracking_uri=closed, registry_uri=closed), name, alias_name)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unreachable)
+    rc, r, err = run_eval(capsys, "--model", trained, "--config", config, "--promote")
+    monkeypatch.undo()
+    assert rc == 0, err  # the exit status of a refused gate
+    gate = r["outputs"]["gate"]
+    assert not gate["passed"] and not gate["promoted"] and gate["baseline_uri"] is None
+    assert "RegistryUnreachable" in gate["baseline_error"] and closed in gate["baseline_error"]
+    assert "not promoted: the gate failed" in gate["note"]
+    assert "relative bound not checked" in gate["reasons"]
+    assert str(client.get_model_version_by_alias("tulpar-evaltest", alias).version) == "1"  # untouched
+    tags = client.get_model_version("tulpar-evaltest", "2").tags
+    assert tags[f"tulpar.gate.{alias}"] == "fail" and closed in tags[f"tulpar.gate.{alias}.reasons"]
 
 
 def test_bad_models_are_user_errors_naming_the_model(home_env, capsys, tmp_path):

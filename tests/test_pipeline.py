@@ -171,16 +171,16 @@ def test_a_refused_model_is_served_only_when_asked_and_the_previous_champion_oth
 
 
 def test_an_unreachable_registry_is_an_error_not_no_champion(tmp_path, monkeypatch):
-    from mlflow.exceptions import MlflowException
+    from jobs.platform.registry import RegistryUnreachable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     closed = f"http://127.0.0.1:{free_port()}"
     pipe = pipeline_for(tmp_path, closed)
-    with pytest.raises(MlflowException):
+    with pytest.raises(RegistryUnreachable):
         champion_version(pipe.settings, "tulpar-tiny", "champion")
     new = "models:/tulpar-tiny/2"
-    with pytest.raises(MlflowException):
+    with pytest.raises(RegistryUnreachable):
         pipe.choose_served_model(trained(new), evaluated(new, False), False)
 
 

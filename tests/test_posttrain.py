@@ -101,11 +101,11 @@ def test_sft_with_lora_saves_a_peft_adapter_matching_the_merged_export(chain):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from jobs.platform.registry import hf_model
     from jobs.platform.runtime import Settings
-    from jobs.training.posttrain import resolve_model
 
     os.environ["TULPAR_HOME"] = str(home)
-    base_dir, _ = resolve_model(chain["pretrain"]["outputs"]["model_uri"], Settings.from_env())
+    base_dir = hf_model(chain["pretrain"]["outputs"]["model_uri"], Settings.from_env()).path
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), r["outputs"]["adapter_dir"]
     )

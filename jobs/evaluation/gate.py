@@ -1,4 +1,9 @@
-"""The promotion gate: rules on metrics, absolute and relative to a baseline version (the current @champion)."""
+"""The promotion gate: rules on metrics, absolute and relative to a baseline version (the current @champion).
+
+Fail closed: when the baseline exists but cannot be read (`baseline_error`: the registry unreachable, the version's
+files or results unreadable), the gate fails with that reason; only a baseline alias that is not set yet lets the
+absolute rules decide alone.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class GateDecision:
     checks: list[Check] = field(default_factory=list)
     promoted: bool = False
     note: str = ""
+    baseline_error: str | None = None  # why the baseline could not be read (the gate then fails)
 
     @property
     def reasons(self) -> str:
@@ -41,7 +47,11 @@ def _fmt(x: float) -> str:
 
 
 def check_rule(
-    rule: GateRule, value: float | None, baseline: float | None, baseline_uri: str | None
+    rule: GateRule,
+    value: float | None,
+    baseline: float | None,
+    baseline_uri: str | None,
+    baseline_error: str | None = None,
 ) -> Check:
     m = rule.metric
     if value is None:
@@ -57,7 +67,9 @@ def check_rule(
             f"{m} = {_fmt(value)} {'<=' if value <= rule.max else '>'} max {_fmt(rule.max)}"
         )
     relative = rule.max_regression is not None or rule.max_abs_regression is not None
-    if relative and baseline is None:
+    if relative and baseline_error is not None:
+        problems.append(f"{m} = {_fmt(value)}: relative bound not checked, the baseline could not be read")
+    elif relative and baseline is None:
         notes.append(f"{m} = {_fmt(value)}: no baseline, relative bound not applied")
     elif relative:
         limits = []
@@ -79,9 +91,20 @@ def check_rule(
 
 
 def decide(
-    spec: GateSpec, metrics: dict[str, float], baseline: dict[str, float] | None, baseline_uri: str | None
+    spec: GateSpec,
+    metrics: dict[str, float],
+    baseline: dict[str, float] | None,
+    baseline_uri: str | None,
+    baseline_error: str | None = None,
 ) -> GateDecision:
+    """Every rule checked; `baseline_error` (the baseline exists but could not be read) fails the gate whatever
+    the rules say, with that reason first."""
     checks = [
-        check_rule(r, metrics.get(r.metric), (baseline or {}).get(r.metric), baseline_uri) for r in spec.rules
+        check_rule(r, metrics.get(r.metric), (baseline or {}).get(r.metric), baseline_uri, baseline_error)
+        for r in spec.rules
     ]
-    return GateDecision(spec.alias, all(c.passed for c in checks), baseline_uri, checks)
+    if baseline_error is not None:
+        checks.insert(0, Check("baseline", None, None, False, baseline_error))
+    return GateDecision(
+        spec.alias, all(c.passed for c in checks), baseline_uri, checks, baseline_error=baseline_error
+    )

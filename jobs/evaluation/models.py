@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from jobs.evaluation.config import ModelSpec
+from jobs.platform import registry
 from jobs.platform.runtime import Settings
-from jobs.training.posttrain import build_model, resolve_model
+from jobs.training.posttrain import build_model
 from llm_core.checkpoint import load_checkpoint, load_model_from_checkpoint, read_meta
 from llm_core.export_hf import DTYPES, load_hf
 from llm_core.model import Transformer
@@ -55,16 +56,6 @@ def pick_device(spec: ModelSpec) -> torch.device:
     return torch.device(spec.device)
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    """The checkpoint directory for a path that is one (meta.json) or a run directory holding best/ or last/."""
-    if (path / "meta.json").is_file():
-        return path
-    for sub in ("best", "last"):
-        if (path / sub / "meta.json").is_file():
-            return path / sub
-    return None
-
-
 def load_tokenizer(directory: Path, source: str) -> Tokenizer:
     """The model's tokenizer, or a ValueError naming the model, the directory and the fix."""
     try:
@@ -84,8 +75,7 @@ def _checkpoint_tokenizer_dir(ckpt: Path, meta: dict, settings: Settings) -> Pat
             return d
     config = meta.get("config", {})
     if config.get("init"):  # post-training: the starting model's tokenizer
-        init_dir, _ = resolve_model(config["init"], settings)
-        return init_dir
+        return registry.hf_model(config["init"], settings).path
     dataset = (config.get("data") or {}).get("dataset")
     if dataset:  # pretraining: the dataset's tokenizer
         from jobs.pretrain import resolve_dataset
@@ -102,7 +92,7 @@ def _load_checkpoint_model(ckpt: Path, meta: dict, settings: Settings, source: s
     if config.get("init"):  # a post-training checkpoint: the starting model (+ LoRA), then its weights
         from llm_core.lora import LoRAConfig, strip_lora
 
-        init_dir, _ = resolve_model(config["init"], settings)
+        init_dir = registry.hf_model(config["init"], settings).path
         lora = LoRAConfig.model_validate(config["lora"]) if config.get("lora") else None
         model = build_model(init_dir, lora)
         state = load_checkpoint(ckpt, restore_rng=False)
@@ -124,12 +114,11 @@ def load_model(spec: ModelSpec, settings: Settings, source: str | None = None) -
             "<checkpoint dir>"
         )
     device = pick_device(spec)
-    name = version = None
-    tags: dict[str, str] = {}
-    aliases: list[str] = []
-    path = Path(source)
-    ckpt = None if source.startswith("models:/") else _checkpoint_dir(path)
-    if ckpt is not None:
+    resolved = registry.resolve_fetched(source, settings)  # typed errors naming the model and the fix
+    assert resolved.path is not None
+    hf_dir: Path | None
+    if resolved.kind == "checkpoint":
+        ckpt = resolved.path
         meta = read_meta(ckpt)
         model = _load_checkpoint_model(ckpt, meta, settings, source)
         tok_dir = Path(spec.tokenizer) if spec.tokenizer else _checkpoint_tokenizer_dir(ckpt, meta, settings)
@@ -139,23 +128,9 @@ def load_model(spec: ModelSpec, settings: Settings, source: str | None = None) -
                 "no dataset or init model): pass model.tokenizer=<tokenizer dir>"
             )
         tokenizer = load_tokenizer(tok_dir, source)
-        kind, uri, hf_dir = "checkpoint", str(ckpt.resolve()), None
+        hf_dir = None
     else:
-        if not source.startswith("models:/") and not path.exists():
-            raise ValueError(
-                f"model {source!r} not found: pass models:/<name>/<version>, models:/<name>@<alias>, an HF "
-                "directory or a checkpoint directory"
-            )
-        hf_dir, uri = resolve_model(source, settings)
-        if uri.startswith("models:/"):
-            from mlflow import MlflowClient
-
-            kind = "registered"
-            name, version = uri.removeprefix("models:/").rsplit("/", 1)
-            mv = MlflowClient().get_model_version(name, version)
-            tags, aliases = dict(mv.tags), list(mv.aliases)
-        else:
-            kind = "hf"
+        hf_dir = resolved.path
         tokenizer = load_tokenizer(Path(spec.tokenizer) if spec.tokenizer else hf_dir, source)
         try:
             model = load_hf(hf_dir)
@@ -170,16 +145,22 @@ def load_model(spec: ModelSpec, settings: Settings, source: str | None = None) -
         for p in model.parameters():
             p.data = p.data.to(DTYPES[spec.dtype])
     model = model.to(device).eval()
-    log.info("evaluating %s (%s, %.2fM parameters) on %s", uri, kind, model.num_params() / 1e6, device)
+    log.info(
+        "evaluating %s (%s, %.2fM parameters) on %s",
+        resolved.uri,
+        resolved.kind,
+        model.num_params() / 1e6,
+        device,
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         source=source,
-        uri=uri,
-        kind=kind,
+        uri=resolved.uri,
+        kind=resolved.kind,
         hf_dir=hf_dir,
-        name=name,
-        version=version,
-        version_tags=tags,
-        aliases=aliases,
+        name=resolved.name,
+        version=resolved.version,
+        version_tags=dict(resolved.tags),
+        aliases=list(resolved.aliases),
     )

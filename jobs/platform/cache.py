@@ -135,18 +135,13 @@ def model_version_still_registered(settings: Settings) -> Callable[[StageResult]
         uri = getattr(stored.outputs, "model_uri", None)
         if uri is None:
             return True
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+        from jobs.platform.registry import NoSuchVersion, resolve
 
-        name, _, version = uri.removeprefix("models:/").partition("/")
         try:
-            MlflowClient(settings.mlflow_tracking_uri).get_model_version(name, version)
-        except MlflowException as exc:
-            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                log.info("stored result names %s, which is no longer registered: running again", uri)
-                return False
-            raise
+            resolve(uri, settings)
+        except NoSuchVersion:
+            log.info("stored result names %s, which is no longer registered: running again", uri)
+            return False
         return True
 
     return check

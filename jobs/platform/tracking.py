@@ -138,9 +138,12 @@ def check_server(settings: Settings) -> None:
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
-        raise ValueError(
+        from jobs.platform.registry import RegistryUnreachable
+
+        raise RegistryUnreachable(
+            settings.mlflow_tracking_uri,
             f"MLflow tracking server {settings.mlflow_tracking_uri} is unreachable ({type(exc).__name__}): start it, "
-            "fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store"
+            "fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store",
         ) from None
     finally:
         for k, v in saved.items():
@@ -264,14 +267,18 @@ def register_hf_model(
     `name`, tag the version with its stage and point `alias` at it. Returns (models:/name/version, version)."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_hf_model needs an active MLflow run")
     mlflow.log_artifacts(str(hf_dir), "model")
     client = MlflowClient()
-    with contextlib.suppress(Exception):  # already registered (possibly by a concurrent job)
+    try:
         client.create_registered_model(name)
+    except MlflowException as exc:  # only "already registered" (earlier or by a concurrent job) is expected
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     version_tags = {"tulpar.stage": stage, "tulpar.format": "hf", **(tags or {})}
     mv = client.create_model_version(
         name, source=mlflow.get_artifact_uri("model"), run_id=run.info.run_id, tags=version_tags

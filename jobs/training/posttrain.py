@@ -1,4 +1,4 @@
-"""What SFT, DPO and distillation share: where the starting model comes from, shipping prepared data to the Ray
+"""What SFT, DPO and distillation share: the starting model (resolved by jobs.platform.registry), shipping prepared data to the Ray
 Train workers, and turning the best checkpoint into a registered model version (with a PEFT adapter for LoRA).
 
 Each stage module (jobs.sft / jobs.dpo / jobs.distill) prepares its rows on the driver, names its training task
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from jobs.platform import tracking
+from jobs.platform import registry, tracking
 from jobs.platform.cache import StageCache, files_sha256, model_version_still_registered
 from jobs.platform.results import ModelVersionOutputs
 from jobs.platform.runtime import JobResult, Settings
@@ -37,7 +37,7 @@ from jobs.training.tasks import ChatRowsTask, SFTTask, build_model
 from llm_core.checkpoint import load_checkpoint, read_meta
 from llm_core.config import StrictModel, config_sha256, config_to_dict
 from llm_core.export_hf import load_hf
-from llm_core.io import atomic_dir, atomic_write_json
+from llm_core.io import atomic_write_json
 from llm_core.lora import LoRAConfig, save_peft_adapter, strip_lora
 from llm_core.tokenizer import Tokenizer
 
@@ -58,55 +58,7 @@ class ChatSampleSpec(StrictModel):
     temperature: float = Field(0.0, ge=0)
 
 
-# ---------------------------------------------------------------------------------------- model sources
-
-
-def resolve_model(source: str, settings: Settings) -> tuple[Path, str]:
-    """A local HF-format directory for `source` and its canonical URI.
-
-    `source` is a registered model (`models:/<name>@<alias>` or `models:/<name>/<version>`, downloaded once into
-    $TULPAR_HOME/cache/models/<name>/<version>) or a local HF directory (config.json + safetensors)."""
-    if source.startswith("models:/"):
-        import mlflow
-        from mlflow import MlflowClient
-
-        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-        ref = source.removeprefix("models:/")
-        client = MlflowClient()
-        try:
-            if "@" in ref:
-                name, alias = ref.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = ref.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
-        except Exception as exc:
-            raise ValueError(
-                f"registered model {source!r} not found in {settings.mlflow_tracking_uri} ({type(exc).__name__}): "
-                "train it first (make pretrain) or check the name and alias"
-            ) from None
-        canonical = f"models:/{mv.name}/{mv.version}"
-        dst = settings.home / "cache" / "models" / mv.name / str(mv.version)
-        if not (dst / "config.json").is_file():
-            with atomic_dir(dst) as tmp:
-                mlflow.artifacts.download_artifacts(canonical, dst_path=str(tmp))
-                nested = [p for p in tmp.iterdir() if p.is_dir()]  # some stores add the artifact dir's name
-                if not (tmp / "config.json").is_file() and len(nested) == 1:
-                    for item in nested[0].iterdir():
-                        item.rename(tmp / item.name)
-                    nested[0].rmdir()
-        return dst, canonical
-    path = Path(source)
-    if (path / "config.json").is_file():
-        return path.resolve(), str(path.resolve())
-    if (path / "meta.json").is_file():
-        raise ValueError(
-            f"{source!r} is a training checkpoint: start from its HF export ($TULPAR_HOME/models/<name>/<version>) "
-            "or its registered model URI (models:/<name>@pretrain-latest)"
-        )
-    raise ValueError(
-        f"model {source!r} is neither models:/<name>@<alias> nor an HF directory with config.json"
-    )
+# ---------------------------------------------------------------------------------------- the starting model
 
 
 # ---------------------------------------------------------------------------------------- the driver
@@ -139,7 +91,9 @@ def run_posttrain(
     name: str = cfg.name  # type: ignore[attr-defined]
     train_cfg = cfg.train  # type: ignore[attr-defined]
     ray_cfg: RayTrainConfig = cfg.ray  # type: ignore[attr-defined]
-    init_dir, parent_uri = resolve_model(init, settings)
+    start = registry.hf_model(init, settings)
+    assert start.path is not None  # hf_model returns the files local
+    init_dir, parent_uri = start.path, start.uri
     tokenizer = Tokenizer.from_dir(init_dir)
     model_cfg = load_hf(init_dir).cfg
     if train_cfg.seq_len > model_cfg.max_seq_len:

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from jobs.platform import registry
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_response, normalize_error_body
 from services.gateway.keys import ApiKey, KeyStore
@@ -100,7 +101,7 @@ class Gateway:
         if router is None:
             tracking = cfg.mlflow_tracking_uri
             if tracking is None and any(
-                t.model.startswith("models:") for a in cfg.aliases.values() for t in a.targets
+                registry.is_registered(t.model) for a in cfg.aliases.values() for t in a.targets
             ):
                 from jobs.platform.runtime import Settings
 

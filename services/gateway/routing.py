@@ -3,7 +3,9 @@
 A public name is either an alias from the config, whose targets are `models:/<name>@<alias>` (resolved through the
 MLflow registry to the version the alias points at, re-resolved every `alias_refresh_s`), `models:/<name>/<version>`
 or a served id; or, with `allow_served_ids`, an id the upstream lists in its own /v1/models. A served id is what
-services.llm_serve calls a registered version: `<name>-v<version>` by default (`served_name_template`).
+services.llm_serve calls a registered version: `<name>-v<version>` by default (`served_name_template`). `models:`
+URIs are parsed and resolved by jobs.platform.registry, whose typed errors name the URI; when a refresh fails
+(registry unreachable included) a target keeps its last good answer.
 
 With two or more targets, each request goes to one of them in proportion to the weights. `split: request_id`
 hashes the request's X-Request-ID (sha256, so the same id always lands on the same target and ids spread
@@ -16,64 +18,15 @@ import bisect
 import hashlib
 import logging
 import random
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jobs.platform import registry
+from jobs.platform.registry import ModelReferenceError, Registry, RegistryUnreachable
 from services.gateway.config import AliasConfig
 
 log = logging.getLogger("tulpar.gateway")
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-
-
-class ResolveError(ValueError):
-    """A models:/ target could not be resolved; the message names the URI."""
-
-
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """`models:/n@a` -> (n, a, None); `models:/n/3` -> (n, None, "3"); anything else -> None (a served id)."""
-    if not uri.startswith("models:"):
-        return None
-    m = _MODELS_URI.match(uri)
-    if not m:
-        raise ResolveError(f"model URI {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
-    return m.group("name"), m.group("alias"), m.group("version")
-
-
-class MlflowResolver:
-    """models:/ URIs -> registered model versions via MlflowClient (imported only when an alias needs it)."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self.tracking_uri = tracking_uri
-        self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        return self._client
-
-    def version(self, uri: str) -> tuple[str, str]:
-        """(registered name, version) for a models:/ URI; ResolveError naming the URI when it fails."""
-        parsed = parse_models_uri(uri)
-        assert parsed is not None
-        name, alias, version = parsed
-        try:
-            if alias is not None:
-                mv = self.client.get_model_version_by_alias(name, alias)
-            else:
-                mv = self.client.get_model_version(name, version)
-        except Exception as exc:  # RestException, connection errors, ...
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ResolveError(
-                f"cannot resolve {uri} in the MLflow registry at {self.tracking_uri}: {msg} "
-                f"(check the model name and alias, e.g. with MlflowClient().get_registered_model({name!r}))"
-            ) from None
-        return mv.name, str(mv.version)
 
 
 @dataclass
@@ -122,7 +75,7 @@ class Router:
         self.template = served_name_template
         self.allow_served_ids = allow_served_ids
         self._resolver = resolver
-        self._mlflow = MlflowResolver(tracking_uri) if tracking_uri else None
+        self._registry = Registry(tracking_uri) if tracking_uri else None
         self._lock = threading.Lock()
         self._aliases: dict[str, ResolvedAlias] = {
             name: ResolvedAlias(name, cfg, [None] * len(cfg.targets)) for name, cfg in aliases.items()
@@ -131,21 +84,28 @@ class Router:
 
     @property
     def needs_registry(self) -> bool:
-        return any(t.model.startswith("models:") for cfg in self.alias_configs.values() for t in cfg.targets)
+        return any(
+            registry.is_registered(t.model) for cfg in self.alias_configs.values() for t in cfg.targets
+        )
 
     def _version(self, uri: str) -> tuple[str, str]:
+        """(registered name, version) of a models:/ URI; a jobs.platform.registry error naming the URI."""
         if self._resolver is not None:
             return self._resolver(uri)
-        if self._mlflow is None:
-            raise ResolveError(f"cannot resolve {uri}: no MLflow tracking URI configured")
-        return self._mlflow.version(uri)
+        if self._registry is None:
+            raise RegistryUnreachable(
+                uri, f"cannot resolve {uri}: no MLflow tracking URI configured: set mlflow_tracking_uri"
+            )
+        found = self._registry.resolve(uri)
+        return str(found.name), str(found.version)
 
     def served_id(self, target: str) -> str:
-        parsed = parse_models_uri(target)
-        if parsed is None:
+        """The upstream's id for a target: a served id as is, models:/ URIs through the registry."""
+        if not registry.is_registered(target):
             return target
-        if parsed[2] is not None:  # explicit version: no lookup needed
-            return self.template.format(name=parsed[0], version=parsed[2])
+        ref = registry.parse_registered(target)
+        if ref.version is not None:  # explicit version: no lookup needed
+            return self.template.format(name=ref.name, version=ref.version)
         name, version = self._version(target)
         return self.template.format(name=name, version=version)
 
@@ -161,7 +121,7 @@ class Router:
             for i, t in enumerate(cfg.targets):
                 try:
                     served.append(self.served_id(t.model))
-                except ResolveError as exc:
+                except ModelReferenceError as exc:  # unreachable included: keep the last good answer
                     served.append(old[i])
                     alias_errors.append(str(exc))
             errors += alias_errors

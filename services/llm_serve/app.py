@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.platform import registry
 from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS
 from jobs.platform.runtime import Settings
 from services.llm_serve.config import ServeConfig, ServedModel
@@ -22,7 +23,7 @@ log = logging.getLogger("tulpar.serve")
 
 
 @dataclass
-class ResolvedModel:
+class ServedModelPlan:
     spec: ServedModel
     served_name: str
     uri: str  # canonical: models:/<name>/<version>, an absolute directory, or a hub id
@@ -89,11 +90,13 @@ def _check_quantization(spec: ServedModel, cfg: ServeConfig, uri: str) -> None:
 def _resolve_adapter(name: str, source: str, base_uri: str, settings: Settings) -> Path:
     import mlflow
 
-    if source.startswith(("runs:/", "models:/")):
+    if source.startswith("runs:/") or registry.is_registered(source):
+        # a registered adapter resolves like a model: typed errors for a missing version, alias or registry
+        artifact = registry.resolve(source, settings).uri if registry.is_registered(source) else source
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         dst = settings.home / "cache" / "adapters" / name
         try:
-            local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(dst)))
+            local = Path(mlflow.artifacts.download_artifacts(artifact, dst_path=str(dst)))
         except Exception as exc:
             raise _refuse(
                 base_uri,
@@ -119,21 +122,24 @@ def _resolve_adapter(name: str, source: str, base_uri: str, settings: Settings) 
     return local
 
 
-def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> ResolvedModel:
+def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> ServedModelPlan:
     """Find the model's files, check them, and pick its served name."""
-    from jobs.training.posttrain import resolve_model
-
     source = spec.source
-    if source.startswith("models:/"):
-        local, uri = resolve_model(source, settings)  # ValueError names a missing model/alias
-        name, version = uri.removeprefix("models:/").rsplit("/", 1)
-        served = spec.served_name or f"{name}-v{version}"
+    if registry.is_registered(source):
+        found = registry.resolve_fetched(
+            source, settings
+        )  # typed errors name a missing model, alias or registry
+        assert found.path is not None
+        local, uri = found.path, found.uri
+        served = spec.served_name or f"{found.name}-v{found.version}"
         model_source: Any = str(local)
-        remote = _registered_source(name, version, settings)
+        remote = found.source
         if remote and "://" in remote and not remote.startswith("file:"):
             model_source = {"bucket_uri": remote}  # each replica downloads from the artifact store itself
     elif Path(source).exists():
-        local, uri = Path(source).resolve(), str(Path(source).resolve())
+        local = registry.resolve_local(source).path  # NotAModelDirectory names a directory that is no model
+        assert local is not None
+        uri = str(local)
         served = spec.served_name or (
             f"{local.parent.name}-v{local.name}" if local.name.isdigit() else local.name
         )
@@ -143,7 +149,7 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> Resolved
             raise ValueError(
                 f"model {source!r} is not models:/<name>@<alias>, an existing directory or a hub id"
             )
-        return ResolvedModel(
+        return ServedModelPlan(
             spec, spec.served_name or source.split("/")[-1], source, source, spec.max_model_len
         )
     _check_quantization(spec, cfg, uri)
@@ -154,16 +160,10 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> Resolved
     adapters = {}
     if spec.lora:
         adapters = {n: _resolve_adapter(n, s, uri, settings) for n, s in spec.lora.adapters.items()}
-    return ResolvedModel(spec, served, uri, model_source, max_len, adapters)
+    return ServedModelPlan(spec, served, uri, model_source, max_len, adapters)
 
 
-def _registered_source(name: str, version: str, settings: Settings) -> str | None:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri).get_model_version(name, version).source
-
-
-def upload_adapters(model: ResolvedModel) -> None:
+def upload_adapters(model: ServedModelPlan) -> None:
     """Copy local PEFT adapters to the object store Ray Serve loads LoRA adapters from."""
     if not model.adapters:
         return
@@ -177,7 +177,7 @@ def upload_adapters(model: ResolvedModel) -> None:
         fs.copy_files(str(local), target, destination_filesystem=target_fs)
 
 
-def llm_config(model: ResolvedModel, cfg: ServeConfig):
+def llm_config(model: ServedModelPlan, cfg: ServeConfig):
     """The Ray Serve LLM config of one resolved model."""
     from ray.serve.llm import LLMConfig
 
@@ -225,7 +225,7 @@ def llm_config(model: ResolvedModel, cfg: ServeConfig):
     return LLMConfig(**kwargs)
 
 
-def prepare(cfg: ServeConfig, settings: Settings | None = None) -> list[ResolvedModel]:
+def prepare(cfg: ServeConfig, settings: Settings | None = None) -> list[ServedModelPlan]:
     """Resolve and check every model, upload LoRA adapters; raises ValueError before anything starts."""
     settings = settings or Settings.from_env()
     resolved = [resolve(spec, cfg, settings) for spec in cfg.models]
@@ -237,7 +237,7 @@ def prepare(cfg: ServeConfig, settings: Settings | None = None) -> list[Resolved
     return resolved
 
 
-def build_from(cfg: ServeConfig, resolved: list[ResolvedModel]):
+def build_from(cfg: ServeConfig, resolved: list[ServedModelPlan]):
     from ray.serve.llm import build_openai_app
 
     args: dict[str, Any] = {"llm_configs": [llm_config(m, cfg) for m in resolved]}
