@@ -152,6 +152,10 @@ def test_a_refused_model_is_served_only_when_asked_and_the_previous_champion_oth
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pipe = pipeline_for(tmp_path, uri)
+    client = MlflowClient(uri)
+    client.create_registered_model("tulpar-tiny")
+    earlier = client.create_model_version("tulpar-tiny", source=str(tmp_path))
+    client.create_model_version("tulpar-tiny", source=str(tmp_path))  # the one just trained: no alias yet
     new = "models:/tulpar-tiny/2"
     assert pipe.choose_served_model(trained(new), evaluated(new, True), False)[0] == new
     with pytest.raises(ServingRefused, match="no earlier @champion"):
@@ -162,12 +166,9 @@ def test_a_refused_model_is_served_only_when_asked_and_the_previous_champion_oth
         new,
         "not promoted: --serve-unpromoted",
     )
-    client = MlflowClient(uri)
-    client.create_registered_model("tulpar-tiny")
-    mv = client.create_model_version("tulpar-tiny", source=str(tmp_path))
-    client.set_registered_model_alias("tulpar-tiny", "champion", mv.version)
+    client.set_registered_model_alias("tulpar-tiny", "champion", earlier.version)
     source, why = pipe.choose_served_model(trained(new), evaluated(new, False), False)
-    assert source == f"models:/tulpar-tiny/{mv.version}" and "previous @champion" in why
+    assert source == "models:/tulpar-tiny/1" and "previous @champion" in why
 
 
 def test_an_unreachable_registry_is_an_error_not_no_champion(tmp_path, monkeypatch):
