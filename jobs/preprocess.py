@@ -43,6 +43,7 @@ from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.prep import dedup, langid, plan, report, stages
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import FileEntry, discover, filesystem, input_sha256, is_uri, join_uri, plan_chunks
+from jobs.reporting.plots import plot_documents_by_reason
 from llm_core.config import config_to_dict
 from llm_core.data import DataError
 from llm_core.io import atomic_dir, atomic_write_text
@@ -386,34 +387,6 @@ def _not_enough(train_tokens: int, cfg: PreprocessConfig, meta: pd.DataFrame) ->
     )
 
 
-def _drops_plot(rep: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    langs = list(rep["languages"])
-    reasons = report.present_reasons(rep)
-    fig, ax = plt.subplots(figsize=(8, 0.4 * max(4, len(reasons) + 2)), dpi=110)
-    left = np.zeros(len(langs))
-    kept = np.array([rep["languages"][lang]["kept"]["documents"] for lang in langs], dtype=float)
-    ax.barh(langs, kept, label="kept", color="#4c9a2a")
-    left += kept
-    for r in reasons:
-        vals = np.array(
-            [rep["languages"][lang]["dropped"].get(r, {}).get("documents", 0) for lang in langs], float
-        )
-        ax.barh(langs, vals, left=left, label=r)
-        left += vals
-    ax.set_xlabel("documents")
-    ax.set_title(f"{rep['name']}: kept and dropped documents per source language")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 @dataclass
 class InputPlan:
     """What the driver knows before any Ray work: files, chunks and the three hashes of the cache key."""
@@ -588,7 +561,9 @@ def log_to_mlflow(
     for name, text in texts.items():
         tracking.log_text(text, f"report/{name}")
     with tempfile.TemporaryDirectory() as tmp:
-        tracking.log_figure_file(_drops_plot(rep, Path(tmp) / "documents_by_reason.png"))
+        tracking.log_figure_file(
+            plot_documents_by_reason(rep, report.present_reasons(rep), Path(tmp) / "documents_by_reason.png")
+        )
     return metrics, manifest_sha
 
 

@@ -17,6 +17,7 @@ from jobs.platform import tracking
 from jobs.platform.cache import StageCache, model_version_still_registered
 from jobs.platform.results import DatasetOutputs, ModelVersionOutputs, StageResult, take_inputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
+from jobs.reporting.plots import plot_loss_curve
 from jobs.training.distributed import (
     RayTrainConfig,
     best_val_metrics,
@@ -194,7 +195,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         history = tracking.metric_history(
             run.info.run_id, ["train_loss"] + [f"val_loss/{lang}" for lang in dataset.languages]
         )
-        plot = tracking.plot_loss_curve(history, run_dir / "loss_curve.png", f"{cfg.name} pretraining")
+        plot = plot_loss_curve(history, run_dir / "loss_curve.png", f"{cfg.name} pretraining")
         tracking.log_figure_file(plot)
 
         model_uri, hf_dir = tracking.publish_hf_model(

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Iterator
@@ -30,7 +29,8 @@ from jobs.platform import tracking
 from jobs.platform.cache import StageCache, stat_fingerprint
 from jobs.platform.results import TokenizerOutputs
 from jobs.platform.runtime import JobResult, Settings, main_entry
-from jobs.tokenizer_report import (
+from jobs.reporting.plots import png_bytes, pyplot
+from jobs.reporting.tokenizers import (
     EvalSetSpec,
     TokenizerRef,
     build_report,
@@ -514,11 +514,7 @@ def plot_sweep(
 ) -> bytes:
     """One panel per eval set: tokens vs vocab size per language (ours solid, baseline dashed, references as
     points, targets dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(texts), figsize=(5.2 * len(texts), 4.2), dpi=100, squeeze=False)
     colors = {lang: f"C{i}" for i, lang in enumerate(languages)}
     markers = ["o", "s", "^", "D", "v", "P"]
@@ -563,11 +559,7 @@ def plot_sweep(
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 # ------------------------------------------------------------------ the job

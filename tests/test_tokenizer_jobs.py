@@ -18,7 +18,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jobs.platform.runtime import Settings, run_job
-from jobs.tokenizer_report import EvalSetSpec, ReportConfig, TokenizerRef
+from jobs.reporting.tokenizers import EvalSetSpec, TokenizerRef
+from jobs.tokenizer_report import ReportConfig
 from llm_core.text import detect_txt_mode, iter_documents
 from llm_core.tokenizer import SPECIAL_TOKENS as SPECIAL
 from llm_core.tokenizer import DocumentSource, sample_balanced, train_bpe

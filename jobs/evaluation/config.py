@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from jobs.platform.results import ModelVersionOutputs, StageResult, model_reference, take_inputs
 from jobs.prep.config import LangIdConfig
-from jobs.tokenizer_report import PRESETS as PARALLEL_PRESETS
+from jobs.reporting.tokenizers import PRESETS as PARALLEL_PRESETS
 from llm_core.config import StrictModel
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -248,11 +248,11 @@ def comparison_markdown(name: str, rows: list[dict], columns: list[str], gate_al
 
 def comparison_png(name: str, rows: list[dict], columns: list[str], path: Path, title: str) -> Path:
     """Grouped bars: bpb per set/language (lower is better) and MC accuracy with the random-guess line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from jobs.reporting.plots import pyplot
+
+    plt = pyplot()
 
     panels = [
         ("bits per byte (lower is better)", [c for c in columns if c.startswith("bpb/")]),

@@ -87,7 +87,9 @@ class GateOutcome(Outputs):
     checks: list[GateCheck] = Field(default_factory=list)
     promoted: bool = False
     note: str = ""
-    baseline_error: str | None = Field(None, description="why the baseline could not be read (the gate refused)")
+    baseline_error: str | None = Field(
+        None, description="why the baseline could not be read (the gate refused)"
+    )
     reasons: str = ""
 
 

@@ -173,34 +173,6 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
-def plot_loss_curve(history: list[dict[str, float]], path: Path, title: str = "loss") -> Path:
-    """Train loss per step and validation loss per language, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    key = "train_loss" if any("train_loss" in h for h in history) else "loss"
-    train = [(h["step"], h[key]) for h in history if key in h]
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
-    val_keys = sorted({k for h in history for k in h if k.startswith("val_loss/")})
-    for key in val_keys:
-        pts = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("val_loss/", "val "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def log_figure_file(path: Path, artifact_path: str = "plots") -> None:
     import mlflow
 

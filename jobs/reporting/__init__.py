@@ -1,0 +1,2 @@
+"""Reports and plots: one matplotlib setup (`plots`) for every PNG the platform writes, and report libraries
+(`tokenizers`: the tokenizer comparison)."""
