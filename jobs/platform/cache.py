@@ -25,6 +25,7 @@ from typing import Any
 from jobs.platform.results import ResultError, StageResult, parse_result
 from jobs.platform.runtime import REPO_ROOT, JobResult, Settings
 from llm_core.io import atomic_write_json
+from llm_core.shards import file_sha256
 
 log = logging.getLogger("tulpar.cache")
 
@@ -41,14 +42,6 @@ def code_sha256() -> str:
             h.update(b"\0")
             h.update(path.read_bytes())
             h.update(b"\0")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 
