@@ -368,9 +368,11 @@ def wait_ready(log_file: Path, proc: subprocess.Popen, timeout: float) -> tuple[
         if proc.poll() is not None:
             tail = log_file.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the server exited with {proc.returncode}: {tail}")
-        status = result_from_output(log_file.read_text(errors="replace"))
-        if status and status.get("status") == "ok" and status.get("outputs", {}).get("url"):
+        try:  # the server's typed result line, printed once it is up
             url = read_result("serve", log_file.read_text(errors="replace")).outputs.url
+        except ResultError:
+            url = None
+        if url:
             try:
                 models = httpx.get(f"{url}/models", timeout=5).json()["data"]
                 return url, models[0]["id"]
