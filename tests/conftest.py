@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,28 @@ def small_moe_config(**overrides) -> ModelConfig:
     base = dict(num_experts=4, num_experts_per_token=2, num_shared_experts=1, moe_ffn_hidden_dim=32)
     base.update(overrides)
     return small_config(**base)
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_never_keep_a_closed_stream():
+    """Jobs run in-process by tests (run_job under capsys or redirect_stderr) can make Ray (Ray Train's driver
+    logging, Ray Data's) attach console handlers to the captured stream of that test; once pytest closes it, every
+    later Ray log line in the session would print "--- Logging error --- Traceback" into the next test's captured
+    stderr. A real job is its own process with one stderr; here, handlers left on a closed stream go back to the
+    process's stderr after each test."""
+    yield
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = handler.__dict__.get(
+                "stream"
+            )  # a StreamHandler's own stream (not _StderrHandler's property)
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and stream is not None
+                and getattr(stream, "closed", False)
+            ):
+                with handler.lock:  # not setStream: it flushes the old, closed stream first
+                    handler.stream = sys.__stderr__
