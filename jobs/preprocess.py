@@ -1,18 +1,23 @@
 """Corpus preprocessing: `python -m jobs.preprocess --config configs/preprocess/<name>.yaml [key=value ...]`.
 
 Raw kk/ru/en text (txt/jsonl/parquet, gzip/zstd, local or s3://) becomes training-ready token shards plus a
-report, as a chain of named Ray Data stages. It runs on a local Ray (started here when RAY_ADDRESS is unset)
-or on a Ray cluster unchanged:
+report. Every pass is Ray Data streaming execution over blocks (one input chunk each, `read.chunk_mb`), on a
+local Ray (started here when RAY_ADDRESS is unset) or on a Ray cluster unchanged; each block commits its output
+to the run's work store (jobs/prep/blocks.py), so driver and worker memory do not grow with the corpus and a
+killed run resumes where it stopped:
 
-  pass 1 (streaming):  read -> normalize -> langid -> quality -> pii -> signature        (materialized)
-  driver:              exact + MinHash-LSH near dedup over the whole corpus, tokenizer (given or trained)
-  pass 2:              tokenize (kept documents, batched)                                  (materialized)
-  driver:              mixture (copies per train document), shard plan
-  pass 3:              place -> groupby(shard) -> write                         -> manifest.json, report.{md,json}
+  clean     read -> normalize -> langid -> quality -> pii -> signature -> tokenize      clean/<block>.parquet
+  dedup     exact keys + MinHash LSH bands -> hash-partitioned groupby -> verified
+            edges -> connected components (jobs/prep/neardup.py)                       dedup/duplicates.parquet
+  account   per-block counts and per-language token histograms -> the mixture's copy rule (driver: sums only)
+  write     kept documents x copies -> shards per (split, language); one decision row
+            per input record                                                 dataset/shards, dataset/documents
+  publish   manifest.json (last), report.{md,json}; the dataset replaces the previous one in one step
 
-Output: `$TULPAR_STORAGE/datasets/<name>/` (or output.dir), written atomically: a killed run leaves the previous
-dataset (or nothing), never a half-written manifest. Re-running with the same config content, inputs and
-tokenizer reuses the existing output; anything else writes a new one. Format: llm_core/shards.py.
+Output: `$TULPAR_STORAGE/datasets/<name>/` (or output.dir); the work store sits beside it
+(`.<name>.work-<key>`) until the run succeeds. Re-running with the same config content, inputs, tokenizer and
+code reuses the finished dataset, or resumes the unfinished run; anything else is a new run. Format:
+llm_core/shards.py.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,46 +39,34 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from jobs.platform import tracking
 from jobs.platform.cache import cache_key
 from jobs.platform.raycluster import init_ray
 from jobs.platform.results import DatasetOutputs, ResultError, parse_result
 from jobs.platform.runtime import JobResult, Settings, main_entry
-from jobs.prep import dedup, langid, plan, report, stages
+from jobs.prep import blocks, langid, neardup, plan, report
 from jobs.prep.config import PreprocessConfig
-from jobs.prep.sources import FileEntry, discover, filesystem, input_sha256, is_uri, join_uri, plan_chunks
+from jobs.prep.sources import (
+    Chunk,
+    FileEntry,
+    discover,
+    filesystem,
+    input_sha256,
+    is_uri,
+    join_uri,
+    plan_chunks,
+)
+from jobs.prep.store import Store
 from jobs.reporting.plots import plot_documents_by_reason
 from llm_core.config import config_to_dict
 from llm_core.data import DataError
-from llm_core.io import atomic_dir, atomic_write_text
+from llm_core.io import atomic_dir, atomic_write_text, replace_dir
 from llm_core.shards import MANIFEST, build_manifest, dtype_name, validate_manifest
 from llm_core.tokenizer import Tokenizer
 
 log = logging.getLogger("tulpar.preprocess")
-
-# Everything about a document the driver needs (no text): accounting, dedup, examples.
-META_COLUMNS = [
-    "doc_id",
-    "file_id",
-    "offset",
-    "src_lang",
-    "lang",
-    "reason",
-    "repaired",
-    "detail",
-    "n_bytes_in",
-    "n_bytes",
-    "n_chars",
-    "n_fixes",
-    "pii_email",
-    "pii_phone",
-    "pii_iban",
-    "split",
-    "exact_key",
-    "snippet",
-]
-
 
 # ------------------------------------------------------------------------------------------------ Ray
 
@@ -91,6 +84,9 @@ def start_ray_data(cfg: PreprocessConfig, settings: Settings) -> None:
         num_cpus=cfg.execution.local_num_cpus,
         object_store_memory=store,
     )
+    # each pass is one Ray Data execution: its "Starting execution ..." INFO lines would repeat per pass; our
+    # own progress line per pass says the same (Ray Data warnings still show)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     # passes 1-2: Ray Data's own progress (bars with ETA on a terminal, else a progress summary logged every
     # RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL seconds); pass 3's Ray tasks: BlockProgress
@@ -106,85 +102,83 @@ def _compute(cfg: PreprocessConfig):
     return TaskPoolStrategy(size=cfg.execution.num_workers) if cfg.execution.num_workers else None
 
 
-def _resolve(x: Any) -> Any:
-    """ObjectRefs are passed wrapped in a list so Ray Data hands them over untouched; fetch them here."""
-    import ray
-
-    return ray.get(x[0]) if isinstance(x, list) and x and isinstance(x[0], ray.ObjectRef) else x
-
-
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def read(chunks: pa.Table, files: dict[int, FileEntry], cfg: PreprocessConfig):
-    yield from stages.read_docs(chunks, files, cfg, cfg.execution.batch_size)
+def _tokenizer(tokenizer_json: list, sha: str):
+    """The worker process's `tokenizers.Tokenizer` (the JSON comes as an ObjectRef wrapped in a list, so that
+    Ray Data hands it over untouched)."""
+    import ray
 
-
-def tokenize(
-    t: pa.Table, tokenizer_json: list, sha: str, eos_id: int, drop_ids: list, batch_size: int
-) -> pa.Table:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task: no hidden thread pool
     tk = _TOKENIZERS.get(sha)
     if tk is None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        tk = _TOKENIZERS[sha] = HFTokenizer.from_str(_resolve(tokenizer_json))
-    return stages.tokenize_docs(t, tk, eos_id, _resolve(drop_ids), batch_size)
+        tk = _TOKENIZERS[sha] = HFTokenizer.from_str(ray.get(tokenizer_json[0]))
+    return tk
 
 
-def place(block: pa.Table, plan_arrays: tuple, n_shards: int) -> tuple[pa.Table, ...]:
-    """Ray task `place`: the copies of one tokenized block's documents, split by destination shard."""
-    ids, shard, pos = plan_arrays
-    t = stages.place_docs(block, ids, shard, pos)
-    t = t.take(pa.array(np.argsort(t.column("shard").to_numpy(), kind="stable")))
-    bounds = np.searchsorted(t.column("shard").to_numpy(), np.arange(n_shards + 1))
-    parts = tuple(t.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]))
-    return parts if n_shards > 1 else parts[0]
+def _rows(ordinals) -> list[dict]:
+    return [{"ordinal": int(o)} for o in ordinals]
 
 
-def write(root: str, specs: list, dtype: str, eos_id: int, vocab_size: int, *parts: pa.Table) -> dict:
-    """Ray task `write`: one shard from its pieces (all blocks), in plan order; returns its manifest entry."""
-    t = pa.concat_tables(parts)
-    if not is_uri(root):
-        return stages.write_shard_group(t, root, specs, dtype, eos_id, vocab_size).to_pylist()[0]
-    with tempfile.TemporaryDirectory(prefix="tulpar-shard-") as tmp:  # write locally, then upload
-        row = stages.write_shard_group(t, tmp, specs, dtype, eos_id, vocab_size).to_pylist()[0]
-        for rel in (row["path"], row["docs_path"]):
-            _upload(Path(tmp) / rel, join_uri(root, rel))
-    return row
-
-
-def write_shards(
-    tok_ds,
-    shard_plan: plan.ShardPlan,
-    root: str,
-    tok: Tokenizer,
-    dtype: str,
-    limit: int | None,
-    progress: bool = True,
+def clean_task(
+    batch: pa.Table, files: dict, cfg: PreprocessConfig, tokenizer: list, sha: str, eos: int, root: str
 ):
-    """Pass 3 as a map/reduce of Ray tasks over the materialized token blocks: `place` splits every block by
-    destination shard, `write` gathers one shard's pieces and writes it. (Ray Data's groupby does the same
-    shuffle but costs 6-10 s of fixed overhead on a 2-core machine; here objects = blocks x shards.)"""
+    """Ray Data map: pass `clean` of the chunks in the batch (one, with batch_size=1)."""
+    out = []
+    for row in batch.to_pylist():
+        chunk = Chunk(row["ordinal"], row["file_id"], row["start"], row["end"])
+        out.append(blocks.clean_chunk(chunk, files, cfg, _tokenizer(tokenizer, sha), eos, Store(root)))
+    return pa.table({"summary": [json.dumps(x) for x in out]})
+
+
+def account_task(batch: pa.Table, root: str, languages: list[str], seed: int):
+    out = []
+    for o in batch.column("ordinal").to_pylist():
+        a = blocks.account_block(o, Store(root), languages, seed)
+        out.append(
+            json.dumps(
+                {
+                    "groups": a["groups"].to_dict(orient="list"),
+                    "histograms": {k: v.tolist() for k, v in a["histograms"].items()},
+                }
+            )
+        )
+    return pa.table({"summary": out})
+
+
+def bucket_task(batch: pa.Table, root: str, wanted: dict[str, int], seed: int):
+    out = []
+    for o in batch.column("ordinal").to_pylist():
+        got = blocks.bucket_docs(o, Store(root), wanted, seed)
+        out.append(json.dumps({k: {c: v[c].tolist() for c in v} for k, v in got.items()}))
+    return pa.table({"summary": out})
+
+
+def write_task(batch: pa.Table, root: str, cfg: PreprocessConfig, rules, records, dtype, eos, vocab):
+    out = []
+    for o in batch.column("ordinal").to_pylist():
+        out.append(json.dumps(blocks.write_block(o, Store(root), cfg, rules, records, dtype, eos, vocab)))
+    return pa.table({"summary": out})
+
+
+def block_pass(items: list[dict], fn, kwargs: dict, cfg: PreprocessConfig, desc: str):
+    """Ray Data streaming map of `fn` over block descriptors (one per task); yields each block's summary as it
+    finishes, moving a progress line. Nothing is materialized."""
     import ray
 
-    n = len(shard_plan.shards)
-    plan_ref = ray.put((shard_plan.doc_id, shard_plan.shard, shard_plan.position))
-    place_task = ray.remote(num_cpus=1)(place).options(num_returns=n, name="place")
-    write_task = ray.remote(num_cpus=1)(write).options(name="write")
-    blocks = tok_ds.to_arrow_refs()
-    pieces = _bounded([lambda b=b: place_task.remote(b, plan_ref, n) for b in blocks], limit)
-    pieces = [p if isinstance(p, list | tuple) else [p] for p in pieces]
-    rows = _bounded(
-        [
-            lambda s=s: write_task.remote(
-                root, shard_plan.shards, dtype, tok.eos_id, tok.vocab_size, *[p[s] for p in pieces]
-            )
-            for s in range(n)
-        ],
-        limit,
-    )
-    return _wait_all(rows, BlockProgress(n, "pass 3 write", "shard", enabled=progress))
+    if not items:
+        return
+    progress = BlockProgress(len(items), desc, "block", enabled=cfg.execution.progress_bars)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(fn, batch_size=1, batch_format="pyarrow", compute=_compute(cfg), fn_kwargs=kwargs)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for text in batch.column("summary").to_pylist():
+            progress.advance()
+            yield json.loads(text)
+    progress.close()
 
 
 class BlockProgress:
@@ -229,74 +223,6 @@ class BlockProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _wait_all(refs: list, progress: BlockProgress) -> list:
-    """ray.get(refs), moving `progress` as each one finishes."""
-    import ray
-
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        progress.advance(len(done))
-    progress.close()
-    return ray.get(refs)
-
-
-def _bounded(submits: list, limit: int | None) -> list:
-    """Submit Ray tasks with at most `limit` unfinished at a time (None: all at once); returns their refs."""
-    import ray
-
-    out, pending = [], []
-    for submit in submits:
-        if limit is not None and len(pending) >= limit:
-            _, pending = ray.wait(pending, num_returns=1)
-        ref = submit()
-        out.append(ref)
-        first = ref[0] if isinstance(ref, list | tuple) else ref
-        pending.append(first)
-    return out
-
-
-def _upload(local: Path, uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-        shutil.copyfileobj(src, dst, 1 << 22)
-
-
-def select_rows(t: pa.Table, ids: list) -> pa.Table:
-    wanted = _resolve(ids)
-    doc_ids = t.column("doc_id").to_numpy()
-    return t.filter(pa.array(np.isin(doc_ids, wanted))).select(["doc_id", "lang", "text"])
-
-
-def _collect(ds, columns: list[str]) -> pa.Table:
-    import ray
-
-    tables = [t for t in ray.get(ds.select_columns(columns).to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return pa.table({c: [] for c in columns})
-    return pa.concat_tables(tables).sort_by("doc_id")
-
-
-def run_pass1(cfg: PreprocessConfig, files: list[FileEntry], chunks: list) -> Any:
-    """read -> normalize -> langid -> quality -> pii -> signature, materialized in the object store."""
-    import ray
-
-    kw = dict(batch_format="pyarrow", compute=_compute(cfg), zero_copy_batch=True)
-    by_id = {f.file_id: f for f in files}
-    ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(read, batch_size=1, fn_kwargs={"files": by_id, "cfg": cfg}, **kw)
-    for fn in (
-        stages.normalize_docs,
-        stages.langid_docs,
-        stages.quality_docs,
-        stages.pii_docs,
-        stages.signature_docs,
-    ):
-        ds = ds.map_batches(fn, batch_size=cfg.execution.batch_size, fn_kwargs={"cfg": cfg}, **kw)
-    return ds.materialize()
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -351,6 +277,31 @@ class Output:
         for name in sorted(pending, key=lambda n: n == MANIFEST):  # manifest.json last
             self.write_text(name, pending[name])
 
+    def publish(self, work: Store, texts: dict[str, str]) -> None:
+        """Make the work store's `dataset/` (shards, documents) plus `texts` the dataset, in one step locally
+        (rename); on an object store the objects are copied, the old manifest removed first and the new one
+        written last. The work store is removed afterwards."""
+        if not self.remote:
+            staged = work.local_path(blocks.DATASET)
+            staged.mkdir(parents=True, exist_ok=True)
+            for name, text in texts.items():  # manifest.json last
+                atomic_write_text(staged / name, text)
+            replace_dir(staged, Path(self.location))
+            work.remove()
+            return
+        fs, base = filesystem(self.location)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_file(f"{base}/{MANIFEST}")
+        _, src_base = filesystem(work.uri(blocks.DATASET))  # the same object store as the output
+        for info in fs.get_file_info(pafs.FileSelector(src_base, recursive=True)):
+            if info.type == pafs.FileType.File:
+                rel = info.path[len(src_base.rstrip("/")) + 1 :]
+                fs.create_dir(f"{base}/{rel}".rsplit("/", 1)[0], recursive=True)
+                fs.copy_file(info.path, f"{base}/{rel}")
+        for name in sorted(texts, key=lambda n: n == MANIFEST):  # manifest.json last
+            self.write_text(name, texts[name])
+        work.remove()
+
     def write_text(self, name: str, text: str) -> None:
         if not self.remote:
             atomic_write_text(Path(self.location) / name, text)
@@ -370,19 +321,21 @@ def output_location(cfg: PreprocessConfig, settings: Settings) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _summary(meta: pd.DataFrame) -> str:
+def _summary(groups: pd.DataFrame) -> str:
+    """Per source language: documents in, kept, and the main drop reasons (from aggregated counts)."""
     parts = []
-    for lang, d in meta.groupby("src_lang"):
-        drops = d[d["reason"] != ""]["reason"].value_counts()
-        why = ", ".join(f"{r} {n}" for r, n in drops.head(4).items())
-        parts.append(f"{lang}: {len(d)} in, {int((d['reason'] == '').sum())} kept ({why or 'no drops'})")
+    for lang, d in groups.groupby("src_lang"):
+        drops = d[d["reason"] != ""].groupby("reason")["docs"].sum().sort_values(ascending=False)
+        why = ", ".join(f"{r} {int(n)}" for r, n in drops.head(4).items())
+        kept = int(d[d["reason"] == ""]["docs"].sum())
+        parts.append(f"{lang}: {int(d['docs'].sum())} in, {kept} kept ({why or 'no drops'})")
     return "; ".join(parts) or "no documents were read"
 
 
-def _not_enough(train_tokens: int, cfg: PreprocessConfig, meta: pd.DataFrame) -> DataError:
+def _not_enough(train_tokens: int, cfg: PreprocessConfig, groups: pd.DataFrame) -> DataError:
     return DataError(
         f"not enough tokens for one training batch: {train_tokens} train tokens remain after preprocessing, "
-        f"output.min_train_tokens is {cfg.output.min_train_tokens}. Per source language: {_summary(meta)}. "
+        f"output.min_train_tokens is {cfg.output.min_train_tokens}. Per source language: {_summary(groups)}. "
         "Add text, fix the sources, or relax the filters named above"
     )
 
@@ -459,93 +412,228 @@ def preprocess_key(ip: InputPlan) -> str:
     )
 
 
-def deduplicate(meta_t: pa.Table, cfg: PreprocessConfig) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
-    """Driver stage `dedup`: (per-document metadata with dedup reasons, sorted ids to drop, summary)."""
-    sigs = None
-    if cfg.dedup.near and meta_t.num_rows:
-        sigs = meta_t.column("signature").combine_chunks().values.to_numpy().reshape(-1, cfg.dedup.num_perm)
-    meta = meta_t.drop_columns(["signature"] if cfg.dedup.near else []).to_pandas()
-    meta["exact_key"] = meta["exact_key"].astype(np.uint64)
-    res = dedup.find_duplicates(
-        (meta["reason"] == "").to_numpy(),
-        meta["exact_key"].to_numpy(np.uint64),
-        sigs,
-        threshold=cfg.dedup.threshold,
-        exact=cfg.dedup.exact,
-        near=cfg.dedup.near,
-        progress=cfg.execution.progress_bars,
-    )
-    is_dup = res.reason != ""
-    meta.loc[is_dup, "reason"] = res.reason[is_dup]
-    ids = meta["doc_id"].to_numpy()
-    meta["dup_of"] = np.where(res.duplicate_of >= 0, ids[np.maximum(res.duplicate_of, 0)], -1)
-    info = {
-        "exact_duplicates": int((res.reason == "exact_duplicate").sum()),
-        "near_duplicates": int((res.reason == "near_duplicate").sum()),
-        "lsh_bands": res.bands,
-        "lsh_rows": res.rows,
-        "lsh_candidates": res.candidates,
-        "threshold": cfg.dedup.threshold,
-    }
-    log.info("dedup: %s", info)
-    return meta, np.sort(ids[is_dup]), info
+def work_location(location: str, key: str) -> str:
+    """Where a run commits its blocks: beside the output, named by the run's cache key (config, inputs,
+    tokenizer, code), so only an identical run resumes from it."""
+    if is_uri(location):
+        return f"{location.rstrip('/')}.work-{key[:16]}"
+    p = Path(location)
+    return str(p.parent / f".{p.name}.work-{key[:16]}")
 
 
-def run_pass2(mat, cfg: PreprocessConfig, tok: Tokenizer, drop_ids: np.ndarray):
-    """Stage `tokenize` over the kept documents, materialized; plus (doc_id, lang, split, n_tokens)."""
+def run_clean(cfg: PreprocessConfig, ip: InputPlan, work: Store) -> list[dict]:
+    """Pass `clean` over every chunk; chunks committed by an earlier run are skipped."""
     import ray
 
-    tok_ds = mat.map_batches(
-        tokenize,
-        batch_format="pyarrow",
-        batch_size=cfg.execution.batch_size,
-        compute=_compute(cfg),
-        fn_kwargs={
-            "tokenizer_json": [ray.put(tok.tk.to_str())],
-            "sha": tok.sha256,
-            "eos_id": tok.eos_id,
-            "drop_ids": [ray.put(drop_ids)],
-            "batch_size": cfg.tokenizer.batch_size,
-        },
-    ).materialize()
-    return tok_ds, _collect(tok_ds, ["doc_id", "lang", "split", "n_tokens"]).to_pandas()
+    done = {int(n.split(".")[0]) for n in work.list("clean") if n.endswith(".parquet")}
+    if done:
+        log.info(
+            "pass clean: %d of %d blocks were committed by an earlier run: skipped", len(done), len(ip.chunks)
+        )
+    kwargs = {
+        "files": {f.file_id: f for f in ip.files},
+        "cfg": cfg,
+        "tokenizer": [ray.put(ip.tokenizer.tk.to_str())],
+        "sha": ip.tokenizer.sha256,
+        "eos": ip.tokenizer.eos_id,
+        "root": work.root,
+    }
+    items = [asdict(c) for c in ip.chunks]
+    out = list(block_pass(items, clean_task, kwargs, cfg, "pass clean"))
+    return sorted(out, key=lambda x: x["ordinal"])
 
 
-def plan_layout(
-    meta: pd.DataFrame, kept: pd.DataFrame, cfg: PreprocessConfig
-) -> tuple[pd.DataFrame, plan.MixturePlan, plan.ShardPlan]:
-    """Driver stages `mixture` and shard plan; marks left-out train documents `mixture_downsampled` and fails
-    clearly when too few train tokens remain."""
-    meta = meta.merge(kept[["doc_id", "n_tokens"]], on="doc_id", how="left")
-    meta["n_tokens"] = meta["n_tokens"].fillna(0).astype(np.int64)
-    train = kept[kept["split"] == "train"]
-    if int(train["n_tokens"].sum()) < cfg.output.min_train_tokens:
-        raise _not_enough(int(train["n_tokens"].sum()), cfg, meta)
-    mix = plan.plan_mixture(
-        train["doc_id"].to_numpy(),
-        train["lang"].to_numpy(),
-        train["n_tokens"].to_numpy(),
-        cfg.languages,
-        cfg.mixture,
-    )
-    copies = pd.Series(1, index=kept["doc_id"].to_numpy(), dtype=np.int64)
-    copies.loc[train["doc_id"].to_numpy()] = mix.copies
-    meta["copies"] = meta["doc_id"].map(copies).fillna(0).astype(np.int64)
-    meta.loc[meta["doc_id"].isin(train["doc_id"][mix.copies == 0]), "reason"] = "mixture_downsampled"
-    train_tokens = int((mix.copies * train["n_tokens"].to_numpy()).sum())
+def run_dedup(cfg: PreprocessConfig, work: Store, summaries: list[dict]) -> dict[str, Any]:
+    """Exact and near-duplicate removal as distributed stages (jobs.prep.neardup); skipped when committed."""
+    import ray
+
+    if work.exists(blocks.DEDUP_INFO):
+        return json.loads(work.read_bytes(blocks.DEDUP_INFO))
+    bands, rows = neardup.lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    info: dict[str, Any] = {"threshold": cfg.dedup.threshold, "lsh_bands": bands, "lsh_rows": rows}
+    if not (cfg.dedup.exact or cfg.dedup.near):
+        work.write_table(blocks.DUPLICATES, neardup.empty_duplicates())
+    else:
+        docs = sum(x["documents"] for x in summaries)
+        keys_per_doc = int(cfg.dedup.exact) + (bands if cfg.dedup.near else 0)
+        workers = cfg.execution.num_workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        partitions = int(min(4096, max(workers, docs * keys_per_doc // 2_000_000)))
+        ds = ray.data.from_items(
+            _rows(x["ordinal"] for x in summaries), override_num_blocks=max(1, len(summaries))
+        )
+        ds = ds.map_batches(
+            neardup.emit_keys,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=_compute(cfg),
+            fn_kwargs={
+                "root": work.root,
+                "cfg": cfg.dedup,
+                "bands": bands,
+                "rows": rows,
+                "partitions": partitions,
+            },
+        )
+        edges = ds.groupby("part", num_partitions=partitions).map_groups(
+            neardup.bucket_edges, batch_format="pyarrow"
+        )
+        refs = edges.to_arrow_refs()
+        task = ray.remote(num_cpus=1)(neardup.cluster).options(name="dedup cluster")
+        info |= ray.get(task.remote(work.root, cfg.dedup, *refs))
+        log.info("dedup: %d documents' keys shuffled into %d partitions", docs, partitions)
+    work.write_bytes(blocks.DEDUP_INFO, json.dumps(info).encode())
+    log.info("dedup: %s", info)
+    return info
+
+
+def plan_mixture(
+    cfg: PreprocessConfig, work: Store, ordinals: list[int]
+) -> tuple[pd.DataFrame, dict | None, dict]:
+    """Stage `mixture` from per-block aggregates: (report counts before the mixture, copy rule per language or
+    None, the manifest's mixture section). Fails clearly when too few train tokens remain."""
+    langs = cfg.languages
+    kwargs = {"root": work.root, "languages": langs, "seed": cfg.mixture.seed}
+    frames, hist = [], {lang: np.zeros(1 << plan.HISTOGRAM_BITS, np.int64) for lang in langs}
+    for a in block_pass(_rows(ordinals), account_task, kwargs, cfg, "pass account"):
+        frames.append(pd.DataFrame(a["groups"]))
+        if len(frames) >= 64:
+            frames = [blocks.merge_groups(frames)]
+        for lang in langs:
+            hist[lang] += np.asarray(a["histograms"][lang], np.int64)
+    groups = blocks.merge_groups(frames)
+    available = {lang: int(hist[lang].sum()) for lang in langs}
+    if sum(available.values()) < cfg.output.min_train_tokens:
+        raise _not_enough(sum(available.values()), cfg, groups)
+    if cfg.mixture.target is None:
+        mix = plan.MixturePlan(
+            np.zeros(0, np.int64),
+            None,
+            available,
+            dict(available),
+            dict(available),
+            dict.fromkeys(langs, 1.0),
+            sum(available.values()),
+        )
+        return groups, None, mix.to_dict(langs)
+    planned, epochs, total = plan.mixture_targets(available, langs, cfg.mixture)
+    cuts, wanted = {}, {}
+    for lang in langs:
+        full = int(math.floor(epochs[lang] + 1e-12))
+        rest = planned[lang] - full * available[lang]
+        cuts[lang] = (full, rest)
+        if rest > 0:
+            wanted[lang], _ = plan.cut_bucket(hist[lang], rest)
+    found = {lang: [] for lang in wanted}
+    if wanted:
+        kwargs = {"root": work.root, "wanted": wanted, "seed": cfg.mixture.seed}
+        for got in block_pass(_rows(ordinals), bucket_task, kwargs, cfg, "pass mixture cut"):
+            for lang, cols in got.items():
+                found[lang].append(pd.DataFrame(cols))
+    rules, achieved = {}, {}
+    for lang in langs:
+        full, rest = cuts[lang]
+        if lang not in wanted:
+            rule = plan.CopyRule(full, 0, -1)
+            achieved[lang] = full * available[lang]
+        else:
+            b = (
+                pd.concat(found[lang])
+                if found[lang]
+                else pd.DataFrame({"doc_id": [], "key": [], "n_tokens": []})
+            )
+            ids, keys = b["doc_id"].to_numpy(np.int64), b["key"].to_numpy(np.uint64)
+            toks = b["n_tokens"].to_numpy(np.int64)
+            before = plan.cut_bucket(hist[lang], rest)[1]
+            rule = plan.copy_rule(full, rest, wanted[lang], before, ids, keys, toks)
+            picked = rule.copies(ids, keys) - full
+            achieved[lang] = full * available[lang] + before + int((picked * toks).sum())
+        rules[lang] = asdict(rule)
+    train_tokens = sum(achieved.values())
     if train_tokens < cfg.output.min_train_tokens:
-        raise _not_enough(train_tokens, cfg, meta)
-    shard_plan = plan.plan_shards(
-        kept["doc_id"].to_numpy(),
-        kept["split"].to_numpy(),
-        kept["lang"].to_numpy(),
-        kept["n_tokens"].to_numpy(),
-        copies.loc[kept["doc_id"].to_numpy()].to_numpy(),
-        cfg.languages,
-        cfg.output.shard_max_tokens,
-        cfg.mixture.seed,
+        raise _not_enough(train_tokens, cfg, groups)
+    mix = plan.MixturePlan(
+        np.zeros(0, np.int64), dict(cfg.mixture.target), available, planned, achieved, epochs, total
     )
-    return meta, mix, shard_plan
+    return groups, rules, mix.to_dict(langs)
+
+
+def record_bases(ip: InputPlan, summaries: list[dict]) -> dict[int, tuple[str, int]]:
+    """Per chunk: (its file's uri, records of that file in earlier chunks) = where record indexes start."""
+    by_file = {f.file_id: f.uri for f in ip.files}
+    seen: dict[int, int] = {}
+    out = {}
+    docs = {x["ordinal"]: x["documents"] for x in summaries}
+    for c in ip.chunks:
+        base = seen.get(c.file_id, 0)
+        out[c.ordinal] = (by_file[c.file_id], base)
+        seen[c.file_id] = base + docs.get(c.ordinal, 0)
+    return out
+
+
+def run_write(
+    cfg, ip: InputPlan, work: Store, rules, records
+) -> tuple[list[dict], pd.DataFrame, pd.DataFrame, int]:
+    """Pass `write`: shards and decisions per block; (shard entries, report counts, examples of dropped
+    records, blocks an earlier run had committed)."""
+    tok = ip.tokenizer
+    kwargs = {
+        "root": work.root,
+        "cfg": cfg,
+        "rules": rules,
+        "records": records,
+        "dtype": dtype_name(tok.vocab_size),
+        "eos": tok.eos_id,
+        "vocab": tok.vocab_size,
+    }
+    done = {int(n.split(".")[0]) for n in work.list("write") if n.endswith(".json")}
+    if done:
+        log.info(
+            "pass write: %d of %d blocks were committed by an earlier run: skipped", len(done), len(ip.chunks)
+        )
+    shards, frames, examples, skipped = [], [], pd.DataFrame(columns=blocks.EXAMPLE_COLUMNS), 0
+    for w in block_pass(_rows(c.ordinal for c in ip.chunks), write_task, kwargs, cfg, "pass write"):
+        shards += w["shards"]
+        skipped += int(w["skipped"])
+        frames.append(pd.DataFrame(w["groups"]))
+        if len(frames) >= 64:
+            frames = [blocks.merge_groups(frames)]
+        ex = (
+            pd.concat([examples, pd.DataFrame(w["examples"])])
+            if len(examples)
+            else pd.DataFrame(w["examples"])
+        )
+        examples = ex.sort_values("doc_id").groupby("reason", sort=False).head(cfg.output.examples_per_reason)
+    return shards, blocks.merge_groups(frames), examples, skipped
+
+
+def report_examples(examples: pd.DataFrame, work: Store, ip: InputPlan, chars: int) -> dict[str, list[dict]]:
+    """The report's examples of dropped text; a duplicate's example quotes the record it duplicates (read
+    back from that record's clean block)."""
+    where = {f.file_id: f.uri for f in ip.files}
+    originals: dict[int, dict] = {}
+    wanted = sorted({int(x) for x in examples.get("duplicate_of", []) if int(x) >= 0})
+    for o in sorted({x >> 32 for x in wanted}):
+        t = blocks.read_clean(work, o, ["doc_id", "file_id", "offset", "snippet"]).to_pandas()
+        for r in t[t["doc_id"].isin(wanted)].itertuples():
+            originals[int(r.doc_id)] = {
+                "file": where.get(int(r.file_id), "?"),
+                "offset": int(r.offset),
+                "text": str(r.snippet)[:chars],
+            }
+    out: dict[str, list[dict]] = {}
+    for r in examples.sort_values("doc_id").itertuples():
+        ex = {
+            "file": where.get(int(r.file_id), "?"),
+            "offset": int(r.offset),
+            "language": r.src_lang,
+            "text": str(r.snippet)[:chars],
+        }
+        if r.detail:
+            ex["detail"] = r.detail
+        if int(r.duplicate_of) in originals:
+            ex["duplicate_of"] = originals[int(r.duplicate_of)]
+        out.setdefault(r.reason, []).append(ex)
+    return dict(sorted(out.items(), key=lambda kv: report.REASON_ORDER[kv[0]]))
 
 
 def log_to_mlflow(
@@ -586,80 +674,68 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         timings[name] = time.perf_counter() - t0
         return time.perf_counter()
 
+    key = preprocess_key(ip)
+    work = Store(work_location(out.location, key))
     tags = {"tulpar.dataset_name": cfg.name, "tulpar.input_sha256": ip.input_sha256}
     run_name = f"{cfg.name}-{ip.content_sha256[:8]}"
     with tracking.start_run(settings, "preprocess", cfg, run_name=run_name, tags=tags) as run:
         start_ray_data(cfg, settings)
-        log.info(
-            "pass 1: %d files in %d chunks -> read/normalize/langid/quality/pii/signature",
-            len(ip.files),
-            len(ip.chunks),
-        )
+        log.info("pass clean: %d files in %d blocks -> %s", len(ip.files), len(ip.chunks), work.root)
         t0 = time.perf_counter()
-        mat = run_pass1(cfg, ip.files, ip.chunks)
-        meta_t = _collect(mat, META_COLUMNS + (["signature"] if cfg.dedup.near else []))
-        t0 = lap("pass1_clean", t0)
-        meta, drop_ids, dedup_info = deduplicate(meta_t, cfg)
+        summaries = run_clean(cfg, ip, work)
+        resumed = {"clean": sum(x["skipped"] for x in summaries)}
+        t0 = lap("clean", t0)
+        dedup_info = run_dedup(cfg, work, summaries)
         t0 = lap("dedup", t0)
+        ordinals = [x["ordinal"] for x in summaries]
+        try:
+            _, rules, mixture = plan_mixture(cfg, work, ordinals)
+        except DataError:
+            work.remove()  # a user error: nothing to resume; the fixed config is another run anyway
+            raise
+        t0 = lap("mixture", t0)
+        shards, groups, examples, resumed["write"] = run_write(
+            cfg, ip, work, rules, record_bases(ip, summaries)
+        )
+        lap("write", t0)
         tok, tok_path = ip.tokenizer, ip.tokenizer_path
-        log.info("pass 2: tokenize %d kept documents", int((meta["reason"] == "").sum()))
-        tok_ds, kept = run_pass2(mat, cfg, tok, drop_ids)
-        del mat
-        t0 = lap("pass2_tokenize", t0)
-        meta, mix, shard_plan = plan_layout(meta, kept, cfg)
-        log.info("pass 3: write %d shards to %s", len(shard_plan.shards), out.location)
-        with out.writing() as (root, write_file):
-            dtype = dtype_name(tok.vocab_size)
-            infos = write_shards(
-                tok_ds,
-                shard_plan,
-                root,
-                tok,
-                dtype,
-                cfg.execution.num_workers,
-                progress=cfg.execution.progress_bars,
-            )
-            if len(infos) != len(shard_plan.shards):
-                raise RuntimeError(f"wrote {len(infos)} shards, planned {len(shard_plan.shards)}")
-            manifest = build_manifest(
-                name=cfg.name,
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-                config=config_to_dict(cfg),
-                config_sha256=ip.content_sha256,
-                input_sha256=ip.input_sha256,
-                tokenizer={
-                    "path": str(tok_path),
-                    "sha256": tok.sha256,
-                    "vocab_size": tok.vocab_size,
-                    "eos_id": tok.eos_id,
-                },
-                languages=cfg.languages,
-                shards=[{k: v for k, v in r.items() if k != "shard"} for r in infos],
-                mixture=mix.to_dict(cfg.languages),
-            )
-            lap("pass3_write", t0)
-            timings["total"] = time.perf_counter() - t_start
-            rep = report.build_report(
-                name=cfg.name,
-                files=ip.files,
-                docs=meta,
-                languages=cfg.languages,
-                manifest=manifest,
-                mixture=manifest["mixture"],
-                dedup_info=dedup_info,
-                timings=timings,
-                examples_per_reason=cfg.output.examples_per_reason,
-                example_chars=cfg.output.example_chars,
-            )
-            texts = {
-                "report.json": json.dumps(rep, ensure_ascii=False, indent=2) + "\n",
-                "report.md": report.report_markdown(rep),
-                MANIFEST: json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
-            }
-            for name, text in texts.items():  # manifest.json last
-                write_file(name, text)
-        del tok_ds
+        manifest = build_manifest(
+            name=cfg.name,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            config=config_to_dict(cfg),
+            config_sha256=ip.content_sha256,
+            input_sha256=ip.input_sha256,
+            tokenizer={
+                "path": str(tok_path),
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+            },
+            languages=cfg.languages,
+            shards=shards,
+            mixture=mixture,
+        )
+        timings["total"] = time.perf_counter() - t_start
+        rep = report.build_report(
+            name=cfg.name,
+            files=ip.files,
+            groups=groups,
+            examples=report_examples(examples, work, ip, cfg.output.example_chars),
+            languages=cfg.languages,
+            manifest=manifest,
+            mixture=manifest["mixture"],
+            dedup_info=dedup_info,
+            timings=timings,
+        )
+        rep["blocks"] = {"total": len(ip.chunks), "resumed": resumed}
+        texts = {
+            "report.json": json.dumps(rep, ensure_ascii=False, indent=2) + "\n",
+            "report.md": report.report_markdown(rep),
+            MANIFEST: json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
+        }
+        out.publish(work, texts)
         metrics, manifest_sha = log_to_mlflow(rep, manifest, texts, tok, timings)
+        metrics |= {f"blocks_resumed/{k}": v for k, v in resumed.items()}
         run_id = run.info.run_id
 
     outputs = DatasetOutputs(
@@ -671,9 +747,7 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         vocab_size=tok.vocab_size,
         manifest_sha256=manifest_sha,
     )
-    result = JobResult(
-        "preprocess", outputs=outputs, metrics=metrics, mlflow_run_id=run_id, cache_key=preprocess_key(ip)
-    )
+    result = JobResult("preprocess", outputs=outputs, metrics=metrics, mlflow_run_id=run_id, cache_key=key)
     if out.remote:  # run_job writes result.json only into local directories
         out.write_text("result.json", json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     else:

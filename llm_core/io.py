@@ -58,17 +58,26 @@ def atomic_dir(path: str | Path, merge: bool = False) -> Iterator[Path]:
                     shutil.rmtree(target)
                 os.replace(item, target)
             tmp.rmdir()
-        elif path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # put the previous one back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | Path, path: str | Path) -> None:
+    """Put directory `src` at `path` (same filesystem): the old `path`, if any, is renamed aside first and put
+    back if the swap fails, so readers find the old directory or the new one."""
+    src, path = Path(src), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.replace(src, path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(path, old)
+    try:
+        os.replace(src, path)
+    except BaseException:
+        os.replace(old, path)  # put the previous one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -58,9 +58,11 @@ def dtype_name(vocab_size: int) -> str:
     return token_dtype(vocab_size).name
 
 
-def shard_stem(split: str, language: str, index: int) -> str:
-    """File name stem of a shard: `<split>-<lang>-<index:05d>`."""
-    return f"{split}-{language}-{index:05d}"
+def shard_stem(split: str, language: str, index: int, part: int | None = None) -> str:
+    """File name stem of a shard: `<split>-<lang>-<index:05d>`, or `<split>-<lang>-<index:05d>-<part:03d>` when
+    one unit of work (a preprocessing block) writes several shards of the same split and language."""
+    stem = f"{split}-{language}-{index:05d}"
+    return stem if part is None else f"{stem}-{part:03d}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class ShardWriter:
         dtype: str,
         eos_id: int,
         vocab_size: int | None = None,
+        part: int | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"shard split {split!r} must be one of {SPLITS}")
@@ -116,7 +119,7 @@ class ShardWriter:
         self.limit = int(vocab_size) if vocab_size is not None else int(np.iinfo(self.dtype).max) + 1
         if not 0 <= self.eos_id < self.limit:
             raise ValueError(f"eos id {eos_id} does not fit dtype {dtype} / vocab_size {self.limit}")
-        stem = shard_stem(split, language, index)
+        stem = shard_stem(split, language, index, part)
         self.rel_bin = f"{SHARD_DIR}/{stem}.bin"
         self.rel_docs = f"{SHARD_DIR}/{stem}.docs.npy"
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)

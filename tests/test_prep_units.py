@@ -242,43 +242,110 @@ def test_batched_minhash_equals_datasketch():
         assert np.array_equal(sig, m.hashvalues)
 
 
-def test_find_duplicates_matches_datasketch_lsh():
+def _clean_blocks(store, words: list[list[str]], per_block: int, num_perm: int = 128) -> list[int]:
+    """Minimal clean/<o>.parquet files (the columns dedup reads) holding the given documents in order."""
+    from jobs.prep.blocks import CLEAN
+
+    ordinals = []
+    for o, s in enumerate(range(0, len(words), per_block)):
+        part = words[s : s + per_block]
+        sig = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in part], num_perm, 1)
+        store.write_table(
+            CLEAN.format(o),
+            pa.table(
+                {
+                    "doc_id": pa.array([(o << 32) | i for i in range(len(part))], pa.int64()),
+                    "reason": [""] * len(part),
+                    "exact_key": pa.array([dedup.exact_key(w) for w in part], pa.uint64()),
+                    "signature": pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), num_perm),
+                }
+            ),
+        )
+        ordinals.append(o)
+    return ordinals
+
+
+def _distributed_dedup(store, ordinals, cfg, partitions: int = 3) -> dict[int, tuple[str, int]]:
+    """jobs.prep.neardup's stages without Ray: keys per block, the hash partitioning done by hand, one cluster."""
+    from jobs.prep import neardup
+    from jobs.prep.blocks import DUPLICATES
+
+    bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
+    keys = pa.concat_tables(
+        [
+            neardup.emit_keys(pa.table({"ordinal": [o]}), store.root, cfg, bands, rows, partitions)
+            for o in ordinals
+        ]
+    )
+    part = keys.column("part").to_numpy()
+    edges = [neardup.bucket_edges(keys.filter(pa.array(part == p))) for p in range(partitions)]
+    neardup.cluster(store.root, cfg, *edges)
+    t = store.read_table(DUPLICATES).to_pylist()
+    return {r["doc_id"]: (r["reason"], r["duplicate_of"]) for r in t}
+
+
+def test_distributed_dedup_matches_sequential_datasketch_lsh(tmp_path):
+    """Exact copies, edited copies (1-12 of 60 words changed) and unrelated documents, spread over 4 blocks:
+    the distributed stages drop exactly what a sequential datasketch MinHashLSH over kept documents drops."""
     from datasketch import MinHash, MinHashLSH
+
+    from jobs.prep.config import DedupConfig
+    from jobs.prep.store import Store
 
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(300)]
     base = [list(rng.choice(vocab, 60)) for _ in range(30)]
     docs = []
-    for b in base:  # each base doc, then an edited copy (1-12 words changed), then an exact copy
+    for b in base:  # each base doc, then an edited copy, then an exact copy
         docs.append(b)
         e = list(b)
         for j in rng.choice(60, int(rng.integers(1, 13)), replace=False):
             e[j] = "zz"
         docs += [e, list(b)]
     words = [[w.lower() for w in d] for d in docs]
-    keys = np.array([dedup.exact_key(w) for w in words], dtype=np.uint64)
-    shingles = [dedup.shingle_hashes(w, 5) for w in words]
-    sigs = dedup.minhash_signatures(shingles, 128, 1)
-    res = dedup.find_duplicates(np.ones(len(docs), bool), keys, sigs, threshold=0.7)
-    assert (res.reason == "exact_duplicate").sum() == 30
+    store = Store(str(tmp_path / "work"))
+    ordinals = _clean_blocks(store, words, per_block=25)
+    got = _distributed_dedup(store, ordinals, DedupConfig(threshold=0.7))
+    ids = [(o << 32) | i for o in ordinals for i in range(min(25, len(words) - 25 * o))]
     # reference: sequential datasketch LSH over kept documents
+    keys = [dedup.exact_key(w) for w in words]
+    sigs = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in words], 128, 1)
     b, r = dedup.lsh_params(0.7, 128)
     lsh = MinHashLSH(num_perm=128, params=(b, r))
-    seen, expect = set(), []
-    for i, sh in enumerate(shingles):
-        if int(keys[i]) in seen:
-            expect.append("exact_duplicate")
+    seen, expect = {}, {}
+    for i, w in enumerate(words):
+        if keys[i] in seen:
+            expect[ids[i]] = ("exact_duplicate", ids[seen[keys[i]]])
             continue
-        seen.add(int(keys[i]))
+        seen[keys[i]] = i
         m = MinHash(128, seed=1, hashfunc=lambda x: x, scheme="affine32")
-        m.update_batch(sh.tolist())
-        if any((sigs[k] == sigs[i]).sum() >= 0.7 * 128 for k in lsh.query(m)):
-            expect.append("near_duplicate")
+        m.update_batch(dedup.shingle_hashes(w, 5).tolist())
+        match = [k for k in lsh.query(m) if (sigs[k] == sigs[i]).sum() >= 0.7 * 128]
+        if match:
+            expect[ids[i]] = ("near_duplicate", ids[min(match)])
             continue
         lsh.insert(i, m)
-        expect.append("")
-    assert res.reason.tolist() == expect
-    assert 0 < expect.count("near_duplicate") < 30
+    assert got == expect
+    assert 0 < sum(v[0] == "near_duplicate" for v in expect.values()) < 30
+
+
+def test_distributed_dedup_keeps_the_first_of_a_chain(tmp_path):
+    """a~b and b~c but a!~c: the sequential pass keeps a and c (c is compared with kept documents only); the
+    connected components keep only a, the one documented difference."""
+    from jobs.prep.config import DedupConfig
+    from jobs.prep.store import Store
+
+    rng = np.random.default_rng(3)
+    a = [f"w{i}" for i in rng.choice(10_000, 100, replace=False)]
+    b = a[:88] + [f"x{i}" for i in range(12)]  # J(a,b) 0.78, J(b,c) 0.71, J(a,c) 0.6
+    c = a[:76] + [f"x{i}" for i in range(24)]
+    store = Store(str(tmp_path / "work"))
+    ordinals = _clean_blocks(store, [a, b, c], per_block=2)
+    got = _distributed_dedup(store, ordinals, DedupConfig(threshold=0.7))
+    sig = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in (a, b, c)], 128, 1)
+    est = lambda i, j: (sig[i] == sig[j]).mean()  # noqa: E731
+    assert est(0, 1) >= 0.7 and est(1, 2) >= 0.7 and est(0, 2) < 0.7
+    assert got == {1: ("near_duplicate", 0), 1 << 32: ("near_duplicate", 0)}
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -305,6 +372,31 @@ def test_mixture_plan_meets_target_and_is_deterministic():
         plan.plan_mixture(
             ids, langs, toks, ["kk", "ru", "en"], cfg.model_copy(update={"total_tokens": 10**8})
         )
+
+
+@pytest.mark.parametrize("n,seed", [(3000, 1), (200_000, 2), (40, 3)])
+def test_mixture_from_block_histograms_picks_the_documents_plan_mixture_picks(n, seed):
+    """The distributed mixture (per-block token histograms, then the cut bucket's documents) gives every
+    document the copies the in-memory plan gives it, with blocks seen in any order."""
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(2**40, n, replace=False)).astype(np.int64)
+    langs = rng.choice(np.array(["kk", "ru", "en"], dtype=object), n, p=[0.15, 0.6, 0.25])
+    toks = rng.integers(1, 500, n)
+    cfg = MixtureConfig(target={"kk": 0.4, "ru": 0.3, "en": 0.3}, max_epochs=5, seed=seed)
+    want = plan.plan_mixture(ids, langs, toks, ["kk", "ru", "en"], cfg)
+    keys = plan.order_key(ids, cfg.seed)
+    blocks = np.array_split(rng.permutation(n), 7)
+    got = np.zeros(n, np.int64)
+    for lang in ("kk", "ru", "en"):
+        hist = sum(plan.token_histogram(keys[b][langs[b] == lang], toks[b][langs[b] == lang]) for b in blocks)
+        full = int(np.floor(want.epochs[lang] + 1e-12))
+        rest = want.planned_tokens[lang] - full * int(hist.sum())
+        bucket, before = plan.cut_bucket(hist, rest)
+        m = (langs == lang) & (plan.key_bucket(keys) == bucket)
+        rule = plan.copy_rule(full, rest, bucket, before, ids[m], keys[m], toks[m])
+        sel = langs == lang
+        got[sel] = rule.copies(ids[sel], keys[sel])
+    assert np.array_equal(got, want.copies)
 
 
 def test_shard_plan_cuts_by_tokens():

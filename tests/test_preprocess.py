@@ -196,9 +196,9 @@ def test_job_contract_outputs_and_tracking(run1, home):
     ds = TokenDataset.open(d, verify=True)
     assert ds.languages == ["kk", "ru", "en"] and ds.vocab_size <= 1000
     names = sorted(p.name for p in (d / "shards").iterdir())
-    assert (
-        "train-kk-00000.bin" in names and "train-kk-00000.docs.npy" in names and "val-en-00000.bin" in names
-    )
+    # one shard per (split, language, block, part): <split>-<lang>-<block>-<part>
+    assert "train-kk-00000-000.bin" in names and "train-kk-00000-000.docs.npy" in names
+    assert any(n.startswith("val-en-") and n.endswith("-000.bin") for n in names)
     assert sum(n.startswith("train-kk-") and n.endswith(".bin") for n in names) >= 2  # shard_max_tokens=3000
     import mlflow
 
@@ -353,6 +353,65 @@ def test_nothing_usable_fails_clearly(ray_local, corpus, tokenizer_dir, home, tm
     cfg["sources"] = [{"path": str(corpus / "bad" / "nope.txt"), "language": "en"}]
     rc, _, err = run_cli(cfg, tmp_path, home, corpus)
     assert rc == 2 and "not enough tokens for one training batch" in err and "nope.txt: missing" in err
+
+
+def test_killed_run_resumes_committed_blocks_with_identical_shards(
+    ray_local, corpus, tokenizer_dir, home, tmp_path
+):
+    """SIGKILL a preprocessing process (and its own Ray) in the middle of pass `clean`, re-run: the committed
+    blocks are skipped, and the dataset is byte-identical to an uninterrupted run's."""
+    import os
+    import signal
+
+    cfg = config_dict(corpus, tokenizer_dir, out=str(tmp_path / "ds"))
+    cfg["sources"] = cfg["sources"][:3]  # kk, ru (~0.6 MB) in small blocks
+    cfg["read"] = {"chunk_mb": 0.02}
+    cfg["mixture"] = {"target": None}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(corpus), "RAY_ADDRESS": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.preprocess", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its process group holds the local Ray it starts
+    )
+    committed: list[Path] = []
+    deadline = time.monotonic() + 300
+    while len(committed) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        committed = list(tmp_path.glob(".ds.work-*/clean/*.parquet"))
+        time.sleep(0.05)  # polling the work store, not waiting a fixed time
+    assert proc.poll() is None, (
+        "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    work = next(tmp_path.glob(".ds.work-*"))
+    blocks_total = len(list(work.glob("clean/*.parquet")))
+    assert not (tmp_path / "ds").exists() and 3 <= blocks_total
+
+    rc, resumed, err = run_cli(cfg, tmp_path, home, corpus)
+    assert rc == 0, err[-3000:]
+    assert resumed["metrics"]["blocks_resumed/clean"] >= blocks_total
+    assert not work.exists()  # the work store is gone once the dataset is published
+    first = read_manifest(tmp_path / "ds")
+    blocks_in_run = json.loads((tmp_path / "ds" / "report.json").read_text())["blocks"]
+    assert (
+        blocks_in_run["resumed"]["clean"] >= 3 and blocks_in_run["total"] > blocks_in_run["resumed"]["clean"]
+    )
+
+    cfg["output"]["dir"] = str(tmp_path / "ds-uninterrupted")
+    rc, _, err = run_cli(cfg, tmp_path, home, corpus)
+    assert rc == 0, err[-3000:]
+    again = read_manifest(tmp_path / "ds-uninterrupted")
+    assert first["shards"] == again["shards"] and first["counts"] == again["counts"]
+    for s in first["shards"]:
+        assert (tmp_path / "ds" / s["path"]).read_bytes() == (
+            tmp_path / "ds-uninterrupted" / s["path"]
+        ).read_bytes()
 
 
 @pytest.mark.parametrize("remote", [False, True])

@@ -54,25 +54,13 @@ class MixturePlan:
         }
 
 
-def plan_mixture(
-    doc_ids: np.ndarray, langs: np.ndarray, tokens: np.ndarray, languages: list[str], cfg: MixtureConfig
-) -> MixturePlan:
-    """Copies per train document so that language shares of train tokens match `cfg.target`.
-
-    Each language gets `floor(f)` full passes over its documents (f = planned / available tokens) plus a
-    prefix, in a fixed pseudo-random order, of documents whose tokens come closest to the remainder."""
-    available = {lang: int(tokens[langs == lang].sum()) for lang in languages}
-    copies = np.ones(len(doc_ids), dtype=np.int64)
+def mixture_targets(
+    available: dict[str, int], languages: list[str], cfg: MixtureConfig
+) -> tuple[dict[str, int], dict[str, float], int]:
+    """(planned train tokens per language, epochs = planned / available, total) for a target mixture; only
+    per-language totals are needed, so the distributed pipeline calls this with aggregated counts."""
     if cfg.target is None:
-        return MixturePlan(
-            copies,
-            None,
-            available,
-            dict(available),
-            dict(available),
-            dict.fromkeys(languages, 1.0),
-            sum(available.values()),
-        )
+        raise ValueError("mixture_targets needs mixture.target")
     empty = [lang for lang in languages if cfg.target[lang] > 0 and available[lang] == 0]
     if empty:
         raise DataError(
@@ -95,6 +83,29 @@ def plan_mixture(
                 f"{planned[lang]:,} (mixture.total_tokens={total:,}), more than mixture.max_epochs={cfg.max_epochs}: "
                 "lower total_tokens, raise max_epochs or add text"
             )
+    return planned, epochs, total
+
+
+def plan_mixture(
+    doc_ids: np.ndarray, langs: np.ndarray, tokens: np.ndarray, languages: list[str], cfg: MixtureConfig
+) -> MixturePlan:
+    """Copies per train document so that language shares of train tokens match `cfg.target`.
+
+    Each language gets `floor(f)` full passes over its documents (f = planned / available tokens) plus a
+    prefix, in a fixed pseudo-random order, of documents whose tokens come closest to the remainder."""
+    available = {lang: int(tokens[langs == lang].sum()) for lang in languages}
+    copies = np.ones(len(doc_ids), dtype=np.int64)
+    if cfg.target is None:
+        return MixturePlan(
+            copies,
+            None,
+            available,
+            dict(available),
+            dict(available),
+            dict.fromkeys(languages, 1.0),
+            sum(available.values()),
+        )
+    planned, epochs, total = mixture_targets(available, languages, cfg)
     achieved: dict[str, int] = {}
     for lang in languages:
         sel = np.flatnonzero(langs == lang)
@@ -168,3 +179,68 @@ def plan_shards(
     pos = np.concatenate(out_pos)
     order = np.argsort(ids, kind="stable")
     return ShardPlan(ids[order], shard[order], pos[order], specs)
+
+
+# ------------------------------------------------------------------ the mixture from aggregates (distributed)
+
+HISTOGRAM_BITS = 12  # order-key buckets per language in the distributed mixture plan
+_SHIFT = np.uint64(64 - HISTOGRAM_BITS)
+
+
+def key_bucket(keys: np.ndarray) -> np.ndarray:
+    """The histogram bucket (top HISTOGRAM_BITS bits) of uint64 order keys."""
+    return (keys >> _SHIFT).astype(np.int64)
+
+
+def token_histogram(keys: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Tokens per order-key bucket: what each block reports so the driver can find a language's cut."""
+    return np.bincount(key_bucket(keys), weights=tokens, minlength=1 << HISTOGRAM_BITS).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CopyRule:
+    """Copies of one language's train documents without per-document state: `full` each, plus one more for
+    documents whose (order key, doc id) sorts before `cut` — the same documents `plan_mixture` picks."""
+
+    full: int
+    cut_key: int
+    cut_doc: int
+
+    def copies(self, doc_ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        ck = np.uint64(self.cut_key)
+        extra = (keys < ck) | ((keys == ck) & (doc_ids < self.cut_doc))
+        return self.full + extra.astype(np.int64)
+
+
+def cut_bucket(hist: np.ndarray, rest: int) -> tuple[int, int]:
+    """(bucket holding the document whose cumulative tokens first reach `rest`, tokens before that bucket)."""
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, rest, side="left"))
+    return b, int(cum[b - 1]) if b > 0 else 0
+
+
+def copy_rule(
+    full: int,
+    rest: int,
+    bucket: int,
+    tokens_before: int,
+    bucket_ids: np.ndarray,
+    bucket_keys: np.ndarray,
+    bucket_tokens: np.ndarray,
+) -> CopyRule:
+    """The rule once the documents of the cut bucket are known: the prefix (in order-key order, ties by doc id)
+    whose token sum is closest to `rest`, decided exactly as `plan_mixture` decides it."""
+    if rest <= 0 or len(bucket_ids) == 0:
+        return CopyRule(full, 0, -1)
+    order = np.lexsort((bucket_ids, bucket_keys))
+    ids, keys = bucket_ids[order], bucket_keys[order]
+    cum = tokens_before + np.cumsum(bucket_tokens[order])
+    i = int(np.searchsorted(cum, rest, side="left"))
+    below = int(cum[i - 1]) if i > 0 else tokens_before
+    include = i < len(cum) and int(cum[i]) - rest < rest - below
+    j = i + 1 if include else i  # the first document left out
+    if j < len(ids):
+        return CopyRule(full, int(keys[j]), int(ids[j]))
+    if bucket + 1 >= 1 << HISTOGRAM_BITS:
+        return CopyRule(full, int(np.iinfo(np.uint64).max), int(np.iinfo(np.int64).max))
+    return CopyRule(full, (bucket + 1) << int(_SHIFT), -1)

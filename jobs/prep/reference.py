@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.prep import clean, dedup, langid, plan
+from jobs.prep.blocks import shard_layout
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import discover, input_sha256, plan_chunks, read_chunk
 from llm_core.config import config_to_dict
@@ -131,20 +132,30 @@ def run_loop(
     mix = plan.plan_mixture(ids[train], langs[train], ntok[train], cfg.languages, cfg.mixture)
     copies = np.ones(len(ids), dtype=np.int64)
     copies[train] = mix.copies
-    sp = plan.plan_shards(
-        ids, splits, langs, ntok, copies, cfg.languages, cfg.output.shard_max_tokens, cfg.mixture.seed
-    )
     reasons["mixture_downsampled"] = int((copies == 0).sum())
     dtype = dtype_name(tokenizer.vocab_size)
     infos = []
+    block = ids >> 32
     with atomic_dir(out_dir) as tmp:
-        for s, (split, lang, index) in enumerate(sp.shards):
-            sel = np.flatnonzero(sp.shard == s)
-            sel = sel[np.argsort(sp.position[sel])]
-            with ShardWriter(tmp, split, lang, index, dtype=dtype, eos_id=tokenizer.eos_id) as w:
-                for doc_id in sp.doc_id[sel].tolist():
-                    w.add_tokens_with_eos(np.asarray(tokens[doc_id], dtype=np.uint32), n_bytes[doc_id])
-                infos.append(w.close())
+        for o in np.unique(
+            block
+        ).tolist():  # the pipeline's layout: each block's shards per (split, language)
+            m = (block == o) & (copies > 0)
+            layout = shard_layout(
+                ids[m],
+                splits[m],
+                langs[m],
+                ntok[m],
+                copies[m],
+                cfg.languages,
+                cfg.output.shard_max_tokens,
+                cfg.mixture.seed,
+            )
+            for split, lang, part, doc_ids in layout:
+                with ShardWriter(tmp, split, lang, o, part=part, dtype=dtype, eos_id=tokenizer.eos_id) as w:
+                    for doc_id in doc_ids.tolist():
+                        w.add_tokens_with_eos(np.asarray(tokens[doc_id], dtype=np.uint32), n_bytes[doc_id])
+                    infos.append(w.close())
         manifest = build_manifest(
             name=cfg.name,
             created=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -49,117 +49,102 @@ def build_report(
     *,
     name: str,
     files: list[FileEntry],
-    docs: pd.DataFrame,
+    groups: pd.DataFrame,
+    examples: dict[str, list[dict[str, Any]]],
     languages: list[str],
     manifest: dict[str, Any] | None,
     mixture: dict[str, Any] | None,
     dedup_info: dict[str, Any],
     timings: dict[str, float],
-    examples_per_reason: int,
-    example_chars: int,
 ) -> dict[str, Any]:
-    """`docs`: one row per input record with doc_id, file_id, offset, src_lang, lang, reason, repaired,
-    detail, n_bytes_in, n_bytes, n_tokens, copies, pii_*, n_fixes, snippet, dup_of (doc_id or -1)."""
-    unknown = sorted(set(docs["reason"]) - set(REASON_STAGE) - {""})
+    """`groups`: counts summed over input records with the same (src_lang, lang, reason, repaired, file_id,
+    split), as jobs.prep.blocks.group_counts makes them: docs, n_bytes_in, n_bytes, n_tokens, tokens_written,
+    pii_email/phone/iban, n_fixes. No per-document data reaches the report."""
+    g = groups
+    unknown = sorted(set(g["reason"]) - set(REASON_STAGE) - {""})
     if unknown:
         raise RuntimeError(f"reasons without a stage: {unknown}")
+
+    def n(d: pd.DataFrame, col: str = "docs") -> int:
+        return int(d[col].sum())
+
     src_langs = sorted(
-        set(docs["src_lang"]),
+        set(g["src_lang"]),
         key=lambda x: (x not in languages, languages.index(x) if x in languages else 0, x),
     )
     by_lang: dict[str, Any] = {}
     stages: dict[str, Any] = {}
     for lang in src_langs:
-        d = docs[docs["src_lang"] == lang]
+        d = g[g["src_lang"] == lang]
         dropped = d[d["reason"] != ""]
         kept = d[d["reason"] == ""]
         reasons = {
-            r: {"documents": int(len(g)), "bytes": int(g["n_bytes_in"].sum())}
-            for r, g in dropped.groupby("reason", sort=False)
+            r: {"documents": n(x), "bytes": n(x, "n_bytes_in")}
+            for r, x in dropped.groupby("reason", sort=False)
         }
         reasons = dict(sorted(reasons.items(), key=lambda kv: REASON_ORDER[kv[0]]))
+        repaired = d[d["repaired"] != ""].groupby("repaired")["docs"].sum().sort_values(ascending=False)
         entry = {
-            "in": {"documents": int(len(d)), "bytes": int(d["n_bytes_in"].sum())},
+            "in": {"documents": n(d), "bytes": n(d, "n_bytes_in")},
             "kept": {
-                "documents": int(len(kept)),
-                "bytes": int(kept["n_bytes"].sum()),
-                "tokens": int(kept["n_tokens"].sum()),
-                "tokens_written": int((kept["n_tokens"] * kept["copies"]).sum()),
+                "documents": n(kept),
+                "bytes": n(kept, "n_bytes"),
+                "tokens": n(kept, "n_tokens"),
+                "tokens_written": n(kept, "tokens_written"),
             },
             "dropped": reasons,
-            "dropped_total": {"documents": int(len(dropped)), "bytes": int(dropped["n_bytes_in"].sum())},
-            "repaired": {r: int(n) for r, n in d[d["repaired"] != ""]["repaired"].value_counts().items()},
-            "pii_replaced": {k: int(d[f"pii_{k}"].sum()) for k in ("email", "phone", "iban")},
-            "lookalike_letters_fixed": int(d["n_fixes"].sum()),
+            "dropped_total": {"documents": n(dropped), "bytes": n(dropped, "n_bytes_in")},
+            "repaired": {r: int(c) for r, c in repaired.items()},
+            "pii_replaced": {k: n(d, f"pii_{k}") for k in ("email", "phone", "iban")},
+            "lookalike_letters_fixed": n(d, "n_fixes"),
         }
         entry["balanced"] = (
             entry["in"]["documents"] == entry["kept"]["documents"] + entry["dropped_total"]["documents"]
         )
         by_lang[lang] = entry
-        # documents left after each stage
-        left_docs = len(d)
+        left_docs = n(d)  # documents left after each stage
         per_stage = []
         for stage, rs in STAGE_REASONS.items():
-            gone = d[d["reason"].isin(rs)]
-            left_docs -= len(gone)
-            per_stage.append({"stage": stage, "dropped": int(len(gone)), "documents_out": int(left_docs)})
+            gone = n(d[d["reason"].isin(rs)])
+            left_docs -= gone
+            per_stage.append({"stage": stage, "dropped": gone, "documents_out": left_docs})
         stages[lang] = per_stage
-    passed_langid = docs[
-        ~docs["reason"].isin(STAGE_REASONS["read"] + STAGE_REASONS["normalize"] + STAGE_REASONS["langid"])
+    passed_langid = g[
+        ~g["reason"].isin(STAGE_REASONS["read"] + STAGE_REASONS["normalize"] + STAGE_REASONS["langid"])
     ]
     routing = {
-        src: {dst: int(n) for dst, n in g["lang"].value_counts().items()}
-        for src, g in passed_langid.groupby("src_lang", sort=True)
+        src: {dst: int(c) for dst, c in x.groupby("lang")["docs"].sum().sort_values(ascending=False).items()}
+        for src, x in passed_langid.groupby("src_lang", sort=True)
     }
-    file_rows = []
-    counts = docs.groupby("file_id").size().to_dict()
-    drops = docs[docs["reason"] != ""].groupby(["file_id", "reason"]).size()
-    repairs = docs[docs["repaired"] != ""].groupby(["file_id", "repaired"]).size()
-    for f in files:
-        file_rows.append(
-            {
-                "path": f.uri,
-                "language": f.language,
-                "format": f.format + (f"+{f.compression}" if f.compression else ""),
-                "status": f.status,
-                "detail": f.detail,
-                "bytes": f.size,
-                "documents_in": int(counts.get(f.file_id, 0)),
-                "dropped": {r: int(n) for (fid, r), n in drops.items() if fid == f.file_id},
-                "repaired": {r: int(n) for (fid, r), n in repairs.items() if fid == f.file_id},
-            }
-        )
-    examples: dict[str, list[dict[str, Any]]] = {}
-    if examples_per_reason:
-        where = {f.file_id: f.uri for f in files}
-        by_id = docs.set_index("doc_id")
-        for reason, g in docs[docs["reason"] != ""].groupby("reason", sort=False):
-            rows = []
-            for _, r in g.head(examples_per_reason).iterrows():
-                ex = {
-                    "file": where.get(int(r["file_id"]), "?"),
-                    "offset": int(r["offset"]),
-                    "language": r["src_lang"],
-                    "text": str(r["snippet"])[:example_chars],
-                }
-                if r["detail"]:
-                    ex["detail"] = r["detail"]
-                if int(r["dup_of"]) >= 0 and int(r["dup_of"]) in by_id.index:
-                    o = by_id.loc[int(r["dup_of"])]
-                    ex["duplicate_of"] = {
-                        "file": where.get(int(o["file_id"]), "?"),
-                        "offset": int(o["offset"]),
-                        "text": str(o["snippet"])[:example_chars],
-                    }
-                rows.append(ex)
-            examples[reason] = rows
-        examples = dict(sorted(examples.items(), key=lambda kv: REASON_ORDER[kv[0]]))
+    counts = g.groupby("file_id")["docs"].sum().to_dict()
+    drops = g[g["reason"] != ""].groupby(["file_id", "reason"])["docs"].sum()
+    repairs = g[g["repaired"] != ""].groupby(["file_id", "repaired"])["docs"].sum()
+    drops_by_file: dict[int, dict[str, int]] = {}
+    for (fid, r), c in drops.items():
+        drops_by_file.setdefault(int(fid), {})[r] = int(c)
+    repairs_by_file: dict[int, dict[str, int]] = {}
+    for (fid, r), c in repairs.items():
+        repairs_by_file.setdefault(int(fid), {})[r] = int(c)
+    file_rows = [
+        {
+            "path": f.uri,
+            "language": f.language,
+            "format": f.format + (f"+{f.compression}" if f.compression else ""),
+            "status": f.status,
+            "detail": f.detail,
+            "bytes": f.size,
+            "documents_in": int(counts.get(f.file_id, 0)),
+            "dropped": drops_by_file.get(f.file_id, {}),
+            "repaired": repairs_by_file.get(f.file_id, {}),
+        }
+        for f in files
+    ]
     totals = {
         "files": len(files),
         "files_skipped": sum(f.status != "ok" for f in files),
-        "documents_in": int(len(docs)),
-        "documents_kept": int((docs["reason"] == "").sum()),
-        "bytes_in": int(docs["n_bytes_in"].sum()),
+        "documents_in": n(g),
+        "documents_kept": n(g[g["reason"] == ""]),
+        "bytes_in": n(g, "n_bytes_in"),
     }
     return {
         "name": name,

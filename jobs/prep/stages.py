@@ -1,19 +1,17 @@
 """The preprocessing stages as functions on Arrow tables (one table = one batch of documents).
 
 Each stage keeps every row: a document that fails a stage gets a `reason` and is skipped by the later stages,
-so the driver can account for every input record. The Ray Data pipeline (`jobs.prep.pipeline`) chains these
-with `map_batches`; nothing here imports Ray.
+so the driver can account for every input record. `jobs.prep.blocks.clean_chunk` chains them over one input
+chunk, batch by batch; nothing here imports Ray.
 
-Columns after `read_docs`: doc_id, file_id, offset, src_lang, lang, text, n_bytes_in, reason, repaired, detail.
-Added by the stages: n_fixes (normalize); detected, confidence (langid); pii_email/phone/iban (pii); split,
-n_bytes, n_chars, exact_key, signature, snippet (signature). `tokenize_docs` turns kept rows into doc_id, lang, split,
-n_bytes, n_tokens, tokens; `place_docs` and `write_shard_group` lay them out into shards.
+Columns after `read_chunk_docs`: doc_id, file_id, offset, src_lang, lang, text, n_bytes_in, reason, repaired,
+detail. Added by the stages: n_fixes (normalize); detected, confidence (langid); pii_email/phone/iban (pii);
+split, n_bytes, n_chars, exact_key, signature, snippet (signature); `blocks.tokenize_kept` adds n_tokens, tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +19,6 @@ import pyarrow as pa
 from jobs.prep import clean, dedup, langid
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import Chunk, FileEntry, RawDoc, read_chunk
-from llm_core.shards import ShardWriter
 from llm_core.text import is_validation
 
 SNIPPET_CHARS = 300
@@ -59,18 +56,16 @@ def docs_table(docs: list[RawDoc], files: dict[int, FileEntry]) -> pa.Table:
     )
 
 
-def read_docs(
-    chunks: pa.Table, files: dict[int, FileEntry], cfg: PreprocessConfig, batch_size: int
+def read_chunk_docs(
+    chunk: Chunk, files: dict[int, FileEntry], cfg: PreprocessConfig, batch_size: int
 ) -> Iterator[pa.Table]:
-    """Stage `read`: every record of the given chunks, `batch_size` rows per output table."""
+    """Stage `read` for one chunk: its records, `batch_size` rows per table (none for an empty chunk)."""
     buf: list[RawDoc] = []
-    for row in chunks.to_pylist():
-        chunk = Chunk(row["ordinal"], row["file_id"], row["start"], row["end"])
-        for doc in read_chunk(chunk, files[chunk.file_id], cfg.read):
-            buf.append(doc)
-            if len(buf) >= batch_size:
-                yield docs_table(buf, files)
-                buf = []
+    for doc in read_chunk(chunk, files[chunk.file_id], cfg.read):
+        buf.append(doc)
+        if len(buf) >= batch_size:
+            yield docs_table(buf, files)
+            buf = []
     if buf:
         yield docs_table(buf, files)
 
@@ -167,83 +162,3 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
         sig = dedup.minhash_signatures(shingles, cfg.dedup.num_perm, cfg.dedup.seed)
         t = _set(t, "signature", pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), cfg.dedup.num_perm))
     return t
-
-
-# ------------------------------------------------------------------------------------- tokens and shards
-
-
-def tokenize_docs(t: pa.Table, tk, eos_id: int, drop_ids: np.ndarray, batch_size: int) -> pa.Table:
-    """Stage `tokenize`: the kept documents (no reason, not in the sorted `drop_ids`) as token lists ending
-    with eos. `tk` is a `tokenizers.Tokenizer`."""
-    doc_ids = t.column("doc_id").to_numpy()
-    reasons = np.asarray(t.column("reason").to_pylist(), dtype=object)
-    keep = reasons == ""
-    if len(drop_ids):
-        pos = np.minimum(np.searchsorted(drop_ids, doc_ids), len(drop_ids) - 1)
-        keep &= drop_ids[pos] != doc_ids
-    t = t.filter(pa.array(keep))
-    texts = t.column("text").to_pylist()
-    pieces: list[np.ndarray] = []
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    eos = np.array([eos_id], dtype=np.uint32)
-    for s in range(0, len(texts), batch_size):
-        for j, enc in enumerate(tk.encode_batch(texts[s : s + batch_size], add_special_tokens=False)):
-            ids = np.asarray(enc.ids, dtype=np.uint32)
-            pieces.append(ids)
-            pieces.append(eos)
-            lengths[s + j] = len(ids) + 1
-    values = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    tokens = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-    return pa.table(
-        {
-            "doc_id": t.column("doc_id"),
-            "lang": t.column("lang"),
-            "split": t.column("split"),
-            "n_bytes": t.column("n_bytes"),
-            "n_tokens": pa.array(lengths),
-            "tokens": tokens,
-        }
-    )
-
-
-def place_docs(t: pa.Table, plan_ids: np.ndarray, plan_shard: np.ndarray, plan_pos: np.ndarray) -> pa.Table:
-    """Stage `place`: one row per copy of each document in the shard plan (copies may be 0, 1 or more)."""
-    doc_ids = t.column("doc_id").to_numpy()
-    lo = np.searchsorted(plan_ids, doc_ids, side="left")
-    hi = np.searchsorted(plan_ids, doc_ids, side="right")
-    reps = hi - lo
-    rows = np.repeat(np.arange(len(doc_ids)), reps)
-    entries = (
-        np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(rows) else np.zeros(0, np.int64)
-    )
-    sub = t.take(pa.array(rows, pa.int64()))
-    return pa.table(
-        {
-            "shard": pa.array(plan_shard[entries], pa.int32()),
-            "position": pa.array(plan_pos[entries], pa.int64()),
-            "n_bytes": sub.column("n_bytes"),
-            "tokens": sub.column("tokens"),
-        }
-    )
-
-
-def write_shard_group(
-    t: pa.Table, root: str, specs: list[tuple[str, str, int]], dtype: str, eos_id: int, vocab_size: int
-) -> pa.Table:
-    """Stage `write`: all rows of one shard, written in position order; returns its manifest entry."""
-    t = t.sort_by("position")
-    shard_ids = np.unique(t.column("shard").to_numpy())
-    if len(shard_ids) != 1:
-        raise RuntimeError(f"a shard group holds rows of shards {shard_ids.tolist()}")
-    split, lang, index = specs[int(shard_ids[0])]
-    tokens = t.column("tokens").combine_chunks()
-    values = tokens.values.to_numpy()
-    offsets = tokens.offsets.to_numpy()
-    nbytes = t.column("n_bytes").to_numpy()
-    w = ShardWriter(Path(root), split, lang, index, dtype=dtype, eos_id=eos_id, vocab_size=vocab_size)
-    with w:
-        for i in range(len(t)):
-            w.add_tokens_with_eos(values[offsets[i] : offsets[i + 1]], int(nbytes[i]))
-        info = w.close()
-    return pa.table({k: [v] for k, v in info.to_dict().items()} | {"shard": [int(shard_ids[0])]})
