@@ -391,7 +391,7 @@ def test_killed_run_resumes_committed_blocks_with_identical_shards(
     proc.wait()
     work = next(tmp_path.glob(".ds.work-*"))
     blocks_total = len(list(work.glob("clean/*.parquet")))
-    assert not (tmp_path / "ds").exists() and 3 <= blocks_total
+    assert not (tmp_path / "ds").exists() and blocks_total >= 3
 
     rc, resumed, err = run_cli(cfg, tmp_path, home, corpus)
     assert rc == 0, err[-3000:]
