@@ -143,6 +143,7 @@ def account_task(batch: pa.Table, root: str, languages: list[str], seed: int):
                 {
                     "groups": a["groups"].to_dict(orient="list"),
                     "histograms": {k: v.tolist() for k, v in a["histograms"].items()},
+                    "peak_rss_mb": a["peak_rss_mb"],
                 }
             )
         )
@@ -164,9 +165,12 @@ def write_task(batch: pa.Table, root: str, cfg: PreprocessConfig, rules, records
     return pa.table({"summary": out})
 
 
+WORKER_PEAK_RSS_MB: dict[str, float] = {}  # pass -> the largest peak RSS a block's worker process reported
+
+
 def block_pass(items: list[dict], fn, kwargs: dict, cfg: PreprocessConfig, desc: str):
     """Ray Data streaming map of `fn` over block descriptors (one per task); yields each block's summary as it
-    finishes, moving a progress line. Nothing is materialized."""
+    finishes, moving a progress line, and keeps the workers' peak RSS. Nothing is materialized."""
     import ray
 
     if not items:
@@ -177,7 +181,10 @@ def block_pass(items: list[dict], fn, kwargs: dict, cfg: PreprocessConfig, desc:
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for text in batch.column("summary").to_pylist():
             progress.advance()
-            yield json.loads(text)
+            summary = json.loads(text)
+            peak = max(WORKER_PEAK_RSS_MB.get(desc, 0.0), summary.get("peak_rss_mb", 0.0))
+            WORKER_PEAK_RSS_MB[desc] = round(peak, 1)
+            yield summary
     progress.close()
 
 
@@ -658,6 +665,7 @@ def log_to_mlflow(
 def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    WORKER_PEAK_RSS_MB.clear()
     out = Output(output_location(cfg, settings))
     ip = plan_inputs(cfg, settings)
     timings["plan"] = time.perf_counter() - t_start
@@ -686,6 +694,8 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         resumed = {"clean": sum(x["skipped"] for x in summaries)}
         t0 = lap("clean", t0)
         dedup_info = run_dedup(cfg, work, summaries)
+        if "cluster_peak_rss_mb" in dedup_info:
+            WORKER_PEAK_RSS_MB["dedup cluster"] = dedup_info.pop("cluster_peak_rss_mb")
         t0 = lap("dedup", t0)
         ordinals = [x["ordinal"] for x in summaries]
         try:
@@ -728,6 +738,10 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
             timings=timings,
         )
         rep["blocks"] = {"total": len(ip.chunks), "resumed": resumed}
+        rep["memory"] = {
+            "driver_peak_rss_mb": round(blocks.peak_rss_mb(), 1),
+            "worker_peak_rss_mb": dict(WORKER_PEAK_RSS_MB),
+        }
         texts = {
             "report.json": json.dumps(rep, ensure_ascii=False, indent=2) + "\n",
             "report.md": report.report_markdown(rep),
@@ -736,6 +750,8 @@ def main(cfg: PreprocessConfig, settings: Settings) -> JobResult:
         out.publish(work, texts)
         metrics, manifest_sha = log_to_mlflow(rep, manifest, texts, tok, timings)
         metrics |= {f"blocks_resumed/{k}": v for k, v in resumed.items()}
+        metrics["driver_peak_rss_mb"] = rep["memory"]["driver_peak_rss_mb"]
+        metrics["worker_peak_rss_mb"] = max(WORKER_PEAK_RSS_MB.values(), default=0.0)
         run_id = run.info.run_id
 
     outputs = DatasetOutputs(

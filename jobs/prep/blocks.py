@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,11 @@ GROUP_SUMS = [
     "n_fixes",
 ]
 EXAMPLE_COLUMNS = ["doc_id", "file_id", "offset", "src_lang", "reason", "detail", "snippet", "duplicate_of"]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (a Ray worker process runs many blocks)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def block_range(ordinal: int) -> tuple[int, int]:
@@ -143,12 +149,18 @@ def clean_chunk(
         "documents": docs,
         "bytes_in": bytes_in,
         "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def _clean_summary(store: Store, rel: str) -> dict[str, Any]:
     t = read_clean(store, 0, ["n_bytes_in"], rel=rel)
-    return {"documents": t.num_rows, "bytes_in": int(pc.sum(t.column(0)).as_py() or 0), "seconds": 0.0}
+    return {
+        "documents": t.num_rows,
+        "bytes_in": int(pc.sum(t.column(0)).as_py() or 0),
+        "seconds": 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def read_clean(store: Store, ordinal: int, columns: list[str], rel: str | None = None) -> pa.Table:
@@ -227,7 +239,7 @@ def account_block(ordinal: int, store: Store, languages: list[str], seed: int) -
     for lang in languages:
         m = (kept["lang"] == lang).to_numpy()
         hist[lang] = plan.token_histogram(keys[m], kept["n_tokens"].to_numpy(np.int64)[m])
-    return {"ordinal": ordinal, "groups": group_counts(d), "histograms": hist}
+    return {"ordinal": ordinal, "groups": group_counts(d), "histograms": hist, "peak_rss_mb": peak_rss_mb()}
 
 
 def bucket_docs(ordinal: int, store: Store, wanted: dict[str, int], seed: int) -> dict[str, pd.DataFrame]:
@@ -343,7 +355,13 @@ def write_block(
         ),
     }
     store.write_bytes(done, json.dumps(summary, ensure_ascii=False).encode("utf-8"))
-    return {"ordinal": ordinal, "skipped": False, "seconds": time.perf_counter() - t0, **summary}
+    return {
+        "ordinal": ordinal,
+        "skipped": False,
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        **summary,
+    }
 
 
 def documents_table(d: pd.DataFrame, records: dict[int, tuple[str, int]]) -> pa.Table:

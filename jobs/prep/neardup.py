@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from jobs.prep import dedup
-from jobs.prep.blocks import DUPLICATES, read_clean
+from jobs.prep.blocks import DUPLICATES, peak_rss_mb, read_clean
 from jobs.prep.config import DedupConfig
 from jobs.prep.store import Store
 
@@ -197,6 +197,7 @@ def cluster(root: str, cfg: DedupConfig, *edge_tables: pa.Table) -> dict[str, An
         "near_duplicates": int((~is_exact).sum()),
         "lsh_candidates": candidates,
         "lsh_edges_verified": int(len(near)),
+        "cluster_peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 

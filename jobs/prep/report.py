@@ -291,4 +291,12 @@ def report_markdown(r: dict[str, Any]) -> str:
             out.append("")
     if r["timings_s"]:
         out += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())]
+    if r.get("blocks"):
+        b = r["blocks"]
+        resumed = ", ".join(f"{k} {v}" for k, v in b["resumed"].items())
+        out += ["", f"Blocks: {b['total']:,} (committed by an earlier run and skipped: {resumed})."]
+    if r.get("memory"):
+        m = r["memory"]
+        workers = ", ".join(f"{k} {v:,.0f}" for k, v in m["worker_peak_rss_mb"].items())
+        out += ["", f"Peak RSS (MB): driver {m['driver_peak_rss_mb']:,.0f}; workers by pass: {workers}."]
     return "\n".join(out) + "\n"
