@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -172,3 +173,44 @@ def test_sampling_memory_does_not_grow_with_the_dataset(tmp_path):
     mb = 1 << 20
     assert growth_large - growth_small < 4 * mb, (growth_small / mb, growth_large / mb)
     assert growth_large < 16 * mb, growth_large / mb  # the windows, the generator, a few open files
+
+
+def test_sampler_benchmark_writes_a_valid_dataset_and_measures_both_readers(tmp_path, capsys, monkeypatch):
+    from benchmarks.datascale import sampler
+
+    argv = [
+        "--tokens",
+        "3e5",
+        "--shards",
+        "5",
+        "--compare-tokens",
+        "1e5",
+        "--batches",
+        "3",
+        "--seq-len",
+        "64",
+    ]
+    rows = sampler.main([*argv, "--dir", str(tmp_path), "--keep"])
+    assert [(r["reader"], r["tokens"], r["shards"]) for r in rows] == [
+        ("stream", 100_000, 5),
+        ("concatenated", 100_000, 5),
+        ("stream", 300_000, 5),
+    ]
+    assert all(r["first_batch_s"] > 0 and r["peak_rss_beyond_baseline_mib"] >= 0 for r in rows)
+    table = capsys.readouterr().out
+    assert table.count("| stream | ") == 2 and "| concatenated | 300,000 | 5 | not run" in table
+    ds = TokenDataset.open(
+        tmp_path / "synthetic-300000", verify=True
+    )  # what preprocessing would have written
+    assert ds.num_tokens("train") == 300_000 and ds.vocab_size == 32_000 and ds.dtype == np.uint16
+    assert [len(ds.shards("train", lang)) for lang in ds.languages] == [
+        3,
+        1,
+        1,
+    ]  # kk/ru/en 40/30/30, >= 1 each
+    assert ds.tokens("train")[:].max() < 32_000
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    sampler.main([*argv, "--compare-tokens", "0", "--batches", "1"])  # in a temporary dir, removed afterwards
+    assert not list(scratch.iterdir())
