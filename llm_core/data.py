@@ -44,7 +44,7 @@ class TokenStream:
     >>> stream[990:1010]  # a new ndarray of 20 tokens: the last 10 of a.bin, then the first 10 of c.bin
 
     A slice `[a:b]` (step 1, negative bounds as in numpy) finds the first file it touches by binary search over the
-    files' start offsets and reads each file's part with one positioned read straight into the result, so a read
+    files' start offsets and reads each file's part with one seek and read straight into the result, so a read
     costs what it returns, whatever the size of the dataset. Files are opened on first use; at most `max_open`
     stay open (least recently used closed first). The files are not memory-mapped on purpose: every page a mapping
     touches counts in the process's resident memory until the kernel reclaims it, so a long run of random windows
