@@ -129,12 +129,10 @@ def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
             raise DataError(
                 f"language {lang!r} is not in the dataset (has {dataset.languages}): fix data.languages"
             )
-    tokens = dataset.tokens("train")
+    have = dataset.num_tokens("train")  # from the manifest: the driver never reads the shards
     need = cfg.train.seq_len + 1
-    if len(tokens) < need:
-        raise DataError(
-            f"not enough tokens for one training batch: need {need}, have {len(tokens)}: add text"
-        )
+    if have < need:
+        raise DataError(f"not enough tokens for one training batch: need {need}, have {have}: add text")
     return tokenizer
 
 
@@ -162,7 +160,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         f"model {cfg.model.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, vocabulary "
         f"{cfg.model.vocab_size:,} from the tokenizer (embedding rows {cfg.model.padded_vocab_size:,}) | "
         f"dataset {dataset_path}: "
-        f"{len(dataset.tokens('train')):,} training tokens | {cfg.ray.num_workers} Ray Train worker(s), "
+        f"{dataset.num_tokens('train'):,} training tokens | {cfg.ray.num_workers} Ray Train worker(s), "
         f"{'GPU' if cfg.ray.use_gpu else 'CPU'}",
         flush=True,
     )

@@ -1,14 +1,19 @@
-"""Token data for training: flat token arrays and a seeded, resumable random-window sampler.
+"""Token data for training: token streams and a seeded, resumable random-window sampler.
 
-A token stream is a 1-D array of token ids (uint16 when the vocabulary fits, else uint32) in which documents
-follow each other, each ending with the tokenizer's end-of-text id. On disk it is a raw `.bin` file that is
-memory-mapped, so many workers read the same shard without copies.
+A token stream is a sequence of token ids (uint16 when the vocabulary fits, else uint32) in which documents follow
+each other, each ending with the tokenizer's end-of-text id. In memory it is a 1-D array; on disk it is one or more
+raw `.bin` files (a dataset's shards), read as one stream by `TokenStream` without ever loading them: the samplers
+below only need `len(tokens)` and `tokens[a:b]`, which both give.
 """
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +34,135 @@ def concat_documents(docs: Iterable[list[int]], vocab_size: int) -> np.ndarray:
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         raise DataError(f"token ids outside [0, {vocab_size}): the data was tokenised with another tokenizer")
     return flat.astype(token_dtype(vocab_size))
+
+
+class TokenStream:
+    """The read-only concatenation of token files on disk (e.g. a dataset's shards), in the given order.
+
+    >>> stream = TokenStream([("a.bin", 1000), ("b.bin", 0), ("c.bin", 500)], np.uint16)
+    >>> len(stream)       # 1500: from the token counts given, nothing is read
+    >>> stream[990:1010]  # a new ndarray of 20 tokens: the last 10 of a.bin, then the first 10 of c.bin
+
+    A slice `[a:b]` (step 1, negative bounds as in numpy) finds the first file it touches by binary search over the
+    files' start offsets and reads each file's part with one seek and read straight into the result, so a read
+    costs what it returns, whatever the size of the dataset. Files are opened on first use; at most `max_open`
+    stay open (least recently used closed first). The files are not memory-mapped on purpose: every page a mapping
+    touches counts in the process's resident memory until the kernel reclaims it, so a long run of random windows
+    over a mapped dataset grows the worker's RSS towards the dataset's size; read like this, the worker holds only
+    the windows it asked for, and the OS page cache (shared by all workers on a node) keeps hot data in memory.
+
+    The stream is never materialised implicitly (`np.asarray(stream)` raises): read the range you need, e.g.
+    `stream[:]` for all of a small one. Not safe to share between threads that read at the same time; a pickled
+    stream (e.g. shipped to a Ray worker) reopens its files where it is read.
+    """
+
+    def __init__(
+        self, files: Sequence[tuple[str | Path, int]], dtype: np.dtype | type | str, *, max_open: int = 64
+    ):
+        self.dtype = np.dtype(dtype)
+        self.files = [(Path(path), int(n)) for path, n in files]
+        if any(n < 0 for _, n in self.files):
+            raise ValueError(f"token counts must be >= 0, got {[n for _, n in self.files]}")
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        # offsets[i] is where file i starts in the stream; offsets[-1] is the stream's length
+        self._offsets = np.zeros(len(self.files) + 1, dtype=np.int64)
+        np.cumsum([n for _, n in self.files], out=self._offsets[1:])
+        self._open: OrderedDict[int, object] = OrderedDict()  # file index -> unbuffered binary file
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError(f"TokenStream slices must be contiguous (step 1), got step {key.step}")
+            return self._read(start, max(start, stop))
+        try:
+            i = operator.index(key)  # ints and numpy integers, not floats or strings
+        except TypeError:
+            raise TypeError(
+                f"TokenStream indices are ints or contiguous slices, not {type(key).__name__}"
+            ) from None
+        if not -n <= i < n:
+            raise IndexError(f"token index {key} is out of range for a stream of {n} tokens")
+        i %= n
+        return self._read(i, i + 1)[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=self.dtype)
+        if stop == start:
+            return out
+        # the last file starting at or before `start` holds it (empty files share their start with the next one)
+        f = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            file_start, file_end = int(self._offsets[f]), int(self._offsets[f + 1])
+            end = min(stop, file_end)
+            if end > pos:
+                self._read_file(f, pos - file_start, out[pos - start : end - start])
+            pos, f = end, f + 1
+        return out
+
+    def _read_file(self, f: int, first: int, into: np.ndarray) -> None:
+        fh = self._file(f)
+        fh.seek(first * self.dtype.itemsize)
+        want = into.nbytes
+        got = fh.readinto(memoryview(into).cast("B"))
+        if got != want:
+            path, n = self.files[f]
+            raise DataError(
+                f"token file {path} ended early: read {got} of {want} bytes at token {first} (the manifest says "
+                f"{n} tokens, {n * self.dtype.itemsize} bytes): the file changed after it was written, re-run "
+                "preprocessing"
+            )
+
+    def _file(self, f: int):
+        fh = self._open.get(f)
+        if fh is not None:
+            self._open.move_to_end(f)
+            return fh
+        while len(self._open) >= self.max_open:
+            _, oldest = self._open.popitem(last=False)
+            oldest.close()
+        path = self.files[f][0]
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across reads, closed by close()/LRU
+        except FileNotFoundError:
+            raise DataError(f"token file {path} is missing: re-run preprocessing") from None
+        self._open[f] = fh
+        return fh
+
+    def close(self) -> None:
+        """Close the open files (a later read reopens what it needs)."""
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown: nothing left to release
+            self.close()
+
+    def __reduce__(self):
+        return (type(self), (self.files, self.dtype.str), {"max_open": self.max_open})
+
+    def __setstate__(self, state: dict) -> None:
+        self.max_open = state["max_open"]
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(
+            f"a TokenStream of {len(self):,} tokens is not converted to an array implicitly: read the range you "
+            "need with stream[a:b]"
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenStream({len(self):,} tokens of {self.dtype.name} in {len(self.files)} file(s))"
 
 
 class StepSampler(ABC):
@@ -61,18 +195,19 @@ class StepSampler(ABC):
 
 
 class RandomWindows(StepSampler):
-    """Random (input, target) windows of `seq_len` tokens from a flat token array, for data-parallel training.
+    """Random (input, target) windows of `seq_len` tokens from a token stream, for data-parallel training.
 
     Deterministic, resumable and world-size invariant: optimizer step s draws one *global* batch of
     accum_steps x world_size x batch_size window starts from a generator seeded by (seed, s); rank r's micro-batch m
     is rows [(m * world_size + r) * batch_size, ... + batch_size). So 1 worker x batch 8, 1 worker x batch 4 x
     accumulation 2 and 2 workers x batch 4 all train on the same 8 windows per step, and the data position saved
-    in a checkpoint is just `step`. Each worker reads only its own rows from the memory-mapped stream.
+    in a checkpoint is just `step`. Each worker reads only its own rows: `tokens` is an array or a `TokenStream`
+    over the dataset's shards (the same windows either way: window starts index the stream, not its files).
     """
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | TokenStream,
         seq_len: int,
         batch_size: int,
         *,
@@ -117,7 +252,7 @@ class RandomWindows(StepSampler):
         ]
 
 
-def sequential_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None):
+def sequential_windows(tokens: np.ndarray | TokenStream, seq_len: int, max_windows: int | None = None):
     """Non-overlapping (inputs, targets) windows covering the stream in order, for evaluation. Yields (1, T) pairs."""
     n = (len(tokens) - 1) // seq_len
     if max_windows is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_core.data import DataError, token_dtype
+from llm_core.data import DataError, TokenStream, token_dtype
 from llm_core.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -319,8 +319,9 @@ class TokenDataset:
     """Read access to a preprocessed dataset: token streams per split and language, documents, bytes/token.
 
     >>> ds = TokenDataset.open(".tulpar/datasets/tiny")
-    >>> train = ds.tokens("train")            # all languages, in manifest order
-    >>> val_kk = ds.tokens("val", "kk")       # memory-mapped when it is one shard
+    >>> train = ds.tokens("train")            # all languages, in manifest order: a TokenStream over the shards
+    >>> window = train[1000:2025]             # reads these tokens only (ndarray), across shard boundaries
+    >>> ds.num_tokens("train")                # from the manifest
     >>> bpb = loss_nats / math.log(2) / ds.bytes_per_token("val", "kk")
     """
 
@@ -397,6 +398,7 @@ class TokenDataset:
         return sorted(chosen, key=lambda s: (langs.index(s["language"]), s["path"]))
 
     def num_tokens(self, split: str, language: str | None = None) -> int:
+        """Tokens of a split (and language), summed from the manifest: no shard is read."""
         return sum(int(s["num_tokens"]) for s in self.shards(split, language))
 
     # ------------------------------------------------------------------ data
@@ -408,15 +410,14 @@ class TokenDataset:
     def _ends(self, s: dict[str, Any]) -> np.ndarray:
         return np.load(self.root / s["docs_path"], allow_pickle=False)
 
-    def tokens(self, split: str, language: str | None = None) -> np.ndarray:
-        """All tokens of a split (one language, or all in manifest order): memory-mapped when it is a single
-        shard, else concatenated into memory."""
-        chosen = self.shards(split, language)
-        if not chosen:
-            return np.zeros(0, dtype=self.dtype)
-        if len(chosen) == 1:
-            return self._memmap(chosen[0])
-        return np.concatenate([self._memmap(s) for s in chosen])
+    def tokens(self, split: str, language: str | None = None) -> TokenStream:
+        """All tokens of a split (one language, or all languages in manifest order, each language's shards in
+        index order) as one `TokenStream` over the shard files: its length comes from the manifest and
+        `stream[a:b]` reads only those tokens, across shard boundaries, so nothing is loaded into memory whatever
+        the dataset's size. For a count alone, `num_tokens()` reads nothing at all."""
+        return TokenStream(
+            [(self.root / s["path"], int(s["num_tokens"])) for s in self.shards(split, language)], self.dtype
+        )
 
     def documents(self, split: str, language: str | None = None) -> Iterator[np.ndarray]:
         """Each document's tokens (ending with eos), in shard order."""

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
-from llm_core.data import StepSampler, sequential_windows
+from llm_core.data import StepSampler, TokenStream, sequential_windows
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 from llm_core.optim import build_optimizer, build_scheduler
@@ -91,10 +91,11 @@ class TrainConfig(StrictModel):
 
 @dataclass
 class EvalSet:
-    """Held-out tokens of one language (or 'all') and its bytes per token, for bits-per-byte."""
+    """Held-out tokens of one language (or 'all') and its bytes per token, for bits-per-byte. `tokens` is an array
+    or a `TokenStream` over a dataset's shards; only the windows evaluated are read."""
 
     name: str
-    tokens: np.ndarray
+    tokens: np.ndarray | TokenStream
     bytes_per_token: float
 
     def batches(self, seq_len: int, batch_size: int, max_windows: int) -> list[Batch]:

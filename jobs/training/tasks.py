@@ -96,7 +96,8 @@ def task_from_dict(data: dict[str, Any]) -> TrainingTask:
 
 @register_task
 class PretrainWindowsTask(TrainingTask):
-    """Pretraining: random windows of memory-mapped token shards; one validation set per language."""
+    """Pretraining: random windows of the token shards, read through a TokenStream (never loaded into memory);
+    one validation set per language."""
 
     kind: Literal["pretrain-windows"] = "pretrain-windows"
     model: ModelConfig
