@@ -414,6 +414,58 @@ def test_killed_run_resumes_committed_blocks_with_identical_shards(
         ).read_bytes()
 
 
+def test_s3_dataset_and_work_store(corpus, tokenizer_dir, home, tmp_path):
+    """Output and work store on an S3 server (moto): blocks committed as objects, the dataset copied into place
+    with manifest.json last, the work prefix gone; the shards equal a local run's."""
+    import os
+
+    import boto3
+
+    from tests.stack import s3_server
+
+    with s3_server(tmp_path) as url:
+        creds = {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        s3.create_bucket(Bucket="tulpar")
+        cfg = config_dict(corpus, tokenizer_dir, out="s3://tulpar/datasets/fx")
+        cfg["sources"] = cfg["sources"][:2]
+        cfg["mixture"] = {"target": None}
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+        env = {**os.environ, **creds, "TULPAR_HOME": str(home), "TULPAR_DATA": str(corpus), "RAY_ADDRESS": ""}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.preprocess", "--config", str(path)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="tulpar", MaxKeys=5000).get("Contents", [])]
+        assert "datasets/fx/manifest.json" in keys and "datasets/fx/report.json" in keys
+        assert not [k for k in keys if ".work-" in k]  # the work store is removed once published
+        manifest = json.loads(s3.get_object(Bucket="tulpar", Key="datasets/fx/manifest.json")["Body"].read())
+        assert {f"datasets/fx/{s['path']}" for s in manifest["shards"]} <= set(keys)
+        assert any(k.startswith("datasets/fx/documents/") for k in keys)
+        cfg["output"]["dir"] = str(tmp_path / "local")
+        rc, _, err = run_cli(cfg, tmp_path, home, corpus)
+        assert rc == 0, err[-3000:]
+        assert read_manifest(tmp_path / "local")["shards"] == manifest["shards"]
+
+
 @pytest.mark.parametrize("remote", [False, True])
 def test_output_is_atomic(tmp_path, remote):
     target = tmp_path / "ds"
