@@ -34,15 +34,15 @@ PASSES = ("clean", "dedup", "mixture", "write")
 
 
 def corpus_config(corpus: Path, languages: list[str]) -> dict:
-    """A preprocessing config over <corpus>/<lang>/ directories (or the corpus's own preprocess.yaml)."""
-    own = corpus / "preprocess.yaml"
-    if own.is_file():
-        return yaml.safe_load(own.read_text())
-    sources = [
-        {"path": str(corpus / lang), "language": lang} for lang in languages if (corpus / lang).is_dir()
-    ]
+    """A preprocessing config over the corpus: the `sources:` its sources.yaml lists (the generator writes one),
+    else its <lang>/ directories; no mixture, Jaccard threshold 0.8 (the issue's), 1% validation."""
+    listed = corpus / "sources.yaml"
+    if listed.is_file():
+        sources = yaml.safe_load(listed.read_text())["sources"]
+    else:
+        sources = [{"path": str(corpus / x), "language": x} for x in languages if (corpus / x).is_dir()]
     if not sources:
-        raise ValueError(f"{corpus} has no {languages} subdirectories and no preprocess.yaml")
+        raise ValueError(f"{corpus} has no sources.yaml and no {languages} subdirectories")
     return {
         "name": "data-scale",
         "languages": languages,
