@@ -56,21 +56,28 @@ def corpus_config(corpus: Path, languages: list[str]) -> dict:
 
 
 def documents_sample(corpus: Path, max_bytes: int) -> list[str]:
-    """Texts of the corpus's first records (jsonl/jsonl.zst/jsonl.gz/txt), up to max_bytes of UTF-8."""
+    """Texts from the start of every .jsonl/.txt file of the corpus (plain, .gz or .zst), an equal share of
+    max_bytes of UTF-8 from each, so every language is in the sample."""
+    import io
+
     import pyarrow as pa
 
-    out, total = [], 0
-    for path in sorted(
-        p for p in corpus.rglob("*") if p.is_file() and ".json" in p.name or p.suffix == ".txt"
-    ):
+    files = sorted(
+        p
+        for p in corpus.rglob("*")
+        if p.is_file() and (".jsonl" in p.name or p.name.endswith((".txt", ".txt.gz", ".txt.zst")))
+    )
+    out: list[str] = []
+    for path in files:
         comp = "zstd" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else None
-        stream = pa.input_stream(str(path), compression=comp)
-        for line in stream.read().decode("utf-8", "replace").splitlines():
-            text = json.loads(line).get("text", "") if ".json" in path.name else line
-            out.append(text)
-            total += len(text.encode("utf-8"))
-            if total >= max_bytes:
-                return out
+        total = 0
+        with pa.input_stream(str(path), compression=comp) as raw:
+            for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
+                text = json.loads(line).get("text", "") if ".jsonl" in path.name else line.rstrip("\n")
+                out.append(text)
+                total += len(text.encode("utf-8"))
+                if total >= max_bytes / len(files):
+                    break
     return out
 
 
