@@ -94,13 +94,22 @@ class ReadConfig(StrictModel):
     on_invalid_utf8: Literal["replace", "skip"] = Field(
         "replace", description="replace: invalid bytes become U+FFFD (then removed); skip: drop the document"
     )
-    input_hash: Literal["content", "metadata"] = Field(
-        "content",
-        description="fingerprint inputs by content (sha256 of every byte) or by path, size and mtime (huge corpora)",
+    input_hash: Literal["stat", "content"] = Field(
+        "stat",
+        description="fingerprint inputs by path, size and modification time from the listing (no extra I/O, any "
+        "rewrite changes it) or by content (sha256 of every byte, read on the driver on every run)",
     )
-    sniff_bytes: int = Field(8192, gt=0, description="bytes read from each file to detect binary files")
+    sniff_bytes: int = Field(
+        1024, gt=0, description="bytes read (decompressed) from the head of each file to detect binary files"
+    )
+    sniff_threads: int = Field(
+        32, gt=0, description="files sniffed at a time on object storage (latency-bound small reads)"
+    )
     max_control_ratio: float = Field(
-        0.1, ge=0, le=1, description="a file whose sniffed bytes have a NUL or more control bytes is binary"
+        0.1,
+        ge=0,
+        le=1,
+        description="a file whose sniffed head has more non-text bytes (NUL, control, invalid UTF-8) is binary",
     )
 
 
