@@ -1,7 +1,8 @@
 """Driver-side planning cost of many small input files: discover (list + sniff) + plan_chunks + input_sha256, for
 a local directory tree and an S3 prefix on a local moto server, with the current jobs.prep.sources and, for
 comparison in the same run, the version at a given git commit (`--baseline`, default fb78a74: sequential 8 KiB
-sniffs and content hashing by default).
+sniffs and content hashing by default). The current code runs with its defaults (read.sniff auto: the
+driver sniffs local files only) and with read.sniff=driver.
 
     .venv/bin/python -m benchmarks.source_discovery --files 5000 [--baseline fb78a74] [--no-s3]
 
@@ -50,15 +51,17 @@ def body(i: int) -> bytes:
     return (json.dumps({"text": f"document {i}: " + "a short line of corpus text " * 8}) + "\n").encode()
 
 
-def measure(module, uri: str, input_hash: str) -> tuple[float, int]:
+def measure(module, uri: str, read: dict) -> tuple[float, int]:
     cfg = PreprocessConfig.model_validate(
         {
             "name": "bench",
             "languages": ["en"],
             "sources": [{"path": uri, "language": "en"}],
+            "read": {k: v for k, v in read.items() if k != "input_hash"},
             "tokenizer": {"path": "unused"},
         }
     )
+    input_hash = read["input_hash"]
     t0 = time.perf_counter()
     files = module.discover(cfg, Path("/"))
     chunks = module.plan_chunks(files, 8 << 20)
@@ -66,6 +69,10 @@ def measure(module, uri: str, input_hash: str) -> tuple[float, int]:
     seconds = time.perf_counter() - t0
     assert sum(f.status == "ok" for f in files) == len(chunks)
     return seconds, len(chunks)
+
+
+def settings(read: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in read.items())
 
 
 def requests(log: Path, since: int) -> str:
@@ -81,16 +88,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-s3", action="store_true")
     args = ap.parse_args(argv)
     baseline = load_baseline(args.baseline)
-    runs = [("current", current, "stat"), (f"{args.baseline}", baseline, "content")]
+    runs = [
+        ("current", current, {"input_hash": "stat"}),
+        ("current", current, {"input_hash": "stat", "sniff": "driver"}),
+        (f"{args.baseline}", baseline, {"input_hash": "content"}),
+    ]
     work = Path(tempfile.mkdtemp(prefix="source-discovery-"))
     tree = work / "tree"
     for i in range(args.files):
         d = tree / f"part-{i // 500:03d}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"shard-{i:06d}.jsonl").write_bytes(body(i))
-    for name, module, mode in runs:
-        seconds, n = measure(module, str(tree), mode)
-        print(f"local  {name:>8}  input_hash={mode:<7}  {n} files  {seconds:6.2f} s")
+    for name, module, read in runs:
+        seconds, n = measure(module, str(tree), read)
+        print(f"local  {name:>8}  {settings(read):<34}  {n} files  {seconds:7.2f} s")
     if args.no_s3:
         return
     import boto3
@@ -117,11 +128,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
         log = work / "s3.log"
-        for name, module, mode in runs:
+        for name, module, read in runs:
             since = len(log.read_text().splitlines())
-            seconds, n = measure(module, "s3://bench-corpus/many", mode)
+            seconds, n = measure(module, "s3://bench-corpus/many", read)
             print(
-                f"s3     {name:>8}  input_hash={mode:<7}  {n} files  {seconds:6.2f} s  requests: {requests(log, since)}"
+                f"s3     {name:>8}  {settings(read):<34}  {n} files  {seconds:7.2f} s  "
+                f"requests: {requests(log, since)}"
             )
 
 

@@ -18,6 +18,7 @@ import pytest
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.report import STAGE_REASONS
 from jobs.prep.sources import (
+    FILE_REASON_STATUS,
     FILE_REASONS,
     FILE_STATUSES,
     READ_REASONS,
@@ -311,6 +312,39 @@ def test_file_deleted_between_listing_and_reading_is_file_missing_once(tmp_path)
 def test_reasons_are_known_to_the_report():
     assert list(READ_REASONS) == STAGE_REASONS["read"]
     assert set(FILE_REASONS) <= set(READ_REASONS) and "corrupt" in FILE_STATUSES
+    assert set(FILE_REASON_STATUS) == set(FILE_REASONS) and set(FILE_REASON_STATUS.values()) <= set(
+        FILE_STATUSES
+    )
+
+
+def test_reading_task_sniffs_when_the_driver_does_not(tmp_path):
+    """read.sniff=reader (the default on object storage): the same verdicts, as one record per file."""
+    neighbours = good_neighbours(tmp_path)
+    write(tmp_path / "noise.txt", bytes(random.Random(2).randrange(256) for _ in range(4000)))
+    write(tmp_path / "blank.txt", b"\n\n   \n")
+    write(tmp_path / "garbage.txt.gz", b"never gzip " * 30)
+    big = ("\n".join(lines("big", 400)) + "\n").encode()
+    write(tmp_path / "big-binary.txt", b"\x00\x01\x02" * 400 + big)  # split into chunks: reported once
+    cfg = config(str(tmp_path), sniff="reader")
+    files = discover(cfg, tmp_path)
+    assert all(f.status == "ok" and not f.sniffed for f in files)
+    docs = read_all(files, cfg, chunk_bytes=4096)
+    named = by_name(files)
+    expected = {
+        "noise.txt": "binary_file",
+        "blank.txt": "empty_file",
+        "garbage.txt.gz": "corrupt_compression",
+        "big-binary.txt": "binary_file",
+    }
+    for name, reason in expected.items():
+        rec = stopped_record(docs, named[name])
+        assert (rec.reason, rec.offset) == (reason, 0) and not texts_of(docs, named[name])
+    check_neighbours(docs, files, neighbours)
+    # the driver's verdicts on the same files agree
+    driver = discover(config(str(tmp_path), sniff="driver"), tmp_path)
+    assert {n: FILE_REASON_STATUS[r] for n, r in expected.items()} == {
+        n: by_name(driver)[n].status for n in expected
+    }
 
 
 # ------------------------------------------------------------------------------------------ many files, hashes
@@ -393,7 +427,8 @@ def test_s3_prefix_with_every_format_and_bad_object(s3, tmp_path):
     files = discover(cfg, local)
     named = by_name(files)
     assert named["no-such-prefix"].status == "missing"
-    assert named["empty.txt"].status == "empty" and named["noise.txt"].status == "binary"
+    assert named["empty.txt"].status == "empty"  # 0 bytes in the listing
+    assert not any(f.sniffed for f in files)  # nothing was opened on the driver
     assert all(f.uri.startswith(f"s3://{BUCKET}/mixed/") for f in files if f.status != "missing")
     assert all(f.mtime_ns > 0 for f in files if f.status == "ok")
     s3.delete_object(Bucket=BUCKET, Key="mixed/bad/deleted.jsonl")  # listed, sniffed, then gone
@@ -401,7 +436,9 @@ def test_s3_prefix_with_every_format_and_bad_object(s3, tmp_path):
     for name, texts in expected.items():
         assert texts_of(docs, named[name]) == texts, name
     gone = stopped_record(docs, named["deleted.jsonl"])
-    assert gone.reason == "file_missing" and f"of s3://{BUCKET}/mixed/bad/deleted.jsonl" in gone.detail
+    assert gone.reason == "file_missing" and "deleted after it was listed" in gone.detail
+    noise = stopped_record(docs, named["noise.txt"])  # found by the reading task
+    assert noise.reason == "binary_file" and noise.offset == 0 and "not text" in noise.detail
     cut = stopped_record(docs, named["cut.txt.zst"])
     assert cut.reason == "corrupt_compression"
     assert (

@@ -102,8 +102,14 @@ class ReadConfig(StrictModel):
     sniff_bytes: int = Field(
         1024, gt=0, description="bytes read (decompressed) from the head of each file to detect binary files"
     )
+    sniff: Literal["auto", "driver", "reader"] = Field(
+        "auto",
+        description="where each file's head is checked (binary, empty, corrupt): on the driver while planning, "
+        "or in the reading task (no per-file request on the driver); auto: driver for local files, reader for "
+        "s3:// and other object stores",
+    )
     sniff_threads: int = Field(
-        32, gt=0, description="files sniffed at a time on object storage (latency-bound small reads)"
+        32, gt=0, description="files sniffed at a time by the driver on object storage (sniff: driver)"
     )
     max_control_ratio: float = Field(
         0.1,

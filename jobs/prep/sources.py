@@ -1,13 +1,14 @@
 """Finding and reading raw text: .txt / .jsonl / .parquet, optionally gzip/zstd, local or s3:// (pyarrow.fs).
 
-Planning runs on the driver and touches each file at most once, for a few bytes:
+Planning runs on the driver and costs one listing per source, plus at most a few bytes per local file:
 
 - `discover(cfg, data_root)` expands each source (file, directory tree, glob, `s3://` prefix) with ONE listing
-  per source (a directory walk, or S3 ListObjectsV2 pages of 1,000 keys), which gives every file's size and
-  modification time; then it sniffs the first `read.sniff_bytes` (1 KiB) of each file -- decompressed for
-  .gz/.zst -- on a thread pool (`read.sniff_threads`), so 5,000 S3 objects cost 5,000 small ranged GETs spread
-  over 32 connections, not 5,000 sequential round trips and never a full read. Each file becomes a `FileEntry`
-  whose `status` is one of `FILE_STATUSES`: ok | missing | unreadable | empty | binary | corrupt | unsupported.
+  (a directory walk, or S3 ListObjectsV2 pages of 1,000 keys) that gives every file's size and modification
+  time. Each file becomes a `FileEntry` whose `status` is one of `FILE_STATUSES` (ok | missing | unreadable |
+  empty | binary | corrupt | unsupported). Where `read.sniff` says so (auto: local files) it also sniffs the first
+  `read.sniff_bytes` (1 KiB, decompressed for .gz/.zst, from one read of at most 64 KiB) of each file and sets
+  the status from it (`FileEntry.sniffed`); on object storage (auto) nothing is opened on the driver and the
+  reading task sniffs instead (see below), so 5,000 S3 objects cost 5 list requests, not 10,000 HEAD/GETs.
 - `plan_chunks(files, chunk_bytes)` cuts work items without opening anything: uncompressed line-oriented files
   larger than `chunk_bytes` into byte ranges, parquet files into byte ranges that each own the ROW GROUPS starting
   inside them (the reader takes them from the footer), compressed files whole.
@@ -22,19 +23,20 @@ with a `reason` from `READ_REASONS`, so that every input record is accounted for
 - per record: `malformed_json`, `missing_text_field` (also a null parquet value), `invalid_utf8` (only with
   `read.on_invalid_utf8: skip`; by default the bytes are replaced and the record carries `repaired`),
   `too_long`;
-- for a problem that ends the reading of a file (records read before it are kept), ONE extra record with
-  `text=""`, `n_bytes_in=0`, `doc_id = chunk.ordinal << 32 | 0xFFFFFFFF`, `offset` = the (decompressed) byte
-  offset -- or, for parquet, the row index -- where reading stopped, and `detail` = "<what> at byte|row N of
-  <uri>: <error>" naming the file:
-  `file_missing` (deleted between listing and reading, e.g. an s3:// object), `corrupt_compression` (a
-  truncated or corrupt gzip/zstd stream), `corrupt_parquet` (unreadable footer or page), `read_error` (any other
-  I/O error: permissions, network). Failures that happen when a file is opened are reported by the chunk that
-  starts at byte 0 only, so a file split into N chunks is counted once.
+- per file (`FILE_REASONS`), ONE extra record with `text=""`, `n_bytes_in=0`,
+  `doc_id = chunk.ordinal << 32 | 0xFFFFFFFF`, `offset` = the (decompressed) byte offset -- for parquet the row
+  index -- where reading stopped, and a `detail` that names the file ("<what> at byte|row N of <uri>: <error>"):
+  `file_missing` (deleted between listing and reading, e.g. an s3:// object), `corrupt_compression` (truncated or
+  corrupt gzip/zstd), `corrupt_parquet` (unreadable footer or page), `read_error` (any other I/O error:
+  permissions, network), and, when the reading task sniffed the file, `binary_file` / `empty_file` (offset 0,
+  "binary|empty file <uri>: ..."). Records read before the problem are kept. Failures found when a file is
+  opened or sniffed are reported by the chunk that starts at byte 0 only, so a file split into N chunks counts
+  once. `FILE_REASON_STATUS` maps each to the file status it stands for, for the report's file table.
 
-`FILE_REASONS` lists those four; `READ_REASONS` all reasons the read stage assigns, in report order. A binary
-file is decided once, on the driver: the sniffed head has more than `read.max_control_ratio` (10%) non-text
-bytes (NUL, control characters other than tab/newline/CR/FF, bytes of invalid UTF-8 sequences), or a UTF-16
-byte-order mark. Isolated invalid UTF-8 in a text file is handled per record (`invalid_utf8`).
+`READ_REASONS` lists every reason the read stage assigns, in report order (report.STAGE_REASONS["read"]). A file
+is binary when its sniffed head has more than `read.max_control_ratio` (10%) non-text bytes (NUL, control
+characters other than tab/newline/CR/FF, bytes of invalid UTF-8 sequences) or starts with a UTF-16 byte-order
+mark. Isolated invalid UTF-8 in a text file is handled per record (`invalid_utf8`).
 
 A byte range [start, end) owns the lines that START inside it: a reader skips the partial line at `start` and
 finishes the line that crosses `end`. Document ids are `chunk_ordinal << 32 | index_in_chunk`, with chunks
@@ -77,7 +79,30 @@ ERROR_INDEX = 0xFFFFFFFF  # index_in_chunk of the record that reports a failure 
 
 FILE_STATUSES = ("ok", "missing", "unreadable", "empty", "binary", "corrupt", "unsupported")
 # Reasons of records that stand for the unread rest of a file (see the module docstring).
-FILE_REASONS = ("file_missing", "corrupt_compression", "corrupt_parquet", "read_error")
+FILE_REASONS = (
+    "file_missing",
+    "binary_file",
+    "empty_file",
+    "corrupt_compression",
+    "corrupt_parquet",
+    "read_error",
+)
+# The file status each of them stands for (a file whose head the reading task checked keeps status "ok").
+FILE_REASON_STATUS = {
+    "file_missing": "missing",
+    "binary_file": "binary",
+    "empty_file": "empty",
+    "corrupt_compression": "corrupt",
+    "corrupt_parquet": "corrupt",
+    "read_error": "unreadable",
+}
+_STATUS_REASON = {
+    "missing": "file_missing",
+    "binary": "binary_file",
+    "empty": "empty_file",
+    "corrupt": "corrupt_compression",
+    "unreadable": "read_error",
+}
 # Every reason the read stage gives a record, in report order (report.STAGE_REASONS["read"]).
 READ_REASONS = (*FILE_REASONS, "malformed_json", "missing_text_field", "invalid_utf8", "too_long")
 
@@ -105,6 +130,7 @@ class FileEntry:
     status: str = "ok"  # one of FILE_STATUSES
     detail: str = ""
     mtime_ns: int = 0  # modification time from the listing (S3: LastModified); 0 when unknown
+    sniffed: bool = False  # the driver checked its head; else the reading task does (read.sniff)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -352,8 +378,8 @@ def discover(cfg: PreprocessConfig, data_root: Path) -> list[FileEntry]:
             entries.append(
                 FileEntry(len(entries), uri, si, spec.language, fmt, comp, 0, status=status, detail=why)
             )
-    todo = [e for e in entries if e.status == "ok"]
-    remote = any(is_uri(e.uri) and not e.uri.startswith("file://") for e in todo)
+    todo = [e for e in entries if e.status == "ok" and sniffs_on_driver(e.uri, cfg.read)]
+    remote = any(_is_object_store(e.uri) for e in todo)
     threads = min(cfg.read.sniff_threads, len(todo)) if remote else 1  # local reads: no waiting to overlap
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -361,8 +387,17 @@ def discover(cfg: PreprocessConfig, data_root: Path) -> list[FileEntry]:
     else:
         results = [sniff(e.uri, e.format, e.compression, cfg.read, e.size) for e in todo]
     for e, (status, detail) in zip(todo, results, strict=True):
-        e.status, e.detail = status, detail
+        e.status, e.detail, e.sniffed = status, detail, True
     return entries
+
+
+def _is_object_store(uri: str) -> bool:
+    return is_uri(uri) and not uri.startswith("file://")
+
+
+def sniffs_on_driver(uri: str, cfg: ReadConfig) -> bool:
+    """Whether `discover` sniffs this file (else the reading task does, see `read.sniff`)."""
+    return cfg.sniff == "driver" or (cfg.sniff == "auto" and not _is_object_store(uri))
 
 
 def plan_chunks(files: list[FileEntry], chunk_bytes: int) -> list[Chunk]:
@@ -675,6 +710,20 @@ def read_chunk(chunk: Chunk, entry: FileEntry, cfg: ReadConfig) -> Iterator[RawD
     """Every record of one chunk as a RawDoc (broken ones carry a reason). A failure that ends the chunk -- file
     deleted, corrupt compression or parquet, I/O error -- becomes ONE record after the records read before it
     (see the module docstring); a failure while opening is reported by the file's first chunk only."""
+    if not entry.sniffed and entry.status == "ok":
+        status, detail = sniff(entry.uri, entry.format, entry.compression, cfg, entry.size)
+        if status != "ok":
+            if chunk.start == 0:  # one record per file, from its first chunk
+                yield RawDoc(
+                    chunk.ordinal << 32 | ERROR_INDEX,
+                    chunk.file_id,
+                    0,
+                    "",
+                    0,
+                    _STATUS_REASON[status],
+                    detail=f"{status} file {entry.uri}: {detail}",
+                )
+            return
     progress = _Progress(chunk.start)
     try:
         if entry.format == "parquet":
