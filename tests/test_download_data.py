@@ -1,9 +1,12 @@
 """`make data` (jobs.download_data) without the network: the hub is replaced by local parquet files read through
-fsspec's local filesystem, so file matching, streaming, size caps, layout and resumption are tested."""
+fsspec's local filesystem, so file matching, streaming, size caps, layout and resumption are tested; sharded
+output, sharded jsonl/parquet sources with broken shards, from a directory and from an S3 prefix on moto."""
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -14,7 +17,11 @@ from jobs.download_data import DataConfig, download, hub_root, match_files, per_
 from jobs.platform.configfile import load_config
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import discover, plan_chunks, read_chunk
+from tests import test_sources
 from tests.conftest import REPO
+from tests.test_sources import BUCKET
+
+s3 = test_sources.s3  # one moto server for this module too
 
 
 @pytest.fixture
@@ -151,3 +158,118 @@ def test_shipped_config_is_valid():
     cfg = load_config(DataConfig, REPO / "configs" / "data" / "hf-mix.yaml")
     assert {s.language for s in cfg.sources} == {"kk", "ru", "en"}
     assert all(s.repo.count("/") == 1 for s in cfg.sources)
+
+
+def test_sharded_output_is_read_back_whole(fake_hub, tmp_path):
+    one = download(config(), tmp_path / "one", fs=fsspec.filesystem("file"), roots=roots(fake_hub))
+    out = tmp_path / "sharded"
+    cfg = config(shard_mb=0.002, compression="zstd")  # 2 kB shards
+    entries = download(cfg, out, fs=fsspec.filesystem("file"), roots=roots(fake_hub))
+    ru = next(e for e in entries if e["name"] == "fineweb2-ru")
+    assert ru["path"] == "corpus/ru/fineweb2-ru" and len(ru["shards"]) > 5
+    assert ru["shards"] == sorted(ru["shards"]) and all(s.endswith(".jsonl.zst") for s in ru["shards"])
+    sizes = [len(pa.input_stream(str(out / s), compression="zstd").read()) for s in ru["shards"]]
+    assert max(sizes) <= 2_000 and sum(sizes) > 20_000
+    assert (
+        next(e for e in entries if e["name"] == "flores-plus")["path"] == "eval/parallel/flores-plus/kk.txt"
+    )
+    # the shards hold exactly the documents of the unsharded file, in order, and preprocessing reads them all
+    pcfg = PreprocessConfig.model_validate(
+        {
+            "name": "d",
+            "languages": ["ru"],
+            "sources": [{"path": "corpus/ru", "language": "ru"}],
+            "tokenizer": {"path": "x"},
+        }
+    )
+    files = discover(pcfg, out)
+    assert len(files) == len(ru["shards"]) and all(f.status == "ok" for f in files)
+    docs = [d for c in plan_chunks(files, 1 << 20) for d in read_chunk(c, files[c.file_id], pcfg.read)]
+    whole = (tmp_path / "one" / "corpus" / "ru" / "fineweb2-ru.jsonl").read_text().splitlines()
+    assert [d.text for d in docs] == [json.loads(x)["text"] for x in whole]
+    assert ru["documents"] == next(e for e in one if e["name"] == "fineweb2-ru")["documents"]
+    # finished: reused without the hub; an interrupted source (a shard gone) is fetched again, leftovers replaced
+    again = download(cfg, out, fs=_Exploding(), roots=roots(fake_hub))
+    assert [e["documents"] for e in again] == [e["documents"] for e in entries]
+    (out / ru["shards"][-1]).unlink()
+    (out / "corpus" / "ru" / "fineweb2-ru" / ".part-00099.jsonl.zst.part").write_bytes(b"half")
+    redo = download(cfg, out, fs=fsspec.filesystem("file"), roots=roots(fake_hub))
+    assert next(e for e in redo if e["name"] == "fineweb2-ru")["shards"] == ru["shards"]
+    assert not list(out.rglob(".*.part"))
+
+
+def sharded_corpus(root: Path) -> list[str]:
+    """A directory of jsonl.zst / jsonl.gz / parquet shards with one truncated shard and one malformed line."""
+    texts = [f"Бұл {i}-құжат, ұзын мәтін жолы." for i in range(300)]
+    root.mkdir(parents=True)
+    for k in range(3):
+        part = texts[k * 100 : (k + 1) * 100]
+        body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part).encode()
+        if k == 0:
+            with pa.CompressedOutputStream(str(root / "part-0.jsonl.zst"), "zstd") as f:
+                f.write(body[:-1] + b"\n{not json\n")
+        elif k == 1:
+            (root / "part-1.jsonl.gz").write_bytes(gzip.compress(body))
+        else:
+            pq.write_table(pa.table({"text": part}), root / "part-2.parquet", row_group_size=25)
+    broken = gzip.compress(
+        "".join(json.dumps({"text": f"cut {i} " * 30}) + "\n" for i in range(3000)).encode()
+    )
+    (root / "part-3.jsonl.gz").write_bytes(broken[: len(broken) // 2])
+    return texts
+
+
+def local_source(path: str) -> DataConfig:
+    return DataConfig.model_validate(
+        {
+            "max_mb_per_language": 100,
+            "sources": [
+                {
+                    "name": "big-kk",
+                    "repo": "local/big-kk",
+                    "root": path,
+                    "files": ["*.jsonl.zst", "*.jsonl.gz", "*.parquet"],
+                    "language": "kk",
+                }
+            ],
+        }
+    )
+
+
+def test_sharded_source_with_bad_shards_is_read_and_failures_listed(tmp_path):
+    texts = sharded_corpus(tmp_path / "src")
+    out = tmp_path / "data"
+    (entry,) = download(local_source(str(tmp_path / "src")), out, fs=_Exploding())
+    got = [json.loads(x)["text"] for x in (out / entry["path"]).read_text().splitlines()]
+    cut = [t for t in got if t.startswith("cut ")]
+    assert [t for t in got if not t.startswith("cut ")] == texts  # every good shard in full
+    assert 0 < len(cut) < 3000  # the truncated shard's records before the break are kept
+    assert entry["malformed_lines"] == 1
+    (failed,) = entry["failed_files"]
+    assert failed["file"] == "part-3.jsonl.gz" and failed["documents"] == len(cut)
+    assert "part-3.jsonl.gz" in (out / "SOURCES.downloaded.md").read_text()
+
+
+def test_source_where_nothing_is_readable_is_an_error(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x.parquet").write_bytes(b"PAR1 and nothing else")
+    with pytest.raises(ValueError, match=r"big-kk: no file yielded a document; first failure: x.parquet"):
+        download(local_source(str(tmp_path / "src")), tmp_path / "data")
+
+
+def test_compression_needs_shards():
+    with pytest.raises(ValueError, match="compression=zstd applies to shards: set shard_mb"):
+        config(compression="zstd")
+
+
+def test_sharded_source_on_s3(s3, tmp_path):
+    texts = sharded_corpus(tmp_path / "src")
+    for p in sorted((tmp_path / "src").iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"hub-copy/{p.name}", Body=p.read_bytes())
+    out = tmp_path / "data"
+    cfg = local_source(f"s3://{BUCKET}/hub-copy").model_copy(update={"shard_mb": 0.01})
+    (entry,) = download(cfg, out)
+    got = [json.loads(x)["text"] for s in entry["shards"] for x in (out / s).read_text().splitlines()]
+    assert [t for t in got if not t.startswith("cut ")] == texts
+    assert [f["file"] for f in entry["failed_files"]] == ["part-3.jsonl.gz"]
+    assert entry["repo"] == f"s3://{BUCKET}/hub-copy" and len(entry["shards"]) > 1

@@ -94,13 +94,28 @@ class ReadConfig(StrictModel):
     on_invalid_utf8: Literal["replace", "skip"] = Field(
         "replace", description="replace: invalid bytes become U+FFFD (then removed); skip: drop the document"
     )
-    input_hash: Literal["content", "metadata"] = Field(
-        "content",
-        description="fingerprint inputs by content (sha256 of every byte) or by path, size and mtime (huge corpora)",
+    input_hash: Literal["stat", "content"] = Field(
+        "stat",
+        description="fingerprint inputs by path, size and modification time from the listing (no extra I/O, any "
+        "rewrite changes it) or by content (sha256 of every byte, read on the driver on every run)",
     )
-    sniff_bytes: int = Field(8192, gt=0, description="bytes read from each file to detect binary files")
+    sniff_bytes: int = Field(
+        1024, gt=0, description="bytes read (decompressed) from the head of each file to detect binary files"
+    )
+    sniff: Literal["auto", "driver", "reader"] = Field(
+        "auto",
+        description="where each file's head is checked (binary, empty, corrupt): on the driver while planning, "
+        "or in the reading task (no per-file request on the driver); auto: driver for local files, reader for "
+        "s3:// and other object stores",
+    )
+    sniff_threads: int = Field(
+        32, gt=0, description="files sniffed at a time by the driver on object storage (sniff: driver)"
+    )
     max_control_ratio: float = Field(
-        0.1, ge=0, le=1, description="a file whose sniffed bytes have a NUL or more control bytes is binary"
+        0.1,
+        ge=0,
+        le=1,
+        description="a file whose sniffed head has more non-text bytes (NUL, control, invalid UTF-8) is binary",
     )
 
 

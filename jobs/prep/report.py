@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.prep.sources import FileEntry
+from jobs.prep.sources import READ_REASONS, FileEntry
 
 # Drop reasons by the stage that assigns them, in pipeline order.
 STAGE_REASONS: dict[str, list[str]] = {
-    "read": ["read_error", "malformed_json", "missing_text_field", "invalid_utf8", "too_long"],
+    "read": list(READ_REASONS),
     "normalize": ["empty"],
     "langid": ["language_mismatch", "language_other", "language_uncertain", "script_mismatch"],
     "quality": [

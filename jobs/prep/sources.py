@@ -1,10 +1,42 @@
 """Finding and reading raw text: .txt / .jsonl / .parquet, optionally gzip/zstd, local or s3:// (pyarrow.fs).
 
-Planning runs on the driver: `discover` expands each source into files, sniffs each file (missing, unreadable,
-empty, binary) and `plan_chunks` cuts large uncompressed line-oriented files into byte ranges so that several
-workers share one big file. Reading (`read_chunk`) runs in the workers and yields one `RawDoc` per record,
-including the broken ones (malformed JSON, missing text field, invalid UTF-8, too long), each with a reason, so
-that every input record is accounted for in the report.
+Planning runs on the driver and costs one listing per source, plus at most a few bytes per local file:
+
+- `discover(cfg, data_root)` expands each source (file, directory tree, glob, `s3://` prefix) with ONE listing
+  (a directory walk, or S3 ListObjectsV2 pages of 1,000 keys) that gives every file's size and modification
+  time. Each file becomes a `FileEntry` whose `status` is one of `FILE_STATUSES` (ok | missing | unreadable |
+  empty | binary | corrupt | unsupported). Where `read.sniff` says so (auto: local files) it also sniffs the first
+  `read.sniff_bytes` (1 KiB, decompressed for .gz/.zst, from one read of at most 64 KiB) of each file and sets
+  the status from it (`FileEntry.sniffed`); on object storage (auto) nothing is opened on the driver and the
+  reading task sniffs instead (see below), so 5,000 S3 objects cost 5 list requests, not 10,000 HEAD/GETs.
+- `plan_chunks(files, chunk_bytes)` cuts work items without opening anything: uncompressed line-oriented files
+  larger than `chunk_bytes` into byte ranges, parquet files into byte ranges that each own the ROW GROUPS starting
+  inside them (the reader takes them from the footer), compressed files whole.
+- `input_sha256(files, mode)` fingerprints the inputs. `stat` (the default) hashes every file's URI, size,
+  modification time (S3: LastModified) and status as listed by `discover` -- no extra I/O, fine for 100 GB; any
+  rewrite, addition or removal of a file changes it. `content` hashes every byte on the driver (a full read of the
+  corpus on every run, cached or not) for when modification times cannot be trusted.
+
+Reading (`read_chunk`) runs in the workers and yields one `RawDoc` per record, including the broken ones, each
+with a `reason` from `READ_REASONS`, so that every input record is accounted for in the report:
+
+- per record: `malformed_json`, `missing_text_field` (also a null parquet value), `invalid_utf8` (only with
+  `read.on_invalid_utf8: skip`; by default the bytes are replaced and the record carries `repaired`),
+  `too_long`;
+- per file (`FILE_REASONS`), ONE extra record with `text=""`, `n_bytes_in=0`,
+  `doc_id = chunk.ordinal << 32 | 0xFFFFFFFF`, `offset` = the (decompressed) byte offset -- for parquet the row
+  index -- where reading stopped, and a `detail` that names the file ("<what> at byte|row N of <uri>: <error>"):
+  `file_missing` (deleted between listing and reading, e.g. an s3:// object), `corrupt_compression` (truncated or
+  corrupt gzip/zstd), `corrupt_parquet` (unreadable footer or page), `read_error` (any other I/O error:
+  permissions, network), and, when the reading task sniffed the file, `binary_file` / `empty_file` (offset 0,
+  "binary|empty file <uri>: ..."). Records read before the problem are kept. Failures found when a file is
+  opened or sniffed are reported by the chunk that starts at byte 0 only, so a file split into N chunks counts
+  once. `FILE_REASON_STATUS` maps each to the file status it stands for, for the report's file table.
+
+`READ_REASONS` lists every reason the read stage assigns, in report order (report.STAGE_REASONS["read"]). A file
+is binary when its sniffed head has more than `read.max_control_ratio` (10%) non-text bytes (NUL, control
+characters other than tab/newline/CR/FF, bytes of invalid UTF-8 sequences) or starts with a UTF-16 byte-order
+mark. Isolated invalid UTF-8 in a text file is handled per record (`invalid_utf8`).
 
 A byte range [start, end) owns the lines that START inside it: a reader skips the partial line at `start` and
 finishes the line that crosses `end`. Document ids are `chunk_ordinal << 32 | index_in_chunk`, with chunks
@@ -14,11 +46,14 @@ whatever the number of workers.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,12 +72,51 @@ FORMATS = {
 }
 GLOB_CHARS = set("*?[")
 BLOCK = 1 << 20
+SNIFF_RAW = 1 << 16  # compressed bytes fetched to sniff a .gz/.zst file
+SNIFF_STEP = 256  # ... decompressed in steps this small, so a stream that breaks early still gives its head
 EXAMPLE_BYTES = 400  # how much of a broken record is kept as an example for the report
+ERROR_INDEX = 0xFFFFFFFF  # index_in_chunk of the record that reports a failure ending a chunk
+
+FILE_STATUSES = ("ok", "missing", "unreadable", "empty", "binary", "corrupt", "unsupported")
+# Reasons of records that stand for the unread rest of a file (see the module docstring).
+FILE_REASONS = (
+    "file_missing",
+    "binary_file",
+    "empty_file",
+    "corrupt_compression",
+    "corrupt_parquet",
+    "read_error",
+)
+# The file status each of them stands for (a file whose head the reading task checked keeps status "ok").
+FILE_REASON_STATUS = {
+    "file_missing": "missing",
+    "binary_file": "binary",
+    "empty_file": "empty",
+    "corrupt_compression": "corrupt",
+    "corrupt_parquet": "corrupt",
+    "read_error": "unreadable",
+}
+_STATUS_REASON = {
+    "missing": "file_missing",
+    "binary": "binary_file",
+    "empty": "empty_file",
+    "corrupt": "corrupt_compression",
+    "unreadable": "read_error",
+}
+# Every reason the read stage gives a record, in report order (report.STAGE_REASONS["read"]).
+READ_REASONS = (*FILE_REASONS, "malformed_json", "missing_text_field", "invalid_utf8", "too_long")
+
+_COMPRESSION_ERROR = re.compile(r"compress|inflate|zlib|zstd|gzip|lz4|brotli|bz2", re.IGNORECASE)
+# Errors of the storage rather than the bytes (network, permissions): `read_error`, never "corrupt".
+_IO_ERROR = re.compile(
+    r"AWS Error|curl|connection|timed out|timeout|network|broken pipe|reset by peer|permission|access denied",
+    re.IGNORECASE,
+)
 
 
 @dataclass
 class FileEntry:
-    """One input file and what the driver found out about it."""
+    """One input file and what the driver found out about it (from the listing and a sniff of its head)."""
 
     file_id: int
     uri: str  # local absolute path, or scheme://...
@@ -50,11 +124,13 @@ class FileEntry:
     language: str
     format: str  # txt | jsonl | parquet ("" when unsupported)
     compression: str | None
-    size: int
+    size: int  # bytes on storage (compressed size for .gz/.zst)
     txt_mode: str = "line"
     text_field: str = "text"
-    status: str = "ok"  # ok | missing | unreadable | empty | binary | unsupported
+    status: str = "ok"  # one of FILE_STATUSES
     detail: str = ""
+    mtime_ns: int = 0  # modification time from the listing (S3: LastModified); 0 when unknown
+    sniffed: bool = False  # the driver checked its head; else the reading task does (read.sniff)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +138,8 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A unit of reading work: a whole file (start=0, end=-1) or a byte range of an uncompressed file."""
+    """A unit of reading work: a whole file (start=0, end=-1), a byte range of an uncompressed line-oriented
+    file, or a byte range of a parquet file (the row groups that start inside it)."""
 
     ordinal: int
     file_id: int
@@ -77,7 +154,7 @@ class RawDoc:
     offset: int  # byte offset of the record in the (decompressed) file; row index for parquet
     text: str
     n_bytes_in: int
-    reason: str = ""  # "" = fine so far; else why it is dropped
+    reason: str = ""  # "" = fine so far; else why it is dropped (one of READ_REASONS)
     repaired: str = ""  # "" or a repair that was applied (invalid_utf8, truncated)
     detail: str = field(default="", repr=False)
 
@@ -112,9 +189,12 @@ def split_suffixes(name: str) -> tuple[str, str | None]:
     return fmt, compression
 
 
-def _list_local(root: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+Listed = tuple[str, int, int]  # (uri, size, mtime_ns)
+
+
+def _list_local(root: str) -> tuple[list[Listed], list[tuple[str, str]]]:
     """Files under a local directory (following nothing outside it) and the paths that could not be read."""
-    files: list[tuple[str, int]] = []
+    files: list[Listed] = []
     errors: list[tuple[str, str]] = []
 
     def onerror(exc: OSError) -> None:
@@ -127,20 +207,27 @@ def _list_local(root: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
             try:
-                files.append((p, os.stat(p).st_size))
+                st = os.stat(p)
             except OSError as exc:  # broken symlink, permission
                 errors.append((p, f"{type(exc).__name__}: {exc.strerror or exc}"))
+                continue
+            files.append((p, st.st_size, st.st_mtime_ns))
     return files, errors
 
 
-def _list_remote(fs: pafs.FileSystem, root: str, prefix: str) -> list[tuple[str, int]]:
+def _list_remote(fs: pafs.FileSystem, root: str, prefix: str) -> list[Listed]:
+    """One recursive listing (S3: ListObjectsV2 pages), sizes and modification times included."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    out = [(f"{prefix}{i.path}", int(i.size or 0)) for i in infos if i.type == pafs.FileType.File]
+    out = [
+        (f"{prefix}{i.path}", int(i.size or 0), int(i.mtime_ns or 0))
+        for i in infos
+        if i.type == pafs.FileType.File
+    ]
     return sorted(out)
 
 
-def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """(files with sizes, unreadable paths with the error) for one source; paths sorted."""
+def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[Listed], list[tuple[str, str]]]:
+    """((uri, size, mtime_ns) of each file, unreadable paths with the error) for one source; paths sorted."""
     raw = spec.path
     uri = raw if is_uri(raw) or os.path.isabs(raw) else str(data_root / raw)
     scheme = uri.split("://", 1)[0] + "://" if is_uri(uri) else ""
@@ -151,7 +238,8 @@ def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[tuple[str, in
         base = uri[:cut].rsplit("/", 1)[0] or "/"
     if not scheme:
         if not has_glob and os.path.isfile(uri):
-            return [(uri, os.path.getsize(uri))], []
+            st = os.stat(uri)
+            return [(uri, st.st_size, st.st_mtime_ns)], []
         if not os.path.isdir(base):
             reason = "no such file or directory" if not os.path.lexists(base) else "not readable"
             return [], [(uri, reason)]
@@ -164,10 +252,13 @@ def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[tuple[str, in
         except OSError as exc:
             return [], [(uri, f"{type(exc).__name__}: {exc}")]
         if info.type == pafs.FileType.File and not has_glob:
-            return [(uri, int(info.size or 0))], []
+            return [(uri, int(info.size or 0), int(info.mtime_ns or 0))], []
         if info.type != pafs.FileType.Directory:
             return [], [(uri, "no such file or directory")]
-        files, errors = _list_remote(fs, path, prefix), []
+        try:
+            files, errors = _list_remote(fs, path, prefix), []
+        except OSError as exc:
+            return [], [(uri, f"{type(exc).__name__}: {exc}")]
     if has_glob:
         files = [f for f in files if fnmatch.fnmatchcase(f[0], uri)]
         errors = [e for e in errors if fnmatch.fnmatchcase(e[0], uri)]
@@ -178,35 +269,78 @@ def expand_source(spec: SourceSpec, data_root: Path) -> tuple[list[tuple[str, in
     return files, errors
 
 
-def sniff(uri: str, fmt: str, compression: str | None, cfg: ReadConfig) -> tuple[str, str]:
-    """("ok", "") or (status, detail) after reading the first bytes of a file."""
+def _non_text_bytes(head: bytes) -> int:
+    """NUL and control bytes (other than tab, newline, form feed, CR) plus bytes of invalid UTF-8 sequences.
+
+    A multi-byte character cut at the end of `head` is not counted."""
+    control = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(head, final=False)
+    replaced = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    return control + max(0, replaced)
+
+
+def _read_head(uri: str, compression: str | None, size: int, n: int) -> bytes:
+    """The first `n` bytes of a file, decompressed, with ONE read of storage (S3: a HEAD and one ranged GET): a
+    compressed file's first `SNIFF_RAW` bytes are fetched and decompressed in memory. A stream that breaks after
+    some bytes gives those bytes (the reader reports the break); one that gives none raises."""
+    import pyarrow as pa
+
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        raw = f.read(n if compression is None else min(size or SNIFF_RAW, SNIFF_RAW))
+    if compression is None:
+        return raw
+    head = b""
     try:
-        fs, path = filesystem(uri)
-        with fs.open_input_stream(path, compression=compression) as f:
-            head = f.read(cfg.sniff_bytes)
-    except (OSError, ValueError) as exc:
+        with pa.CompressedInputStream(pa.BufferReader(raw), compression) as stream:
+            while len(head) < n:
+                block = stream.read(min(SNIFF_STEP, n - len(head)))
+                if not block:
+                    break
+                head += block
+    except (OSError, ValueError, EOFError):
+        if not head and len(raw) >= size:
+            raise
+        # bytes came out before the break, or the sniffed prefix simply ended: the reader sees the rest
+    return head
+
+
+def sniff(uri: str, fmt: str, compression: str | None, cfg: ReadConfig, size: int = 0) -> tuple[str, str]:
+    """("ok", "") or (status, detail) after reading (decompressing) the first `cfg.sniff_bytes` of a file."""
+    try:
+        head = _read_head(uri, compression, size, cfg.sniff_bytes)
+    except FileNotFoundError as exc:
+        return "missing", f"deleted after it was listed ({type(exc).__name__}: {exc})"
+    except (OSError, ValueError, EOFError) as exc:
+        message = str(exc)
+        if compression and _COMPRESSION_ERROR.search(message) and not _IO_ERROR.search(message):
+            return "corrupt", f"{compression} stream cannot be decompressed: {exc}"
         return "unreadable", f"{type(exc).__name__}: {exc}"
     if not head:
-        return "empty", "no bytes"
+        return "empty", "no bytes" + (f" after {compression} decompression" if compression else "")
     if fmt == "parquet":
         return ("ok", "") if head[:4] == b"PAR1" else ("binary", "not a parquet file (no PAR1 magic)")
-    if b"\x00" in head:
-        return "binary", "NUL bytes (binary or UTF-16 file): convert it to UTF-8 text"
-    control = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
-    if control / len(head) > cfg.max_control_ratio:
-        return "binary", f"{control} control bytes in the first {len(head)}"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "binary", "UTF-16 text (byte-order mark): convert it to UTF-8"
+    bad = _non_text_bytes(head)
+    if bad / len(head) > cfg.max_control_ratio:
+        return "binary", (
+            f"{bad} of the first {len(head)} bytes are not text (NUL, control or invalid UTF-8; "
+            f"read.max_control_ratio={cfg.max_control_ratio})"
+        )
     if not head.strip():
         return "empty", "only whitespace"
     return "ok", ""
 
 
 def discover(cfg: PreprocessConfig, data_root: Path) -> list[FileEntry]:
-    """Every file of every source, in (source, path) order, with its status."""
+    """Every file of every source, in (source, path) order, with its status (see the module docstring)."""
     entries: list[FileEntry] = []
     seen: set[str] = set()
     for si, spec in enumerate(cfg.sources):
         files, errors = expand_source(spec, data_root)
-        for uri, size in files:
+        for uri, size, mtime_ns in files:
             if uri in seen:  # listed by two sources: read once (by the first)
                 continue
             seen.add(uri)
@@ -214,14 +348,27 @@ def discover(cfg: PreprocessConfig, data_root: Path) -> list[FileEntry]:
             if spec.format != "auto":
                 fmt = spec.format
             e = FileEntry(
-                len(entries), uri, si, spec.language, fmt, comp, size, spec.txt_mode, spec.text_field
+                len(entries),
+                uri,
+                si,
+                spec.language,
+                fmt,
+                comp,
+                size,
+                spec.txt_mode,
+                spec.text_field,
+                mtime_ns=mtime_ns,
             )
             if not fmt:
                 e.status, e.detail = "unsupported", "extension is not .txt/.jsonl/.parquet (set format)"
+            elif fmt == "parquet" and comp:
+                e.status, e.detail = (
+                    "unsupported",
+                    f"{comp}-compressed parquet: parquet compresses its own pages, write it uncompressed "
+                    "with compression='zstd' inside",
+                )
             elif size == 0:
                 e.status, e.detail = "empty", "0 bytes"
-            else:
-                e.status, e.detail = sniff(uri, fmt, comp, cfg.read)
             entries.append(e)
         for uri, why in errors:
             fmt, comp = split_suffixes(uri)
@@ -231,17 +378,36 @@ def discover(cfg: PreprocessConfig, data_root: Path) -> list[FileEntry]:
             entries.append(
                 FileEntry(len(entries), uri, si, spec.language, fmt, comp, 0, status=status, detail=why)
             )
+    todo = [e for e in entries if e.status == "ok" and sniffs_on_driver(e.uri, cfg.read)]
+    remote = any(_is_object_store(e.uri) for e in todo)
+    threads = min(cfg.read.sniff_threads, len(todo)) if remote else 1  # local reads: no waiting to overlap
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(lambda e: sniff(e.uri, e.format, e.compression, cfg.read, e.size), todo))
+    else:
+        results = [sniff(e.uri, e.format, e.compression, cfg.read, e.size) for e in todo]
+    for e, (status, detail) in zip(todo, results, strict=True):
+        e.status, e.detail, e.sniffed = status, detail, True
     return entries
 
 
+def _is_object_store(uri: str) -> bool:
+    return is_uri(uri) and not uri.startswith("file://")
+
+
+def sniffs_on_driver(uri: str, cfg: ReadConfig) -> bool:
+    """Whether `discover` sniffs this file (else the reading task does, see `read.sniff`)."""
+    return cfg.sniff == "driver" or (cfg.sniff == "auto" and not _is_object_store(uri))
+
+
 def plan_chunks(files: list[FileEntry], chunk_bytes: int) -> list[Chunk]:
-    """Reading work items for the readable files, numbered in input order."""
+    """Reading work items for the readable files, numbered in input order; nothing is opened."""
     chunks: list[Chunk] = []
     for f in files:
         if f.status != "ok":
             continue
         splittable = f.compression is None and (
-            f.format == "jsonl" or (f.format == "txt" and f.txt_mode == "line")
+            f.format in ("jsonl", "parquet") or (f.format == "txt" and f.txt_mode == "line")
         )
         if splittable and f.size > chunk_bytes:
             for start in range(0, f.size, chunk_bytes):
@@ -251,18 +417,20 @@ def plan_chunks(files: list[FileEntry], chunk_bytes: int) -> list[Chunk]:
     return chunks
 
 
-def input_sha256(files: list[FileEntry], mode: str = "content") -> str:
-    """Fingerprint of the inputs: every file's URI, size and content hash (mode "content") or modification
-    time (mode "metadata", for corpora too large to hash on every run)."""
+def input_sha256(files: list[FileEntry], mode: str = "stat") -> str:
+    """Fingerprint of the inputs: every file's URI, size and status, plus its modification time from the listing
+    (mode "stat": no I/O) or the sha256 of its bytes (mode "content": reads the whole corpus)."""
+    if mode not in ("stat", "content"):
+        raise ValueError(f"input hash mode {mode!r}: use 'stat' or 'content'")
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.uri}\0{f.size}\0{f.status}\0".encode())
         if f.status != "ok":
             continue
-        fs, path = filesystem(f.uri)
-        if mode == "metadata":
-            h.update(str(fs.get_file_info(path).mtime_ns).encode())
+        if mode == "stat":
+            h.update(f"{f.mtime_ns}\0".encode())
             continue
+        fs, path = filesystem(f.uri)
         with fs.open_input_stream(path) as stream:
             while block := stream.read(1 << 22):
                 h.update(block)
@@ -388,16 +556,27 @@ class _DocMaker:
             doc.repaired = doc.repaired or "invalid_utf8"
 
 
-def _read_lines(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig) -> Iterator[RawDoc]:
+class _Progress:
+    """Where a chunk's reading stands, for the record that reports a failure: the (decompressed) byte offset or
+    parquet row reached, and whether the failure happened while opening the file."""
+
+    def __init__(self, start: int):
+        self.position = start
+        self.opened = False
+
+
+def _read_lines(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig, progress: _Progress) -> Iterator[RawDoc]:
     fs, path = filesystem(f_entry.uri)
     maker = _DocMaker(chunk, cfg)
     kind = "jsonl" if f_entry.format == "jsonl" else "txt"
     if chunk.end < 0:
         stream = fs.open_input_stream(path, compression=f_entry.compression)
         start, end = 0, None
+        progress.opened = True
     else:
         stream = fs.open_input_file(path)
         start, end = chunk.start, chunk.end
+        progress.opened = True
         if start > 0:  # skip the line that started in the previous chunk
             stream.seek(start - 1)
             skip = 0
@@ -416,10 +595,13 @@ def _read_lines(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig) -> Iterator[R
                 stream.close()
                 return
             stream.seek(start)
+    progress.position = start
     with stream:
 
         def read() -> bytes:
-            return stream.read(BLOCK)
+            block = stream.read(BLOCK)
+            progress.position += len(block)
+            return block
 
         if kind == "txt" and f_entry.txt_mode == "blank_line":
             yield from _blank_line_docs(iter_lines(read, start, cfg.max_doc_bytes), maker, cfg)
@@ -449,7 +631,16 @@ def _blank_line_docs(lines, maker: _DocMaker, cfg: ReadConfig) -> Iterator[RawDo
         yield maker.make(block_offset, b"\n".join(block), block_len, kind="txt")
 
 
-def _read_parquet(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig) -> Iterator[RawDoc]:
+def _row_group_start(rg) -> int:
+    """Byte offset where a row group's data begins (its first column chunk's dictionary or first data page)."""
+    col = rg.column(0)
+    if col.has_dictionary_page and col.dictionary_page_offset:
+        return int(col.dictionary_page_offset)
+    return int(col.data_page_offset)
+
+
+def _read_parquet(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig, progress: _Progress) -> Iterator[RawDoc]:
+    """The rows of the row groups that start inside the chunk's byte range (all of them for a whole-file chunk)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -457,48 +648,99 @@ def _read_parquet(chunk: Chunk, f_entry: FileEntry, cfg: ReadConfig) -> Iterator
     maker = _DocMaker(chunk, cfg)
     with fs.open_input_file(path) as raw:
         pf = pq.ParquetFile(raw)
+        meta = pf.metadata
+        first_rows = [0]
+        for i in range(meta.num_row_groups):
+            first_rows.append(first_rows[-1] + meta.row_group(i).num_rows)
+        if chunk.end < 0:
+            groups = list(range(meta.num_row_groups))
+        else:
+            # each row group belongs to the one range its first byte falls in
+            starts = [_row_group_start(meta.row_group(i)) for i in range(meta.num_row_groups)]
+            groups = [i for i, b in enumerate(starts) if chunk.start <= min(b, f_entry.size - 1) < chunk.end]
+        progress.opened = True
+        progress.position = first_rows[groups[0]] if groups else 0
         names = pf.schema_arrow.names
         field_ok = f_entry.text_field in names and (
             pa.types.is_string(pf.schema_arrow.field(f_entry.text_field).type)
             or pa.types.is_large_string(pf.schema_arrow.field(f_entry.text_field).type)
         )
-        if not field_ok:
-            for row in range(pf.metadata.num_rows):
-                doc = RawDoc(chunk.ordinal << 32 | maker.n, chunk.file_id, row, "", 0, "missing_text_field")
-                doc.detail = f"no string column {f_entry.text_field!r} (columns: {names[:8]})"
-                maker.n += 1
-                yield doc
-            return
-        row = 0
-        for batch in pf.iter_batches(columns=[f_entry.text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                if value is None:
+        for g in groups:
+            row = progress.position = first_rows[g]
+            if not field_ok:
+                for row in range(first_rows[g], first_rows[g + 1]):
                     doc = RawDoc(
                         chunk.ordinal << 32 | maker.n, chunk.file_id, row, "", 0, "missing_text_field"
                     )
-                    doc.detail = "null value"
+                    doc.detail = f"no string column {f_entry.text_field!r} (columns: {names[:8]})"
                     maker.n += 1
                     yield doc
-                else:
-                    data = value.encode("utf-8", "surrogatepass")
-                    yield maker.make(row, data, len(data), kind="txt")
-                row += 1
+                continue
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=[f_entry.text_field]):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        doc = RawDoc(
+                            chunk.ordinal << 32 | maker.n, chunk.file_id, row, "", 0, "missing_text_field"
+                        )
+                        doc.detail = "null value"
+                        maker.n += 1
+                        yield doc
+                    else:
+                        data = value.encode("utf-8", "surrogatepass")
+                        yield maker.make(row, data, len(data), kind="txt")
+                    row += 1
+                progress.position = row
+
+
+def _failure(exc: BaseException, entry: FileEntry) -> tuple[str, str]:
+    """(reason, what) for an exception that ended the reading of a chunk."""
+    if isinstance(exc, FileNotFoundError):
+        return "file_missing", "file deleted after it was listed"
+    message = str(exc)
+    if isinstance(exc, PermissionError | ConnectionError) or _IO_ERROR.search(message):
+        return "read_error", "reading failed"
+    if entry.format == "parquet":
+        return "corrupt_parquet", "parquet file cannot be decoded"
+    if entry.compression and _COMPRESSION_ERROR.search(message):
+        return "corrupt_compression", f"{entry.compression} stream broken"
+    return "read_error", "reading failed"
 
 
 def read_chunk(chunk: Chunk, entry: FileEntry, cfg: ReadConfig) -> Iterator[RawDoc]:
-    """Every record of one chunk as a RawDoc (broken ones carry a reason); I/O errors become one record."""
+    """Every record of one chunk as a RawDoc (broken ones carry a reason). A failure that ends the chunk -- file
+    deleted, corrupt compression or parquet, I/O error -- becomes ONE record after the records read before it
+    (see the module docstring); a failure while opening is reported by the file's first chunk only."""
+    if not entry.sniffed and entry.status == "ok":
+        status, detail = sniff(entry.uri, entry.format, entry.compression, cfg, entry.size)
+        if status != "ok":
+            if chunk.start == 0:  # one record per file, from its first chunk
+                yield RawDoc(
+                    chunk.ordinal << 32 | ERROR_INDEX,
+                    chunk.file_id,
+                    0,
+                    "",
+                    0,
+                    _STATUS_REASON[status],
+                    detail=f"{status} file {entry.uri}: {detail}",
+                )
+            return
+    progress = _Progress(chunk.start)
     try:
         if entry.format == "parquet":
-            yield from _read_parquet(chunk, entry, cfg)
+            yield from _read_parquet(chunk, entry, cfg, progress)
         else:
-            yield from _read_lines(chunk, entry, cfg)
-    except (OSError, ValueError, EOFError) as exc:  # e.g. a corrupt gzip stream half-way through
+            yield from _read_lines(chunk, entry, cfg, progress)
+    except (OSError, ValueError, EOFError) as exc:
+        if not progress.opened and chunk.start > 0:
+            return  # the chunk at byte 0 of the same file reports it
+        reason, what = _failure(exc, entry)
+        unit = "row" if entry.format == "parquet" else "byte"
         yield RawDoc(
-            chunk.ordinal << 32 | 0xFFFFFFFF,
+            chunk.ordinal << 32 | ERROR_INDEX,
             chunk.file_id,
-            chunk.start,
+            progress.position,
             "",
             0,
-            "read_error",
-            detail=f"{type(exc).__name__}: {exc}",
+            reason,
+            detail=f"{what} at {unit} {progress.position} of {entry.uri}: {type(exc).__name__}: {exc}",
         )
