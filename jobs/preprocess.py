@@ -565,11 +565,12 @@ def plan_mixture(
 
 
 def record_bases(ip: InputPlan, summaries: list[dict]) -> dict[int, tuple[str, int]]:
-    """Per chunk: (its file's uri, records of that file in earlier chunks) = where record indexes start."""
+    """Per chunk: (its file's uri, records of that file in earlier chunks) = where record indexes start (the
+    record standing for a file problem is not one of the file's records)."""
     by_file = {f.file_id: f.uri for f in ip.files}
     seen: dict[int, int] = {}
     out = {}
-    docs = {x["ordinal"]: x["documents"] for x in summaries}
+    docs = {x["ordinal"]: x["records"] for x in summaries}
     for c in ip.chunks:
         base = seen.get(c.file_id, 0)
         out[c.ordinal] = (by_file[c.file_id], base)

@@ -460,7 +460,7 @@ def test_chunk_plan_only_splits_plain_line_files(tmp_path):
     )
     files = discover(cfg, tmp_path)
     assert len(files) == 4  # a.txt listed once
-    assert [f.status for f in files] == ["ok", "ok", "ok", "unreadable"]
+    assert [f.status for f in files] == ["ok", "ok", "ok", "corrupt"]  # not a gzip stream at all
     chunks = plan_chunks(files, 1000)
     per_file = {f.uri.rsplit("/", 1)[-1]: sum(c.file_id == f.file_id for c in chunks) for f in files}
     assert per_file == {"a.txt": 6, "b.jsonl": 6, "c.txt.gz": 1, "d.txt.gz": 0}

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -73,6 +74,11 @@ def corpus(tmp_path_factory) -> Path:
         '{"title": "a record without the text field"}\n'
     )
     (bad / "notes.csv").write_text("a,b\n1,2\n")
+    # ~2.4 MB of numbers (cheap: too few letters for language ID, dropped by the quality filter), gzipped, cut in
+    # half: the stream breaks after the first MB-blocks were read
+    digits = np.random.default_rng(0).integers(0, 10**9, (60_000, 4)).astype(str)
+    packed = gzip.compress("".join(" ".join(row) + "\n" for row in digits).encode())
+    (bad / "truncated.txt.gz").write_bytes(packed[: len(packed) // 2])
     (bad / "broken_link.txt").symlink_to(root / "nowhere.txt")
     return root
 
@@ -238,6 +244,14 @@ def test_bad_input_is_counted_with_file_names(run1):
     )
     assert files["records.jsonl"]["dropped"] == {"malformed_json": 1, "missing_text_field": 1}
     assert files["invalid_utf8.txt"]["repaired"] == {"invalid_utf8": 1}
+    cut = files["truncated.txt.gz"]  # records before the break are read, the rest is one counted record
+    assert cut["status"] == "corrupt" and cut["dropped"].get("corrupt_compression") == 1
+    assert cut["documents_in"] > 2 and r["totals"]["files_with_read_problems"] == 1
+    assert "truncated.txt.gz" in r["examples"]["corrupt_compression"][0]["detail"]
+    docs = pq.read_table(run1["dir"] / "documents").to_pandas()
+    row = docs[docs["reason"] == "corrupt_compression"].iloc[0]
+    assert row["file"].endswith("truncated.txt.gz")
+    assert row["record"] is None or np.isnan(row["record"])  # it stands for the unread rest, no record index
     md = (run1["dir"] / "report.md").read_text()
     for name in (
         "binary.txt",
@@ -246,6 +260,7 @@ def test_bad_input_is_counted_with_file_names(run1):
         "does_not_exist.txt",
         "records.jsonl",
         "huge_line.txt",
+        "truncated.txt.gz",
     ):
         assert name in md
     assert [x["file"].endswith("records.jsonl") for x in r["examples"]["malformed_json"]] == [True]
@@ -363,9 +378,16 @@ def test_killed_run_resumes_committed_blocks_with_identical_shards(
     import os
     import signal
 
+    lines = (FIXTURES / "kk" / "news.txt").read_text().splitlines() + (
+        FIXTURES / "ru" / "gsd.txt"
+    ).read_text().splitlines()
+    big = tmp_path / "in" / "many.txt"  # ~30 blocks of ~10 kB: several seconds of cleaning with one worker
+    big.parent.mkdir()
+    big.write_text("".join(f"{line} ({i})\n" for i in range(6) for line in lines if line.strip()))
     cfg = config_dict(corpus, tokenizer_dir, out=str(tmp_path / "ds"))
-    cfg["sources"] = cfg["sources"][:3]  # kk, ru (~0.6 MB) in small blocks
-    cfg["read"] = {"chunk_mb": 0.02}
+    cfg["sources"] = [{"path": str(big), "language": "kk"}]
+    cfg["langid"] = {"on_mismatch": "keep"}
+    cfg["read"] = {"chunk_mb": 0.01}
     cfg["mixture"] = {"target": None}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))

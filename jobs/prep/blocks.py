@@ -86,6 +86,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+FILE_RECORD = 0xFFFFFFFF  # index of the record jobs.prep.sources adds for a problem that ends a file
+
+
 def block_range(ordinal: int) -> tuple[int, int]:
     return ordinal << 32, (ordinal + 1) << 32
 
@@ -121,7 +124,7 @@ def clean_chunk(
     t0 = time.perf_counter()
     if store.exists(rel):
         return {"ordinal": chunk.ordinal, "skipped": True, **_clean_summary(store, rel)}
-    docs = bytes_in = 0
+    docs = records = bytes_in = 0
     with store.writing(rel) as tmp:
         writer = None
         for t in stages.read_chunk_docs(chunk, files, cfg, cfg.execution.batch_size):
@@ -135,6 +138,9 @@ def clean_chunk(
                 t = fn(t, cfg)
             t = tokenize_kept(t, tk, eos_id, cfg.tokenizer.batch_size).drop_columns(["text"])
             docs += t.num_rows
+            records += int(
+                pc.sum(pc.not_equal(pc.bit_wise_and(t.column("doc_id"), FILE_RECORD), FILE_RECORD)).as_py()
+            )
             bytes_in += int(pc.sum(t.column("n_bytes_in")).as_py() or 0)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
@@ -147,6 +153,7 @@ def clean_chunk(
         "ordinal": chunk.ordinal,
         "skipped": False,
         "documents": docs,
+        "records": records,
         "bytes_in": bytes_in,
         "seconds": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
@@ -154,10 +161,12 @@ def clean_chunk(
 
 
 def _clean_summary(store: Store, rel: str) -> dict[str, Any]:
-    t = read_clean(store, 0, ["n_bytes_in"], rel=rel)
+    t = read_clean(store, 0, ["doc_id", "n_bytes_in"], rel=rel)
+    index = pc.bit_wise_and(t.column("doc_id"), FILE_RECORD)
     return {
         "documents": t.num_rows,
-        "bytes_in": int(pc.sum(t.column(0)).as_py() or 0),
+        "records": int(pc.sum(pc.not_equal(index, FILE_RECORD)).as_py() or 0),
+        "bytes_in": int(pc.sum(t.column("n_bytes_in")).as_py() or 0),
         "seconds": 0.0,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -377,7 +386,8 @@ def documents_table(d: pd.DataFrame, records: dict[int, tuple[str, int]]) -> pa.
                 continue
             uri, base = records[x >> 32]
             files.append(uri)
-            recs.append(base + (x & 0xFFFFFFFF))
+            index = x & 0xFFFFFFFF  # 0xFFFFFFFF: the record that stands for a file's unread rest (no index)
+            recs.append(None if index == FILE_RECORD else base + index)
         return files, recs
 
     file, record = where(d["doc_id"].to_numpy(np.int64))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.prep.sources import READ_REASONS, FileEntry
+from jobs.prep.sources import FILE_REASON_STATUS, READ_REASONS, FileEntry
 
 # Drop reasons by the stage that assigns them, in pipeline order.
 STAGE_REASONS: dict[str, list[str]] = {
@@ -125,23 +125,32 @@ def build_report(
     repairs_by_file: dict[int, dict[str, int]] = {}
     for (fid, r), c in repairs.items():
         repairs_by_file.setdefault(int(fid), {})[r] = int(c)
-    file_rows = [
-        {
-            "path": f.uri,
-            "language": f.language,
-            "format": f.format + (f"+{f.compression}" if f.compression else ""),
-            "status": f.status,
-            "detail": f.detail,
-            "bytes": f.size,
-            "documents_in": int(counts.get(f.file_id, 0)),
-            "dropped": drops_by_file.get(f.file_id, {}),
-            "repaired": repairs_by_file.get(f.file_id, {}),
-        }
-        for f in files
-    ]
+    file_rows = []
+    for f in files:
+        status, detail = f.status, f.detail
+        found = [r for r in drops_by_file.get(f.file_id, {}) if r in FILE_REASON_STATUS]
+        if status == "ok" and found:  # a problem the reading task found (object storage, mid-file corruption)
+            status = FILE_REASON_STATUS[found[0]]
+            detail = f"{found[0]} while reading (the examples show where)"
+        file_rows.append(
+            {
+                "path": f.uri,
+                "language": f.language,
+                "format": f.format + (f"+{f.compression}" if f.compression else ""),
+                "status": status,
+                "detail": detail,
+                "bytes": f.size,
+                "documents_in": int(counts.get(f.file_id, 0)),
+                "dropped": drops_by_file.get(f.file_id, {}),
+                "repaired": repairs_by_file.get(f.file_id, {}),
+            }
+        )
     totals = {
         "files": len(files),
         "files_skipped": sum(f.status != "ok" for f in files),
+        "files_with_read_problems": sum(
+            f.status == "ok" and r["status"] != "ok" for f, r in zip(files, file_rows)
+        ),
         "documents_in": n(g),
         "documents_kept": n(g[g["reason"] == ""]),
         "bytes_in": n(g, "n_bytes_in"),
@@ -173,7 +182,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     out = [f"# Preprocessing report: {r['name']}", ""]
     t = r["totals"]
     out += [
-        f"{t['files']} files ({t['files_skipped']} skipped), {t['documents_in']:,} documents in "
+        f"{t['files']} files ({t['files_skipped']} skipped, {t.get('files_with_read_problems', 0)} with problems found while "
+        f"reading), {t['documents_in']:,} documents in "
         f"({t['bytes_in'] / 1e6:,.2f} MB), {t['documents_kept']:,} kept.",
         "",
         "## Per source language (documents in = kept + dropped)",
