@@ -21,7 +21,12 @@ Offline substitutions, because nothing can be downloaded here:
 - Rust tokenizers and BLAS run one thread per task (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), so that
   T tasks use T cores.
 
-MB are the corpus's uncompressed bytes (corpus.json `uncompressed_bytes`); MB/s per core = MB / wall / T.
+MB are the corpus's uncompressed bytes (corpus.json `uncompressed_bytes`); MB/s per core = MB / wall / T (all
+five stages, executor start-up included). Just before, the same way: our tokenizer alone (HF tokenizers,
+encode_batch, one thread) on the first 20 MB of text, the floor the issue compares pipelines with. The
+per-document decisions go to `<out>/tasks-T/documents/part-0.parquet` (language drops as reason "language", MinHash
+drops as "near_duplicate" with the kept member of their datatrove cluster as duplicate_of) and are scored with
+benchmarks.datascale.planted; results in `<out>/peer.json`.
 
     python -m benchmarks.datascale.datatrove_peer --corpus /tmp/corpus-150m --out /tmp/dt-peer --tasks 1,2
 """
@@ -259,6 +264,43 @@ def run_datatrove(corpus: Path, work: Path, tasks: int, tokenizer: str, bands: i
     }
 
 
+def tokenizer_floor(corpus: Path, tokenizer: str, max_mb: float = 20.0) -> dict:
+    """Our tokenizer alone (HF tokenizers, encode_batch, one thread) on the corpus's first documents: MB/s of text
+    measured beside the datatrove run, so that both figures see the same machine load."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    meta = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
+    texts: list[str] = []
+    size = 0
+    for f in meta["files"]:
+        path = corpus / f["path"]
+        if path.name.endswith(".parquet"):
+            batch = pq.read_table(str(path), columns=["text"]).column("text").to_pylist()
+        else:
+            with pa.input_stream(str(path), compression="zstd") as stream:
+                batch = [json.loads(line)["text"] for line in stream.read().decode("utf-8").splitlines()]
+        for t in batch:
+            texts.append(t)
+            size += len(t.encode("utf-8"))
+            if size >= max_mb * 1e6:
+                break
+        if size >= max_mb * 1e6:
+            break
+    tok = Tokenizer.from_file(tokenizer)
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), 1000):
+        tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1000]))
+    seconds = time.perf_counter() - t0
+    return {
+        "mb": round(size / 1e6, 1),
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(size / 1e6 / seconds, 3),
+    }
+
+
 def _count_tokens(folder: Path) -> int:
     """Tokens in datatrove's .ds files (uint16 ids: 2 bytes each)."""
     return sum(p.stat().st_size // 2 for p in folder.glob("*.ds"))
@@ -352,7 +394,9 @@ def resolve_tokenizer(path: str | None) -> str:
     return str(p.resolve())
 
 
-def run_one(py: Path, corpus: Path, work: Path, tasks: int, tokenizer: str, bands: int, rows: int) -> dict:
+def run_one(
+    py: Path, corpus: Path, work: Path, tasks: int, tokenizer: str, bands: int, rows: int, mode: str = "_run"
+) -> dict:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO_ROOT),
@@ -366,7 +410,7 @@ def run_one(py: Path, corpus: Path, work: Path, tasks: int, tokenizer: str, band
         str(py),
         "-m",
         "benchmarks.datascale.datatrove_peer",
-        "_run",
+        mode,
         "--corpus",
         str(corpus),
         "--work",
@@ -381,12 +425,14 @@ def run_one(py: Path, corpus: Path, work: Path, tasks: int, tokenizer: str, band
         str(rows),
     ]
     subprocess.run(cmd, check=True, env=env, cwd=str(REPO_ROOT))
-    return json.loads((work / "run.json").read_text(encoding="utf-8"))
+    return json.loads((work / ("run.json" if mode == "_run" else "floor.json")).read_text(encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", choices=["bench", "_run"], default="bench", help=argparse.SUPPRESS)
+    p.add_argument(
+        "mode", nargs="?", choices=["bench", "_run", "_floor"], default="bench", help=argparse.SUPPRESS
+    )
     p.add_argument("--corpus", help="directory written by benchmarks.datascale.corpus")
     p.add_argument("--out", help="working directory (one subdirectory per task count) and peer.json")
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -399,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--setup", action="store_true", help="only create the datatrove virtualenv")
     a = p.parse_args(argv)
+    if a.mode == "_floor":
+        res = tokenizer_floor(Path(a.corpus), a.tokenizer)
+        Path(a.work).mkdir(parents=True, exist_ok=True)
+        (Path(a.work) / "floor.json").write_text(json.dumps(res) + "\n", encoding="utf-8")
+        return 0
     if a.mode == "_run":
         res = run_datatrove(Path(a.corpus), Path(a.work), int(a.tasks), a.tokenizer, a.bands, a.rows)
         (Path(a.work) / "run.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
@@ -420,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         bands, rows = lsh_bands_rows(a.threshold)
         task_counts = [int(t) for t in a.tasks.split(",")]
         out = Path(a.out)
+        floor = run_one(py, corpus, out / "floor", 1, tokenizer, bands, rows, mode="_floor")
+        print(
+            f"our tokenizer alone, one thread: {floor['mb_per_s']} MB/s on {floor['mb']} MB of text",
+            flush=True,
+        )
         results = []
         for t in task_counts:
             print(f"datatrove with {t} task(s) on {corpus} ({mb:.1f} MB) ...", flush=True)
@@ -442,8 +498,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['dropped_language']:>12}  {r['dropped_near']:>12}  {s['recall_near_at_threshold']['recall']!s:>10}  "
             f"{s['precision_near']['precision']!s:>9}  {r['seconds']}"
         )
+    print(f"our tokenizer alone (one thread, same machine, just before): {floor['mb_per_s']} MB/s")
     (out / "peer.json").write_text(
-        json.dumps({"corpus": str(corpus), "bands": bands, "rows": rows, "runs": results}, indent=1) + "\n",
+        json.dumps(
+            {"corpus": str(corpus), "bands": bands, "rows": rows, "tokenizer_alone": floor, "runs": results},
+            indent=1,
+        )
+        + "\n",
         encoding="utf-8",
     )
     return 0
