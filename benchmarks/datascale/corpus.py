@@ -388,26 +388,49 @@ def near_variant(
         out = _render(prefix, pairs)
         return out, jaccard(base, shingle_set(dedup_words(out), ngram))
 
-    lo, hi = 1, n  # smallest m in [lo, hi] with J(m) <= target
-    best = apply(1)
-    if best[1] > target:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if apply(mid)[1] <= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        below = apply(lo)
-        above = apply(lo - 1) if lo > 1 else below
-        best, lo = (below, lo) if abs(below[1] - target) <= abs(above[1] - target) else (above, lo - 1)
+    done: dict[int, tuple[str, float]] = {}
+
+    def at(m: int) -> tuple[str, float]:
+        if m not in done:
+            done[m] = apply(m)
+        return done[m]
+
+    # The fewest edits m with J(m) <= target (J falls with m): gallop from the estimate for edits that each remove
+    # `ngram` shingles from both sides, J = (S - n m) / (S + n m), then bisect the bracket (lo: J > target or 0).
+    guess = round(len(base) * (1 - target) / (ngram * (1 + target)))
+    m0 = min(n, max(1, guess))
+    step = 1
+    if at(m0)[1] <= target:
+        hi = m0
+        while True:
+            lo = max(0, hi - step)
+            if lo == 0 or at(lo)[1] > target:
+                break
+            hi, step = lo, step * 2
+    else:
+        lo = m0
+        while True:
+            hi = min(n, lo + step)
+            if hi == n or at(hi)[1] <= target:
+                break
+            lo, step = hi, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid)[1] <= target:
+            hi = mid
+        else:
+            lo = mid
+    best, m = at(hi), hi
+    if lo >= 1 and abs(at(lo)[1] - target) < abs(best[1] - target):
+        best, m = at(lo), lo
     if abs(best[1] - target) > 0.02 and base:
         # one edit inside a short document removes up to n shingles: words appended at the end add one each
         k = max(1, round(len(base) * (1 / target - 1)))
         out = text + " " + " ".join(vocab[rnd.randrange(len(vocab))] for _ in range(k))
         appended = (out, jaccard(base, shingle_set(dedup_words(out), ngram)))
         if abs(appended[1] - target) < abs(best[1] - target):
-            best, lo = appended, k
-    return best[0], best[1], lo
+            best, m = appended, k
+    return best[0], best[1], m
 
 
 @dataclass
