@@ -22,7 +22,8 @@ Offline substitutions, because nothing can be downloaded here:
   T tasks use T cores.
 
 MB are the corpus's uncompressed bytes (corpus.json `uncompressed_bytes`); MB/s per core = MB / wall / T (all
-five stages, executor start-up included). Just before, the same way: our tokenizer alone (HF tokenizers,
+five stages, executor start-up included); MB per CPU-second = MB / CPU time of the run and its task processes
+(the figure that survives a machine shared with other jobs). Just before, the same way: our tokenizer alone (HF tokenizers,
 encode_batch, one thread) on the first 20 MB of text, the floor the issue compares pipelines with. The
 per-document decisions go to `<out>/tasks-T/documents/part-0.parquet` (language drops as reason "language", MinHash
 drops as "near_duplicate" with the kept member of their datatrove cluster as duplicate_of) and are scored with
@@ -289,14 +290,17 @@ def tokenizer_floor(corpus: Path, tokenizer: str, max_mb: float = 20.0) -> dict:
         if size >= max_mb * 1e6:
             break
     tok = Tokenizer.from_file(tokenizer)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = 0
     for i in range(0, len(texts), 1000):
         tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1000]))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "mb": round(size / 1e6, 1),
         "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
+        "mb_per_cpu_s": round(size / 1e6 / cpu, 3),
+        "tokens": tokens,
         "mb_per_s": round(size / 1e6 / seconds, 3),
     }
 
@@ -473,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.out)
         floor = run_one(py, corpus, out / "floor", 1, tokenizer, bands, rows, mode="_floor")
         print(
-            f"our tokenizer alone, one thread: {floor['mb_per_s']} MB/s on {floor['mb']} MB of text",
+            f"our tokenizer alone, one thread: {floor['mb_per_s']} MB/s ({floor['mb_per_cpu_s']} MB per CPU-second) "
+            f"on {floor['mb']} MB of text",
             flush=True,
         )
         results = []
@@ -482,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_one(py, corpus, out / f"tasks-{t}", t, tokenizer, bands, rows)
             res["mb"] = round(mb, 1)
             res["mb_per_s_per_core"] = round(mb / res["wall_s"] / t, 3)
+            res["mb_per_cpu_s"] = round(mb / res["cpu_s"], 3)
             res["score"] = score_tables(
                 corpus, read_decisions(out / f"tasks-{t}" / "documents"), threshold=a.threshold, verify=True
             )
@@ -490,15 +496,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("\ntasks  wall s  cpu s  MB/s/core  lang-dropped  near-dropped  recall@thr  precision  stages (s)")
+    print(
+        "\ntasks  wall s  cpu s  MB/s/core  MB/cpu-s  lang-dropped  near-dropped  recall@thr  precision  stages (s)"
+    )
     for r in results:
         s = r["score"]
         print(
-            f"{r['tasks']:>5}  {r['wall_s']:>6.1f}  {r['cpu_s']:>5.0f}  {r['mb_per_s_per_core']:>9.3f}  "
+            f"{r['tasks']:>5}  {r['wall_s']:>6.1f}  {r['cpu_s']:>5.0f}  {r['mb_per_s_per_core']:>9.3f}  {r['mb_per_cpu_s']:>8.3f}  "
             f"{r['dropped_language']:>12}  {r['dropped_near']:>12}  {s['recall_near_at_threshold']['recall']!s:>10}  "
             f"{s['precision_near']['precision']!s:>9}  {r['seconds']}"
         )
-    print(f"our tokenizer alone (one thread, same machine, just before): {floor['mb_per_s']} MB/s")
+    print(
+        f"our tokenizer alone (one thread, same machine, just before): {floor['mb_per_s']} MB/s, "
+        f"{floor['mb_per_cpu_s']} MB per CPU-second"
+    )
     (out / "peer.json").write_text(
         json.dumps(
             {"corpus": str(corpus), "bands": bands, "rows": rows, "tokenizer_alone": floor, "runs": results},
