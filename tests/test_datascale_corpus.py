@@ -263,3 +263,32 @@ def test_reference_dedup_finds_no_accidental_duplicates_on_the_generated_corpus(
     assert r["precision_near"]["precision"] == 1.0 and r["precision_exact"]["precision"] == 1.0
     assert r["verified"]["precision_near"]["wrong"] == 0
     assert r["recall_near_by_band"][-1]["recall"] >= 0.9  # the near copies far above the threshold
+
+
+def test_datatrove_outputs_become_decisions_with_the_kept_cluster_member(tmp_path):
+    """datatrove's exclusion files and kept ids -> the documents schema (without running datatrove)."""
+    from benchmarks.datascale.datatrove_peer import write_decisions
+
+    root = _hand_corpus(tmp_path)
+    (root / "corpus.json").write_text(
+        json.dumps({"config": {"format": "jsonl.zst"}, "files": [{"path": "kk/part-00000.jsonl.zst"}]})
+    )
+    work = tmp_path / "work"
+    for sub in ("lang_removed", "dedup_removed", "kept"):
+        (work / sub).mkdir(parents=True)
+    (work / "lang_removed" / "00000.jsonl").write_text(
+        json.dumps({"id": "kk/part-00000:3", "metadata": {}}) + "\n"
+    )
+    (work / "dedup_removed" / "00000.jsonl").write_text(
+        json.dumps({"id": "kk/part-00000:1", "metadata": {"minhash_cluster_id": 7}}) + "\n"
+    )
+    (work / "kept" / "00000.tsv").write_text("kk/part-00000:0\t7\nkk/part-00000:2\t-1\n")
+    counts = write_decisions(root, work)
+    assert counts == {"documents": 4, "dropped_language": 1, "dropped_near": 1, "kept": 2}
+    t = pq.read_table(work / "documents" / "part-0.parquet").to_pandas().sort_values("record")
+    f = f"{root.resolve()}/kk/part-00000.jsonl.zst"
+    assert t.record.tolist() == [0, 1, 2, 3]
+    assert t.reason.tolist() == ["", "near_duplicate", "", "language"]
+    assert (t.file == f).all()
+    assert t.duplicate_of_file.tolist()[1] == f and t.duplicate_of_record.tolist()[1] == 0
+    assert t.duplicate_of_file.isna().tolist() == [True, False, True, True]
