@@ -242,6 +242,45 @@ def test_batched_minhash_equals_datasketch():
         assert np.array_equal(sig, m.hashvalues)
 
 
+def test_find_duplicates_matches_datasketch_lsh():
+    from datasketch import MinHash, MinHashLSH
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    base = [list(rng.choice(vocab, 60)) for _ in range(30)]
+    docs = []
+    for b in base:  # each base doc, then an edited copy (1-12 words changed), then an exact copy
+        docs.append(b)
+        e = list(b)
+        for j in rng.choice(60, int(rng.integers(1, 13)), replace=False):
+            e[j] = "zz"
+        docs += [e, list(b)]
+    words = [[w.lower() for w in d] for d in docs]
+    keys = np.array([dedup.exact_key(w) for w in words], dtype=np.uint64)
+    shingles = [dedup.shingle_hashes(w, 5) for w in words]
+    sigs = dedup.minhash_signatures(shingles, 128, 1)
+    res = dedup.find_duplicates(np.ones(len(docs), bool), keys, sigs, threshold=0.7)
+    assert (res.reason == "exact_duplicate").sum() == 30
+    # reference: sequential datasketch LSH over kept documents
+    b, r = dedup.lsh_params(0.7, 128)
+    lsh = MinHashLSH(num_perm=128, params=(b, r))
+    seen, expect = set(), []
+    for i, sh in enumerate(shingles):
+        if int(keys[i]) in seen:
+            expect.append("exact_duplicate")
+            continue
+        seen.add(int(keys[i]))
+        m = MinHash(128, seed=1, hashfunc=lambda x: x, scheme="affine32")
+        m.update_batch(sh.tolist())
+        if any((sigs[k] == sigs[i]).sum() >= 0.7 * 128 for k in lsh.query(m)):
+            expect.append("near_duplicate")
+            continue
+        lsh.insert(i, m)
+        expect.append("")
+    assert res.reason.tolist() == expect
+    assert 0 < expect.count("near_duplicate") < 30
+
+
 def _clean_blocks(store, words: list[list[str]], per_block: int, num_perm: int = 128) -> list[int]:
     """Minimal clean/<o>.parquet files (the columns dedup reads) holding the given documents in order."""
     from jobs.prep.blocks import CLEAN

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -125,3 +126,85 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return int(lsh.b), int(lsh.r)
+
+
+# ---------------------------------------------- the sequential in-memory reference (benchmarks, tests)
+
+
+@dataclass
+class DedupResult:
+    reason: np.ndarray  # object array: "", "exact_duplicate", "near_duplicate" (aligned with the input)
+    duplicate_of: np.ndarray  # int64 index of the kept document it duplicates, -1 if kept
+    bands: int
+    rows: int
+    candidates: int  # documents that shared at least one LSH bucket
+
+
+def find_duplicates(
+    eligible: np.ndarray,
+    keys: np.ndarray,
+    signatures: np.ndarray | None,
+    *,
+    threshold: float,
+    exact: bool = True,
+    near: bool = True,
+    progress: bool = False,
+) -> DedupResult:
+    """Duplicate decisions for documents given in input order (row i precedes row i+1), all in memory: the
+    sequential pass earlier releases ran on the driver, kept as the reference `benchmarks/datascale/planted.py`
+    compares with (jobs.prep.neardup runs dedup at scale).
+
+    eligible: bool, documents still kept by earlier stages; keys: uint64 exact keys (0 = no words, never a
+    duplicate); signatures: (n, num_perm) uint32 MinHash signatures."""
+    n = len(keys)
+    reason = np.full(n, "", dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    alive = eligible.copy()
+    if exact and n:
+        idx = np.flatnonzero(alive & (keys != _EMPTY_KEY))
+        _, first, inverse = np.unique(keys[idx], return_index=True, return_inverse=True)
+        keeper = idx[first][inverse]
+        dups = idx[keeper != idx]
+        reason[dups] = "exact_duplicate"
+        dup_of[dups] = keeper[keeper != idx]
+        alive[dups] = False
+    bands = rows = n_cand = 0
+    if near and signatures is not None and n:
+        num_perm = signatures.shape[1]
+        bands, rows = lsh_params(threshold, num_perm)
+        idx = np.flatnonzero(alive & (keys != _EMPTY_KEY))
+        if len(idx) > 1:
+            sig = signatures[idx]
+            bucket_ids = []
+            multi = np.zeros(len(idx), dtype=bool)
+            for j in range(bands):
+                band = np.ascontiguousarray(sig[:, j * rows : (j + 1) * rows]).view(
+                    np.dtype((np.void, rows * 4))
+                )[:, 0]
+                _, inv, counts = np.unique(band, return_inverse=True, return_counts=True)
+                bucket_ids.append(inv)
+                multi |= counts[inv] > 1
+            cand = np.flatnonzero(multi)
+            n_cand = len(cand)
+            kept_in: list[dict[int, list[int]]] = [{} for _ in range(bands)]
+            iterator = cand
+            if progress and n_cand > 10_000:
+                from tqdm import tqdm
+
+                iterator = tqdm(cand, desc="near-dedup", unit="doc", mininterval=2.0)
+            for i in iterator:
+                match = -1
+                for j in range(bands):
+                    for k in kept_in[j].get(int(bucket_ids[j][i]), ()):
+                        if np.count_nonzero(sig[i] == sig[k]) >= threshold * num_perm:
+                            match = k
+                            break
+                    if match >= 0:
+                        break
+                if match >= 0:
+                    reason[idx[i]] = "near_duplicate"
+                    dup_of[idx[i]] = idx[match]
+                else:
+                    for j in range(bands):
+                        kept_in[j].setdefault(int(bucket_ids[j][i]), []).append(int(i))
+    return DedupResult(reason, dup_of, bands, rows, n_cand)
