@@ -456,7 +456,7 @@ def run_dedup(cfg: PreprocessConfig, work: Store, summaries: list[dict]) -> dict
 
     if work.exists(blocks.DEDUP_INFO):
         return json.loads(work.read_bytes(blocks.DEDUP_INFO))
-    bands, rows = neardup.lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    bands, rows = neardup.lsh_params(cfg.dedup)
     info: dict[str, Any] = {"threshold": cfg.dedup.threshold, "lsh_bands": bands, "lsh_rows": rows}
     if not (cfg.dedup.exact or cfg.dedup.near):
         work.write_table(blocks.DUPLICATES, neardup.empty_duplicates())

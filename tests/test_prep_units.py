@@ -288,7 +288,9 @@ def _clean_blocks(store, words: list[list[str]], per_block: int, num_perm: int =
     ordinals = []
     for o, s in enumerate(range(0, len(words), per_block)):
         part = words[s : s + per_block]
-        sig = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in part], num_perm, 1)
+        shingles = [dedup.shingle_hashes(w, 5) for w in part]
+        sig = dedup.minhash_signatures(shingles, num_perm, 1)
+        offsets = np.concatenate(([0], np.cumsum([len(x) for x in shingles])))
         store.write_table(
             CLEAN.format(o),
             pa.table(
@@ -297,6 +299,9 @@ def _clean_blocks(store, words: list[list[str]], per_block: int, num_perm: int =
                     "reason": [""] * len(part),
                     "exact_key": pa.array([dedup.exact_key(w) for w in part], pa.uint64()),
                     "signature": pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), num_perm),
+                    "shingles": pa.LargeListArray.from_arrays(
+                        pa.array(offsets), pa.array(np.concatenate(shingles))
+                    ),
                 }
             ),
         )
@@ -309,7 +314,7 @@ def _distributed_dedup(store, ordinals, cfg, partitions: int = 3) -> dict[int, t
     from jobs.prep import neardup
     from jobs.prep.blocks import DUPLICATES
 
-    bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
+    bands, rows = neardup.lsh_params(cfg)
     keys = pa.concat_tables(
         [
             neardup.emit_keys(pa.table({"ordinal": [o]}), store.root, cfg, bands, rows, partitions)
@@ -325,9 +330,11 @@ def _distributed_dedup(store, ordinals, cfg, partitions: int = 3) -> dict[int, t
 
 def test_distributed_dedup_matches_sequential_datasketch_lsh(tmp_path):
     """Exact copies, edited copies (1-12 of 60 words changed) and unrelated documents, spread over 4 blocks:
-    the distributed stages drop exactly what a sequential datasketch MinHashLSH over kept documents drops."""
+    the distributed stages drop exactly what a sequential datasketch MinHashLSH over kept documents (same bands
+    and rows, candidates checked by true Jaccard) drops."""
     from datasketch import MinHash, MinHashLSH
 
+    from jobs.prep import neardup
     from jobs.prep.config import DedupConfig
     from jobs.prep.store import Store
 
@@ -348,9 +355,8 @@ def test_distributed_dedup_matches_sequential_datasketch_lsh(tmp_path):
     ids = [(o << 32) | i for o in ordinals for i in range(min(25, len(words) - 25 * o))]
     # reference: sequential datasketch LSH over kept documents
     keys = [dedup.exact_key(w) for w in words]
-    sigs = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in words], 128, 1)
-    b, r = dedup.lsh_params(0.7, 128)
-    lsh = MinHashLSH(num_perm=128, params=(b, r))
+    sets = [np.unique(dedup.shingle_hashes(w, 5)) for w in words]
+    lsh = MinHashLSH(num_perm=128, params=neardup.lsh_params(DedupConfig(threshold=0.7)))
     seen, expect = {}, {}
     for i, w in enumerate(words):
         if keys[i] in seen:
@@ -359,13 +365,23 @@ def test_distributed_dedup_matches_sequential_datasketch_lsh(tmp_path):
         seen[keys[i]] = i
         m = MinHash(128, seed=1, hashfunc=lambda x: x, scheme="affine32")
         m.update_batch(dedup.shingle_hashes(w, 5).tolist())
-        match = [k for k in lsh.query(m) if (sigs[k] == sigs[i]).sum() >= 0.7 * 128]
+        match = [k for k in lsh.query(m) if neardup.jaccard(sets[k], sets[i]) >= 0.7]
         if match:
             expect[ids[i]] = ("near_duplicate", ids[min(match)])
             continue
         lsh.insert(i, m)
     assert got == expect
     assert 0 < sum(v[0] == "near_duplicate" for v in expect.values()) < 30
+
+
+def test_candidate_params_reach_the_recall_asked_for():
+    from jobs.prep.neardup import candidate_params
+
+    for t in (0.5, 0.7, 0.8, 0.9):
+        b, r = candidate_params(t, 128, 0.995)
+        assert b * r <= 128 and 1 - (1 - t**r) ** b >= 0.995
+        assert 1 - (1 - t ** (r + 1)) ** (128 // (r + 1)) < 0.995  # the fewest candidates that do
+    assert candidate_params(0.8, 128, 0.995) == (21, 6)
 
 
 def test_distributed_dedup_keeps_the_first_of_a_chain(tmp_path):
@@ -381,9 +397,10 @@ def test_distributed_dedup_keeps_the_first_of_a_chain(tmp_path):
     store = Store(str(tmp_path / "work"))
     ordinals = _clean_blocks(store, [a, b, c], per_block=2)
     got = _distributed_dedup(store, ordinals, DedupConfig(threshold=0.7))
-    sig = dedup.minhash_signatures([dedup.shingle_hashes(w, 5) for w in (a, b, c)], 128, 1)
-    est = lambda i, j: (sig[i] == sig[j]).mean()  # noqa: E731
-    assert est(0, 1) >= 0.7 and est(1, 2) >= 0.7 and est(0, 2) < 0.7
+    from jobs.prep.neardup import jaccard
+
+    sa, sb, sc = (np.unique(dedup.shingle_hashes(w, 5)) for w in (a, b, c))
+    assert jaccard(sa, sb) >= 0.7 and jaccard(sb, sc) >= 0.7 and jaccard(sa, sc) < 0.7
     assert got == {1: ("near_duplicate", 0), 1 << 32: ("near_duplicate", 0)}
 
 

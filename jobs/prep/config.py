@@ -241,13 +241,22 @@ class DedupConfig(StrictModel):
     """Exact and near-duplicate removal across the whole corpus (the first document in input order is kept)."""
 
     exact: bool = Field(True, description="same text after case-folding and dropping punctuation/spacing")
-    near: bool = Field(True, description="MinHash LSH over word n-grams, verified by estimated Jaccard")
+    near: bool = Field(
+        True, description="MinHash LSH over word n-grams finds candidate pairs, their true Jaccard decides"
+    )
     threshold: float = Field(
         0.7, gt=0, lt=1, description="Jaccard similarity at which a document is a near-duplicate"
     )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     ngram: int = Field(5, ge=1, le=20, description="words per shingle (shorter documents: one shingle)")
     seed: int = Field(1, description="MinHash permutation seed")
+    candidate_recall: float = Field(
+        0.995,
+        gt=0.5,
+        lt=1,
+        description="LSH bands x rows are chosen so that a pair exactly at the threshold becomes a candidate with "
+        "this probability (more bands: higher recall, more candidates to verify)",
+    )
 
 
 class MixtureConfig(StrictModel):

@@ -3,7 +3,8 @@
 It exists to check the pipeline (tests compare their shards byte for byte) and as the baseline of
 benchmarks/preprocess.py. It uses the same per-document functions, but the textbook library calls where the
 pipeline batches or vectorises: one `datasketch.MinHash` per document queried against and inserted into a
-`datasketch.MinHashLSH`, one `Tokenizer.encode` per document, shards written in the driver.
+`datasketch.MinHashLSH` (the pipeline's bands and rows), candidates checked by true Jaccard similarity, one
+`Tokenizer.encode` per document, shards written in the driver.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.prep import clean, dedup, langid, plan
+from jobs.prep import clean, dedup, langid, neardup, plan
 from jobs.prep.blocks import shard_layout
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import discover, input_sha256, plan_chunks, read_chunk
@@ -55,9 +56,9 @@ def run_loop(
     files = discover(cfg, data_root)
     by_id = {f.file_id: f for f in files}
     chunks = plan_chunks(files, int(cfg.read.chunk_mb * 1024 * 1024))
-    bands, rows = dedup.lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    bands, rows = neardup.lsh_params(cfg.dedup)
     lsh = MinHashLSH(num_perm=cfg.dedup.num_perm, params=(bands, rows))
-    signatures: dict[int, np.ndarray] = {}
+    shingle_sets: dict[int, np.ndarray] = {}
     seen_keys: set[int] = set()
     reasons: dict[str, int] = {}
     kept: dict[int, tuple[str, str, str]] = {}
@@ -105,17 +106,17 @@ def run_loop(
                     m = MinHash(
                         cfg.dedup.num_perm, seed=cfg.dedup.seed, hashfunc=_identity, scheme="affine32"
                     )
-                    m.update_batch(dedup.shingle_hashes(words, cfg.dedup.ngram).tolist())
-                    sig = m.hashvalues
+                    shingles = dedup.shingle_hashes(words, cfg.dedup.ngram)
+                    m.update_batch(shingles.tolist())
+                    mine = np.unique(shingles)
                     dup = any(
-                        np.count_nonzero(signatures[k] == sig) >= cfg.dedup.threshold * cfg.dedup.num_perm
-                        for k in lsh.query(m)
+                        neardup.jaccard(shingle_sets[k], mine) >= cfg.dedup.threshold for k in lsh.query(m)
                     )
                     if dup:
                         drop("near_duplicate")
                         continue
                     lsh.insert(doc.doc_id, m)
-                    signatures[doc.doc_id] = sig
+                    shingle_sets[doc.doc_id] = mine
             split = "val" if is_validation(text, cfg.split.val_fraction) else "train"
             kept[doc.doc_id] = (lang, split, text)
             n_bytes[doc.doc_id] = len(text.encode("utf-8"))

@@ -134,7 +134,8 @@ def pii_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
 
 
 def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
-    """Stage `signature`: split (by content hash), UTF-8 size, exact-duplicate key and MinHash signature."""
+    """Stage `signature`: split (by content hash), UTF-8 size, exact-duplicate key, MinHash signature and the
+    shingle hashes themselves (dedup verifies candidate pairs by their true Jaccard similarity)."""
     texts = t.column("text").to_pylist()
     reasons, todo = _todo(t)
     n = len(texts)
@@ -161,4 +162,8 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     if cfg.dedup.near:
         sig = dedup.minhash_signatures(shingles, cfg.dedup.num_perm, cfg.dedup.seed)
         t = _set(t, "signature", pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), cfg.dedup.num_perm))
+        counts = np.fromiter((len(x) for x in shingles), dtype=np.int64, count=n)
+        offsets = pa.array(np.concatenate(([0], np.cumsum(counts))))
+        flat = np.concatenate(shingles) if n else np.zeros(0, np.uint32)
+        t = _set(t, "shingles", pa.LargeListArray.from_arrays(offsets, pa.array(flat, pa.uint32())))
     return t
