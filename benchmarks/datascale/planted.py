@@ -108,7 +108,11 @@ def read_decisions(path: Path):
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ValueError(f"decisions at {path} lack columns {missing} (need {list(REQUIRED)})")
-    return table.select(list(REQUIRED)).to_pandas()
+    df = table.select(list(REQUIRED)).to_pandas()
+    # a record standing for a file problem (jobs.prep.sources FILE_REASONS) has no record index: not a document
+    from jobs.prep.sources import FILE_REASONS
+
+    return df[~(df["record"].isna() & df["reason"].isin(FILE_REASONS))].reset_index(drop=True)
 
 
 @dataclass
