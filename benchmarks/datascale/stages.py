@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--langid-accuracy", action="store_true", help="also run benchmarks.datascale.langid_accuracy"
     )
+    p.add_argument(
+        "--flores-dir", action="append", default=[], help="with --langid-accuracy: FLORES *.devtest folders"
+    )
     p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
     return p.parse_args(argv)
 
@@ -241,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.langid_accuracy:
         from benchmarks.datascale import langid_accuracy
 
-        section += langid_accuracy.run(langid_accuracy.parse_args([]))
+        acc_args = langid_accuracy.parse_args([f"--flores-dir={d}" for d in args.flores_dir])
+        acc_args.argv = None
+        section += langid_accuracy.run(acc_args)
     if not args.no_append:
         print(f"appended to {append_section(section)}")
     return 0
