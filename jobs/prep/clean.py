@@ -148,16 +148,32 @@ def _duplicate_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
 
 
 @lru_cache(maxsize=1)
+def numeric_non_letters() -> str:
+    """Character class of what is alphanumeric but neither a letter nor a decimal digit (superscripts,
+    fractions, Roman numerals, ...): `[^\\W\\d_<this>]` is exactly str.isalpha."""
+    return char_class(lambda c: c.isalnum() and not c.isalpha() and not c.isdecimal())
+
+
+@lru_cache(maxsize=1)
+def letter_runs() -> re.Pattern:
+    """Runs of letters (str.isalpha), for counting letters with one regex scan."""
+    return re.compile(rf"[^\W\d_{numeric_non_letters()}]+")
+
+
+@lru_cache(maxsize=1)
 def _quality_res() -> tuple[re.Pattern, re.Pattern, re.Pattern, re.Pattern]:
-    """Regexes counting what quality_stats counts per character / word (built once per process from the same
-    str predicates, so the counts equal a per-character loop): digits, symbols, words with a letter, words with
-    a letter or digit."""
-    digit = re.compile(f"[{char_class(str.isdigit)}]")
-    symbol = re.compile(
-        f"[{char_class(lambda c: not c.isalnum() and not c.isspace() and c not in _PUNCT_OK)}]"
-    )
-    alpha_word = re.compile(rf"\S*[{char_class(str.isalpha)}]\S*")
-    alnum_word = re.compile(rf"\S*[{char_class(str.isalnum)}]\S*")
+    """Regexes counting what quality_stats counts per character / word, equal to the str predicates (the
+    unit tests check every code point): digits (str.isdigit), symbols (not alnum, not space, not allowed
+    punctuation), words with a letter (str.isalpha), words with a letter or digit (str.isalnum). They lean on
+    the regex engine's own classes (\\w is isalnum or "_", \\d is isdecimal, \\s is isspace), which it tests
+    natively, plus the few code points where those differ from the predicates."""
+    numeric = numeric_non_letters()
+    digit_not_decimal = char_class(lambda c: c.isdigit() and not c.isdecimal())
+    punct = re.escape("".join(sorted(_PUNCT_OK)))
+    digit = re.compile(rf"[\d{digit_not_decimal}]")
+    symbol = re.compile(rf"[^\w\s{punct}]|_")
+    alpha_word = re.compile(rf"\S*?[^\W\d_{numeric}]\S*")
+    alnum_word = re.compile(r"\S*?[^\W_]\S*")
     return digit, symbol, alpha_word, alnum_word
 
 

@@ -141,8 +141,9 @@ class LangIdConfig(StrictModel):
     enabled: bool = Field(True, description="false: keep every document's declared language, no detection")
     method: Literal["fasttext", "lingua"] = Field(
         "fasttext",
-        description="fasttext: our fastText model decides when it is sure enough (`fasttext_accept`), lingua "
-        "checks the other documents; lingua: lingua on every document (about 10x slower)",
+        description="fasttext: our fastText model decides where it is sure and knows the words "
+        "(`fasttext_min_probability`, `fasttext_min_known_words`), lingua decides the rest; lingua: lingua on "
+        "every document (several times slower)",
     )
     candidates: list[str] = Field(
         default_factory=lambda: ["kk", "ru", "en", "uk", "be", "fr", "de"],
@@ -157,10 +158,16 @@ class LangIdConfig(StrictModel):
     fasttext_train_chars: int = Field(
         3_000_000, gt=0, description="at most this many characters of training text per label (balances them)"
     )
-    fasttext_accept: dict[str, float] = Field(
-        default_factory=lambda: {"kk": 0.99999, "en": 0.9999},
-        description="fastText label -> probability from which its answer is taken without asking lingua; a label "
-        "not listed (ru: Ukrainian and Belarusian look like it to a model that never saw them) always goes to lingua",
+    fasttext_min_probability: float = Field(
+        0.99, ge=0, le=1, description="fastText's answer is taken only with at least this probability..."
+    )
+    fasttext_min_known_words: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="...and when at least this share of the sample's words occur (twice or more) in its training "
+        "text for that language; other "
+        "documents (e.g. Ukrainian, which looks like Russian to a model that never saw it) go to lingua",
     )
     min_confidence: float = Field(
         0.6, ge=0, le=1, description="below this, a declared language is kept; an `auto` document is dropped"

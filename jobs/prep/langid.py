@@ -3,15 +3,17 @@
 Two detectors, chosen by `langid.method`:
 
 - `fasttext` (default): a fastText classifier trained on OUR corpora (`langid.fasttext_sources`, one label per
-  language, a held-out split kept aside and scored) chooses among the corpus languages in microseconds. Its
-  answer is taken as it is when its probability reaches `langid.fasttext_accept[label]`; every other document
-  (and every document whose label has no threshold there) is checked by lingua as below, which knows the close
-  relatives of our languages (uk, be for ru; fr, de for en) that the fastText model has never seen.
+  language, only the paragraphs lingua also assigns to it, a held-out split kept aside and scored) chooses among the
+  corpus languages in microseconds. Its answer is taken when its probability reaches
+  `langid.fasttext_min_probability` AND at least `langid.fasttext_min_known_words` of the sample's words occur
+  at least twice in its training text for that label (it answers only for text like what it learnt from). Every other document goes to lingua
+  as below, which knows the close relatives of our languages (uk, be next to ru; fr, de next to en) that the
+  fastText model has never seen.
 - `lingua`: lingua (offline n-gram models, knows Kazakh) restricted to `langid.candidates`, on every document.
 
 The fastText model is built on first use into `$TULPAR_HOME/langid/fasttext-<key>/model.bin`, where the key is
-the sha256 of the training text and the training settings (one thread, fixed seed: the same data gives the same
-model, byte for byte). The driver builds it before the workers start (`check_candidates`); a worker that finds
+the sha256 of the training files and settings (one thread, fixed seed: the same data gives the same model, byte
+for byte; about a minute on the shared corpora, once). The driver builds it before the workers start (`check_candidates`); a worker that finds
 none builds the same one.
 
 After detection, a script check (share of Cyrillic or Latin letters) and `decide` make the routing decision.
@@ -30,22 +32,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from jobs.prep.clean import letter_runs
 from jobs.prep.config import LangIdConfig
 
-_CYRILLIC = re.compile(r"[\u0400-\u052f]")
-_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
-_LETTER_RUNS = re.compile(r"[^\W\d_]+")
+_CYRILLIC = re.compile(r"[\u0400-\u052f]+")
+_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 # what the fastText model sees: lower-case letter runs separated by single spaces (digits, punctuation dropped)
 _NOT_LETTERS = re.compile(r"[\W\d_]+")
-FASTTEXT_VERSION = "1"  # part of the model key: bump when the training recipe below changes
+FASTTEXT_VERSION = "3"  # part of the model key: bump when the training recipe below changes
 
 
 def script_shares(text: str) -> tuple[float, float]:
     """(Cyrillic share, Latin share) of the letters in the text; (0, 0) when it has no letters."""
-    letters = sum(map(len, _LETTER_RUNS.findall(text)))
+    letters = sum(map(len, letter_runs().findall(text)))
     if not letters:
         return 0.0, 0.0
-    return len(_CYRILLIC.findall(text)) / letters, len(_LATIN.findall(text)) / letters
+    return sum(map(len, _CYRILLIC.findall(text))) / letters, sum(map(len, _LATIN.findall(text))) / letters
 
 
 def detection_sample(text: str, max_chars: int) -> str:
@@ -60,7 +62,7 @@ def detection_sample(text: str, max_chars: int) -> str:
 
 def _enough_letters(text: str, cfg: LangIdConfig) -> bool:
     head = text[: cfg.max_chars * 2]
-    return sum(map(len, _LETTER_RUNS.findall(head))) >= max(1, cfg.min_letters)
+    return sum(map(len, letter_runs().findall(head))) >= max(1, cfg.min_letters)
 
 
 # --------------------------------------------------------------------------------------------- lingua
@@ -108,34 +110,49 @@ class FastTextModel:
     info: dict  # what it was trained on and its held-out accuracy (info.json beside the model)
 
 
-def _training_lines(cfg: LangIdConfig, data_root: Path) -> tuple[list[str], list[str]]:
-    """(train lines, held-out lines) as `__label__<lang> <text>`; per language at most fasttext_train_chars of
-    text, lines in a fixed order (by content hash) so that the same corpora give the same file."""
-    from llm_core.text import is_validation, iter_documents, text_files
+def _source_files(cfg: LangIdConfig, data_root: Path) -> dict[str, list[Path]]:
+    """label -> the corpus files its training text comes from (langid.fasttext_sources under TULPAR_DATA)."""
+    from llm_core.text import text_files
 
-    train: list[str] = []
-    held: list[str] = []
+    out: dict[str, list[Path]] = {}
     for lang, paths in sorted(cfg.fasttext_sources.items()):
-        rows: list[tuple[bytes, str]] = []
+        files: list[Path] = []
         for rel in paths:
             root = data_root / rel
-            files = text_files(root) if root.is_dir() else [root]
-            if not files or not all(f.is_file() for f in files):
+            found = text_files(root) if root.is_dir() else [root]
+            if not found or not all(f.is_file() for f in found):
                 raise ValueError(
                     f"langid.fasttext_sources.{lang}: {rel!r} has no text under TULPAR_DATA={data_root}: "
                     "point it at a corpus file or directory (or run `make data`)"
                 )
-            for f in files:
-                for doc in iter_documents(f, txt_mode="auto"):
-                    for para in doc.split("\n"):
-                        words = fasttext_text(para, cfg.max_chars)
-                        if len(words) >= cfg.min_letters:
-                            rows.append((hashlib.sha1(words.encode()).digest(), words))
-        rows = sorted(set(rows))
+            files.extend(found)
+        out[lang] = files
+    return out
+
+
+def _training_lines(cfg: LangIdConfig, sources: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
+    """(train lines, held-out lines) as `__label__<lang> <text>`: the paragraphs of each label's corpora that
+    lingua (langid.candidates) also assigns to that label (the French passages of War and Peace are not Russian
+    nor English), at most fasttext_train_chars per label, in a fixed order (by content hash) so that the same
+    corpora give the same file; 10% of them (by content hash) held out."""
+    from llm_core.text import is_validation, iter_documents
+
+    train: list[str] = []
+    held: list[str] = []
+    for lang, files in sources.items():
+        rows: set[tuple[bytes, str, str]] = set()
+        for f in files:
+            for doc in iter_documents(f, txt_mode="auto"):
+                for para in doc.split("\n"):
+                    words = fasttext_text(para, cfg.max_chars)
+                    if len(words) >= cfg.min_letters:
+                        rows.add((hashlib.sha1(words.encode()).digest(), words, para))
         budget = cfg.fasttext_train_chars
-        for _, words in rows:
+        for _, words, para in sorted(rows):
             if budget <= 0:
                 break
+            if _lingua_detect(para, cfg)[0] != lang:
+                continue
             budget -= len(words)
             line = f"__label__{lang} {words}"
             (held if is_validation(words, 0.1) else train).append(line)
@@ -157,6 +174,10 @@ def _train_settings(cfg: LangIdConfig) -> dict:
         "minCount": 1,
         "seed": 1,
         "max_chars": cfg.max_chars,
+        "min_letters": cfg.min_letters,
+        "train_chars": cfg.fasttext_train_chars,
+        "label_check": sorted(cfg.candidates),
+        "known_min_count": 2,
     }
 
 
@@ -166,26 +187,30 @@ _BUILD_LOCK = threading.Lock()
 def fasttext_model(
     cfg: LangIdConfig, data_root: Path | None = None, home: Path | None = None
 ) -> FastTextModel:
-    """The fastText model for this config: found in `$TULPAR_HOME/langid/`, else trained there (atomically)."""
+    """The fastText model for this config: found in `$TULPAR_HOME/langid/`, else trained there (atomically).
+    Its key hashes the training settings, the lingua candidates that clean the labels, and every training file's
+    name and content."""
     if data_root is None or home is None:
         from jobs.platform.runtime import Settings
 
         settings = Settings.from_env()
         data_root = data_root or settings.data
         home = home or settings.home
-    train, held = _training_lines(cfg, data_root)
+    sources = _source_files(cfg, data_root)
     settings_ = _train_settings(cfg)
     h = hashlib.sha256(json.dumps(settings_, sort_keys=True).encode())
-    for line in train:
-        h.update(line.encode())
-        h.update(b"\n")
+    for lang, files in sources.items():
+        for f in files:
+            h.update(f"{lang}\0{f.relative_to(data_root) if f.is_relative_to(data_root) else f}\0".encode())
+            with f.open("rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
     key = h.hexdigest()
     out = home / "langid" / f"fasttext-{key[:16]}"
-    model = out / "model.bin"
     with _BUILD_LOCK:
         if not (out / "info.json").is_file():
+            train, held = _training_lines(cfg, sources)
             _train_fasttext(train, held, settings_, key, out)
-    return FastTextModel(model, key, json.loads((out / "info.json").read_text(encoding="utf-8")))
+    return FastTextModel(out / "model.bin", key, json.loads((out / "info.json").read_text(encoding="utf-8")))
 
 
 def _train_fasttext(train: list[str], held: list[str], settings: dict, key: str, out: Path) -> None:
@@ -196,10 +221,22 @@ def _train_fasttext(train: list[str], held: list[str], settings: dict, key: str,
     try:
         data = tmp / "train.txt"
         data.write_text("\n".join(train) + "\n", encoding="utf-8")
-        params = {k: v for k, v in settings.items() if k not in ("recipe", "max_chars")}
+        params = {
+            k: settings[k]
+            for k in ("dim", "minn", "maxn", "epoch", "lr", "wordNgrams", "bucket", "minCount", "seed")
+        }
         m = fasttext.train_supervised(str(data), thread=1, verbose=0, **params)
         data.unlink()
         m.save_model(str(tmp / "model.bin"))
+        counts: dict[str, dict[str, int]] = {}
+        for line in train:
+            label, text = line.split(" ", 1)
+            c = counts.setdefault(label.removeprefix("__label__"), {})
+            for w in text.split():
+                c[w] = c.get(w, 0) + 1
+        for label, c in counts.items():  # each label's known words: seen at least known_min_count times
+            known = sorted(w for w, k in c.items() if k >= settings["known_min_count"])
+            (tmp / f"words-{label}.txt").write_text("\n".join(known) + "\n", encoding="utf-8")
         labels, _ = m.f.multilinePredict([s.split(" ", 1)[1] for s in held], 1, 0.0, "strict")
         truth = [s.split(" ", 1)[0] for s in held]
         per: dict[str, list[int]] = {}
@@ -228,9 +265,14 @@ def _train_fasttext(train: list[str], held: list[str], settings: dict, key: str,
 
 @lru_cache(maxsize=4)
 def _fasttext_loaded(path: str):
+    """(the model, label -> the words its training text for that label has at least twice)."""
     from fasttext.FastText import _FastText
 
-    return _FastText(model_path=path)
+    model = _FastText(model_path=path)
+    known = {}
+    for f in sorted(Path(path).parent.glob("words-*.txt")):
+        known[f.stem.removeprefix("words-")] = frozenset(f.read_text(encoding="utf-8").split())
+    return model, known
 
 
 def _config_key(cfg: LangIdConfig) -> str:
@@ -268,15 +310,19 @@ def detect_many(texts: Iterable[str], cfg: LangIdConfig) -> list[tuple[str, floa
         for i in todo:
             out[i] = _lingua_detect(texts[i], cfg)
         return out
-    model = _fasttext_for(cfg)
-    labels, probs = model.f.multilinePredict(
-        [fasttext_text(texts[i], cfg.max_chars) for i in todo], 1, 0.0, "strict"
-    )
-    accept = cfg.fasttext_accept
-    for i, lab, p in zip(todo, labels, probs):
+    model, known = _fasttext_for(cfg)
+    samples = [fasttext_text(texts[i], cfg.max_chars) for i in todo]
+    labels, probs = model.f.multilinePredict(samples, 1, 0.0, "strict")
+    for i, sample, lab, p in zip(todo, samples, labels, probs):
         lang = lab[0].removeprefix("__label__") if lab else ""
         prob = min(1.0, float(p[0])) if lab else 0.0
-        if lang and prob >= accept.get(lang, 2.0):
+        words = sample.split()
+        if (
+            lang
+            and prob >= cfg.fasttext_min_probability
+            and sum(map(known.get(lang, frozenset()).__contains__, words))
+            >= cfg.fasttext_min_known_words * len(words)
+        ):
             out[i] = (lang, prob)
         else:
             out[i] = _lingua_detect(texts[i], cfg)
