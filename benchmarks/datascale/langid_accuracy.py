@@ -1,4 +1,4 @@
-"""Language-ID accuracy per language on FLORES-200 devtest sentences: today's lingua setup vs the default one.
+"""Language-ID accuracy per language on FLORES-200 devtest sentences: the lingua setup of fb78a74 vs a config's.
 
 Every sentence goes through the preprocessing stage `jobs.prep.stages.langid_docs` as a document of a source
 with `language: auto` and output languages kk, ru, en, i.e. the routing decision `jobs.prep.langid.decide`
@@ -8,7 +8,8 @@ right when it is not kept as kk, ru or en (dropped as language_other, language_u
 FLORES files are read from each `--flores-dir` (default $TULPAR_DATA/eval/parallel/flores200_devtest): every
 `<code>_<Script>.devtest` there is used; kaz_Cyrl, rus_Cyrl and eng_Latn are kk, ru and en, every other file is
 an "other" language. The setups compared are named by `--setup NAME=key=value,key=value` (LangIdConfig fields);
-the defaults are `lingua-fb78a74` (the lingua setup of commit fb78a74) and `default` (today's defaults).
+always compared: `lingua-fb78a74` (the lingua setup of commit fb78a74) and the `langid` section of `--config`
+(default configs/preprocess/kk-ru-en.yaml, fastText + lingua).
 
     python -m benchmarks.datascale.langid_accuracy
     python -m benchmarks.datascale.langid_accuracy --flores-dir /path/to/more/devtest --no-append
@@ -50,7 +51,6 @@ BASELINE = {
     "max_chars": 600,
     "min_letters": 20,
 }
-DEFAULT_SETUPS = {"lingua-fb78a74": BASELINE, "default": {}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="NAME=JSON object of LangIdConfig fields, e.g. 'low={\"lingua_low_accuracy\": true}' (repeatable)",
+    )
+    p.add_argument(
+        "--config", default="configs/preprocess/kk-ru-en.yaml", help="preprocess config whose langid to test"
     )
     p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
     p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
@@ -121,7 +124,12 @@ def run(args: argparse.Namespace) -> str:
     settings = Settings.from_env()
     dirs = [Path(d) for d in args.flores_dir] or [settings.data / "eval" / "parallel" / "flores200_devtest"]
     data = load_flores(dirs, args.limit)
-    setups = dict(DEFAULT_SETUPS)
+    from jobs.platform.configfile import load_config
+
+    setups = {
+        "lingua-fb78a74": BASELINE,
+        Path(args.config).stem: load_config(PreprocessConfig, args.config).langid.model_dump(),
+    }
     for s in args.setup:
         name, _, blob = s.partition("=")
         setups[name] = json.loads(blob)

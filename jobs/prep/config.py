@@ -139,11 +139,11 @@ class LangIdConfig(StrictModel):
     plus a script check. How they combine: jobs/prep/langid.py and docs/preprocessing.md."""
 
     enabled: bool = Field(True, description="false: keep every document's declared language, no detection")
-    method: Literal["fasttext", "lingua"] = Field(
-        "fasttext",
-        description="fasttext: our fastText model decides where it is sure and knows the words "
-        "(`fasttext_min_probability`, `fasttext_min_known_words`), lingua decides the rest; lingua: lingua on "
-        "every document (several times slower)",
+    method: Literal["lingua", "fasttext"] = Field(
+        "lingua",
+        description="lingua: lingua on every document; fasttext (what configs/preprocess/*.yaml use, several "
+        "times faster): a fastText model trained on `fasttext_sources` decides where it is sure and knows the "
+        "words (`fasttext_min_probability`, `fasttext_min_known_words`), lingua decides the rest",
     )
     candidates: list[str] = Field(
         default_factory=lambda: ["kk", "ru", "en", "uk", "be", "fr", "de"],
