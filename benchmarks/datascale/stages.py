@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.langid_accuracy:
         from benchmarks.datascale import langid_accuracy
 
-        acc_args = langid_accuracy.parse_args([f"--flores-dir={d}" for d in args.flores_dir])
-        acc_args.argv = None
+        acc_argv = [f"--flores-dir={d}" for d in args.flores_dir]
+        acc_args = langid_accuracy.parse_args(acc_argv)
+        acc_args.argv = acc_argv
         section += langid_accuracy.run(acc_args)
     if not args.no_append:
         print(f"appended to {append_section(section)}")
