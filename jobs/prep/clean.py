@@ -46,7 +46,8 @@ _HAS_CYR = re.compile(f"[{_CYR}]")
 _LATIN_LOOKALIKE = r"A-Za-z\u0259\u018f\u0275\u019f"
 _LATIN_IN_WORD = re.compile(f"[{_LATIN_LOOKALIKE}]")
 # a whole word (\w run) with both a Cyrillic letter and a Latin one: the only words look-alikes are fixed in
-_MIXED_WORD = re.compile(rf"\w*(?:[{_CYR}]\w*[{_LATIN_LOOKALIKE}]|[{_LATIN_LOOKALIKE}]\w*[{_CYR}])\w*")
+# (two lookaheads from each word start: linear in the word's length, where a backtracking pattern is not)
+_MIXED_WORD = re.compile(rf"\b(?=\w*[{_CYR}])(?=\w*[{_LATIN_LOOKALIKE}])\w+")
 
 
 @lru_cache(maxsize=8)
