@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,13 +19,35 @@ from jobs.prep.config import NormalizeConfig, PiiConfig, QualityConfig
 
 # ------------------------------------------------------------------------------------------ normalise
 
+
+def char_class(predicate: Callable[[str], bool]) -> str:
+    """A regex character class (without brackets) of every code point for which `predicate` holds, so that a
+    per-character Python test runs as one regex scan."""
+    ranges: list[tuple[int, int]] = []
+    start = None
+    for cp in range(sys.maxunicode + 2):
+        ok = cp <= sys.maxunicode and predicate(chr(cp))
+        if ok and start is None:
+            start = cp
+        elif not ok and start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
 _KEEP_CONTROL = {"\n", "\t"}
-_SPACES = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+_SPACE_CHARS = r" \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# only what collapsing changes: runs of 2+ spaces, or one space character other than " "
+_SPACES = re.compile(rf"[{_SPACE_CHARS}]{{2,}}|[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
+_SPACE_AROUND_NEWLINE = re.compile(r" \n ?|\n ")  # a newline with a space beside it
 _CYR = r"\u0400-\u04ff\u0500-\u052f"
-_MIXED_WORD = re.compile(rf"\w*[{_CYR}]\w*")
-_LATIN_IN_WORD = re.compile(r"[A-Za-z\u0259\u018f\u0275\u019f]")
+_HAS_CYR = re.compile(f"[{_CYR}]")
+_LATIN_LOOKALIKE = r"A-Za-z\u0259\u018f\u0275\u019f"
+_LATIN_IN_WORD = re.compile(f"[{_LATIN_LOOKALIKE}]")
+# a whole word (\w run) with both a Cyrillic letter and a Latin one: the only words look-alikes are fixed in
+# (two lookaheads from each word start: linear in the word's length, where a backtracking pattern is not)
+_MIXED_WORD = re.compile(rf"\b(?=\w*[{_CYR}])(?=\w*[{_LATIN_LOOKALIKE}])\w+")
 
 
 @lru_cache(maxsize=8)
@@ -40,6 +64,14 @@ def _invisible_table() -> dict[int, None]:
     return drop
 
 
+@lru_cache(maxsize=1)
+def _invisible_re() -> re.Pattern:
+    """The code points of `_invisible_table` as one character class (deleting them by regex is much faster
+    than `str.translate` with a table of thousands of entries)."""
+    drop = _invisible_table()
+    return re.compile(f"[{char_class(lambda ch: ord(ch) in drop)}]+")
+
+
 @lru_cache(maxsize=8)
 def _lookalike_table(items: tuple[tuple[str, str], ...]) -> dict[int, str]:
     return {ord(k): v for k, v in items}
@@ -51,16 +83,14 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> tuple[str, int]:
         text = html.unescape(text)
     text = unicodedata.normalize(cfg.unicode_form, text)
     if cfg.remove_invisible:
-        text = text.translate(_invisible_table())
+        text = _invisible_re().sub("", text)
     fixes = 0
-    if cfg.fix_lookalikes and _LATIN_IN_WORD.search(text) and re.search(f"[{_CYR}]", text):
+    if cfg.fix_lookalikes and _LATIN_IN_WORD.search(text) and _HAS_CYR.search(text):
         table = _lookalike_table(tuple(sorted(cfg.lookalikes.items())))
 
         def fix(m: re.Match) -> str:
             nonlocal fixes
             word = m.group(0)
-            if not _LATIN_IN_WORD.search(word):
-                return word
             new = word.translate(table)
             if _LATIN_IN_WORD.search(new):  # other Latin letters remain: a real mixed token (e.g. a code)
                 return word
@@ -118,23 +148,56 @@ def _duplicate_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
     return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
 
 
-def quality_stats(text: str) -> QualityStats:
-    words = _WORD.findall(text)
+@lru_cache(maxsize=1)
+def numeric_non_letters() -> str:
+    """Character class of what is alphanumeric but neither a letter nor a decimal digit (superscripts,
+    fractions, Roman numerals, ...): `[^\\W\\d_<this>]` is exactly str.isalpha."""
+    return char_class(lambda c: c.isalnum() and not c.isalpha() and not c.isdecimal())
+
+
+@lru_cache(maxsize=1)
+def letter_runs() -> re.Pattern:
+    """Runs of letters (str.isalpha), for counting letters with one regex scan."""
+    return re.compile(rf"[^\W\d_{numeric_non_letters()}]+")
+
+
+@lru_cache(maxsize=1)
+def _quality_res() -> tuple[re.Pattern, re.Pattern, re.Pattern, re.Pattern]:
+    """Regexes counting what quality_stats counts per character / word, equal to the str predicates (the
+    unit tests check every code point): digits (str.isdigit), symbols (not alnum, not space, not allowed
+    punctuation), words with a letter (str.isalpha), words with a letter or digit (str.isalnum). They lean on
+    the regex engine's own classes (\\w is isalnum or "_", \\d is isdecimal, \\s is isspace), which it tests
+    natively, plus the few code points where those differ from the predicates."""
+    numeric = numeric_non_letters()
+    digit_not_decimal = char_class(lambda c: c.isdigit() and not c.isdecimal())
+    punct = re.escape("".join(sorted(_PUNCT_OK)))
+    digit = re.compile(rf"[\d{digit_not_decimal}]")
+    symbol = re.compile(rf"[^\w\s{punct}]|_")
+    alpha_word = re.compile(rf"\S*?[^\W\d_{numeric}]\S*")
+    alnum_word = re.compile(r"\S*?[^\W_]\S*")
+    return digit, symbol, alpha_word, alnum_word
+
+
+def quality_stats(text: str, ngram_min_words: int = 0) -> QualityStats:
+    """The statistics the quality filters read; the two n-gram ratios are computed only for documents with at
+    least `ngram_min_words` words (0.0 otherwise: the filters ignore them below `repetition_min_words`)."""
+    digit_re, symbol_re, alpha_word_re, alnum_word_re = _quality_res()
+    words = text.split()  # the same words as _WORD (\S+): both split on str.isspace characters
     n_words = len(words)
-    word_chars = sum(len(w) for w in words)
+    word_chars = sum(map(len, words))
     non_space = word_chars
-    digits = symbols = 0
-    for ch in text:
-        if ch.isdigit():
-            digits += 1
-        elif not ch.isalnum() and not ch.isspace() and ch not in _PUNCT_OK:
-            symbols += 1
-    symbols += text.count("...")  # Gopher counts ellipses with hashes as "symbols"
-    alpha_words = sum(1 for w in words if any(c.isalpha() for c in w))
-    alnum_words = sum(1 for w in words if any(c.isalnum() for c in w))
-    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    digits = len(digit_re.findall(text))
+    symbols = len(symbol_re.findall(text)) + text.count("...")  # Gopher counts ellipses as "symbols"
+    alpha_words = len(alpha_word_re.findall(text))
+    alnum_words = len(alnum_word_re.findall(text))
+    lines = [ln.strip() for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln]
     dup_lines = len(lines) - len(set(lines))
-    lowered = [w.lower() for w in words]
+    top = dup = 0.0
+    if n_words >= ngram_min_words:
+        lowered = text.lower().split()  # == [w.lower() for w in words]: lower() adds no whitespace
+        top = _top_repeated_ngram_ratio(lowered, 2, word_chars)
+        dup = _duplicate_ngram_ratio(lowered, 5, word_chars)
     return QualityStats(
         chars=len(text),
         words=n_words,
@@ -143,8 +206,8 @@ def quality_stats(text: str) -> QualityStats:
         digit_ratio=digits / non_space if non_space else 0.0,
         alpha_word_ratio=alpha_words / alnum_words if alnum_words else 0.0,
         duplicate_line_ratio=dup_lines / len(lines) if lines else 0.0,
-        top_ngram_ratio=_top_repeated_ngram_ratio(lowered, 2, word_chars),
-        duplicate_ngram_ratio=_duplicate_ngram_ratio(lowered, 5, word_chars),
+        top_ngram_ratio=top,
+        duplicate_ngram_ratio=dup,
     )
 
 
@@ -180,7 +243,7 @@ def quality_verdict(text: str, cfg: QualityConfig) -> tuple[str, str]:
     text, bad, n_lines = strip_boilerplate(text, cfg)
     if n_lines and bad / n_lines > cfg.max_boilerplate_line_ratio:
         return original, "boilerplate"
-    reason = _first_failure(quality_stats(text), cfg)
+    reason = _first_failure(quality_stats(text, cfg.repetition_min_words), cfg)
     return (original, reason) if reason else (text, "")
 
 
@@ -232,6 +295,9 @@ def _plausible_phone(s: str) -> bool:
     )
 
 
+_DECIMAL = re.compile(r"\d")
+
+
 def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
     """(text with PII replaced, counts per kind)."""
     counts = {"email": 0, "phone": 0, "iban": 0}
@@ -239,7 +305,10 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
         return text, counts
     if cfg.email is not None and "@" in text:
         text, counts["email"] = EMAIL_RE.subn(cfg.email, text)
-    if cfg.iban is not None:
+    # A phone number needs 10 digits, an IBAN 8 (\d, as the patterns match them): most texts have fewer and skip
+    # both scans. Counted after the e-mail (and again after the IBAN) replacement, whose placeholders may hold digits.
+    n_digits = len(_DECIMAL.findall(text))
+    if cfg.iban is not None and n_digits >= 8:
 
         def iban(m: re.Match) -> str:
             raw = m.group(0).replace(" ", "")
@@ -249,7 +318,9 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, dict[str, int]]:
             return m.group(0)
 
         text = IBAN_RE.sub(iban, text)
-    if cfg.phone is not None:
+    if counts["iban"]:  # its placeholder may hold digits
+        n_digits = len(_DECIMAL.findall(text))
+    if cfg.phone is not None and n_digits >= 10:
 
         def phone(m: re.Match) -> str:
             s = m.group(0)

@@ -150,13 +150,39 @@ class NormalizeConfig(StrictModel):
 
 
 class LangIdConfig(StrictModel):
-    """Language identification (lingua, offline) plus a script check."""
+    """Language identification (a fastText model trained on our corpora, lingua where it is unsure; both offline)
+    plus a script check. How they combine: jobs/prep/langid.py and docs/preprocessing.md."""
 
     enabled: bool = Field(True, description="false: keep every document's declared language, no detection")
+    method: Literal["lingua", "fasttext"] = Field(
+        "lingua",
+        description="lingua: lingua on every document; fasttext (what configs/preprocess/*.yaml use, several "
+        "times faster): a fastText model trained on `fasttext_sources` decides where it is sure and knows the "
+        "words (`fasttext_min_probability`, `fasttext_min_known_words`), lingua decides the rest",
+    )
     candidates: list[str] = Field(
         default_factory=lambda: ["kk", "ru", "en", "uk", "be", "fr", "de"],
         description="ISO 639-1 codes lingua chooses among (must include every output language); each one more "
-        "costs time on every document",
+        "costs time on every document lingua sees",
+    )
+    fasttext_sources: dict[str, list[str]] = Field(
+        default_factory=lambda: {"kk": ["corpus/kk"], "ru": ["corpus/ru"], "en": ["corpus/en"]},
+        description="label -> files or directories under TULPAR_DATA the fastText model is trained on (10% of "
+        "their paragraphs held out and scored); must include every output language",
+    )
+    fasttext_train_chars: int = Field(
+        3_000_000, gt=0, description="at most this many characters of training text per label (balances them)"
+    )
+    fasttext_min_probability: float = Field(
+        0.99, ge=0, le=1, description="fastText's answer is taken only with at least this probability..."
+    )
+    fasttext_min_known_words: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="...and when at least this share of the sample's words occur (twice or more) in its training "
+        "text for that language; other "
+        "documents (e.g. Ukrainian, which looks like Russian to a model that never saw it) go to lingua",
     )
     min_confidence: float = Field(
         0.6, ge=0, le=1, description="below this, a declared language is kept; an `auto` document is dropped"
@@ -369,6 +395,12 @@ class PreprocessConfig(StrictModel):
             missing = [lang for lang in self.languages if lang not in self.langid.candidates]
             if missing:
                 raise ValueError(f"langid.candidates lacks output languages {missing}: add them")
+            untrained = [lang for lang in self.languages if lang not in self.langid.fasttext_sources]
+            if self.langid.method == "fasttext" and untrained:
+                raise ValueError(
+                    f"langid.fasttext_sources lacks output languages {untrained}: add their corpora "
+                    "(or set langid.method=lingua)"
+                )
         for s in self.sources:
             if s.language != "auto" and s.language not in self.languages:
                 raise ValueError(

@@ -20,6 +20,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 
@@ -54,29 +55,48 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 _MULT = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1] * 4, dtype=np.uint32)
 
 
-def shingle_hashes(words: list[str], n: int, cache: dict[str, int] | None = None) -> np.ndarray:
+class WordHashes(dict):
+    """word -> CRC-32 of its UTF-8 bytes, computed on first lookup; shared by the documents of a batch."""
+
+    def __missing__(self, word: str) -> int:
+        h = self[word] = zlib.crc32(word.encode("utf-8"))
+        return h
+
+
+def shingle_hashes(words: list[str], n: int, cache: WordHashes | None = None) -> np.ndarray:
     """uint32 hashes of the word n-grams of one document (one shingle of all words when fewer than n)."""
-    if not words:
-        return np.zeros(0, dtype=np.uint32)
-    if cache is None:
-        wh = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint32, count=len(words))
-    else:
-        get = cache.get
-        vals = []
-        for w in words:
-            h = get(w)
-            if h is None:
-                h = cache[w] = zlib.crc32(w.encode("utf-8"))
-            vals.append(h)
-        wh = np.asarray(vals, dtype=np.uint32)
-    wh = _fmix32(wh)
-    k = min(n, len(words))
-    m = len(words) - k + 1
-    acc = np.zeros(m, dtype=np.uint32)
-    for i in range(k):  # position-dependent multipliers: "a b" and "b a" differ
-        acc = (acc + wh[i : i + m] * _MULT[i]) & _M32
-        acc = (acc << np.uint32(5)) | (acc >> np.uint32(27))
-    return _fmix32(acc ^ np.uint32(k))
+    flat, _ = batch_shingle_hashes([words], n, cache)
+    return flat
+
+
+def batch_shingle_hashes(
+    word_lists: list[list[str]], n: int, cache: WordHashes | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(all shingle hashes, one document after the other; shingles per document): `shingle_hashes` of every
+    document, computed as a few numpy passes over the whole batch instead of a loop per document."""
+    if not 1 <= n <= len(_MULT):
+        raise ValueError(f"dedup.ngram {n} must be between 1 and {len(_MULT)}")
+    get = (cache if cache is not None else WordHashes()).__getitem__
+    n_words = np.fromiter(map(len, word_lists), dtype=np.int64, count=len(word_lists))
+    all_words = list(chain.from_iterable(word_lists))
+    wh = _fmix32(np.fromiter(map(get, all_words), dtype=np.uint32, count=len(all_words)))
+    k = np.minimum(n_words, n)  # words per shingle: n, or all of a shorter document's
+    per_doc = np.where(n_words > 0, n_words - k + 1, 0)
+    total = int(per_doc.sum())
+    if not total:
+        return np.zeros(0, dtype=np.uint32), per_doc
+    word_start = np.cumsum(n_words) - n_words
+    shingle_start = np.cumsum(per_doc) - per_doc
+    first = np.repeat(word_start - shingle_start, per_doc) + np.arange(total)  # first word of each shingle
+    k_of = np.repeat(k, per_doc).astype(np.uint32)
+    short = bool((k_of < n).any())
+    last = len(wh) - 1
+    acc = np.zeros(total, dtype=np.uint32)
+    for i in range(n):  # position-dependent multipliers: "a b" and "b a" differ
+        step = acc + wh[np.minimum(first + i, last)] * _MULT[i]
+        step = (step << np.uint32(5)) | (step >> np.uint32(27))
+        acc = np.where(k_of > i, step, acc) if short else step
+    return _fmix32(acc ^ k_of), per_doc
 
 
 @lru_cache(maxsize=8)
@@ -92,29 +112,39 @@ def minhash_signatures(
     shingles: list[np.ndarray], num_perm: int, seed: int, chunk: int = 16384
 ) -> np.ndarray:
     """(len(shingles), num_perm) uint32 signatures; a document without shingles gets all 0xFFFFFFFF."""
+    lengths = np.fromiter(map(len, shingles), dtype=np.int64, count=len(shingles))
+    flat = np.concatenate(shingles) if len(shingles) else np.zeros(0, np.uint32)
+    return batch_minhash_signatures(flat.astype(np.uint32, copy=False), lengths, num_perm, seed, chunk)
+
+
+def batch_minhash_signatures(
+    flat: np.ndarray, lengths: np.ndarray, num_perm: int, seed: int, chunk: int = 16384
+) -> np.ndarray:
+    """`minhash_signatures` of documents given as one array of shingle hashes and the count per document (what
+    `batch_shingle_hashes` returns), about `chunk` shingles x num_perm at a time."""
     a, b = permutations(num_perm, seed)
-    out = np.full((len(shingles), num_perm), 0xFFFFFFFF, dtype=np.uint32)
-    lengths = np.fromiter((len(s) for s in shingles), dtype=np.int64, count=len(shingles))
+    n = len(lengths)
+    out = np.full((n, num_perm), 0xFFFFFFFF, dtype=np.uint32)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    hv = _fmix32(flat)
     i = 0
-    while i < len(shingles):
+    while i < n:
         if lengths[i] == 0:
             i += 1
             continue
         if lengths[i] >= chunk:  # one big document, in slices
-            hv = _fmix32(shingles[i])
-            for s in range(0, len(hv), chunk):
-                part = hv[s : s + chunk, None] * a + b
+            doc = hv[offsets[i] : offsets[i + 1]]
+            for s in range(0, len(doc), chunk):
+                part = np.multiply(doc[s : s + chunk, None], a)
+                part += b
                 out[i] = np.minimum(out[i], part.min(axis=0))
             i += 1
             continue
-        j, total = i, 0
-        while j < len(shingles) and total + lengths[j] <= chunk:
-            total += lengths[j]
-            j += 1
+        j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + chunk, side="right")) - 1)
         idx = np.arange(i, j)[lengths[i:j] > 0]
-        flat = _fmix32(np.concatenate([shingles[k] for k in idx]))
-        starts = np.concatenate(([0], np.cumsum(lengths[idx])[:-1]))
-        out[idx] = np.minimum.reduceat(flat[:, None] * a + b, starts, axis=0)
+        part = np.multiply(hv[offsets[i] : offsets[j], None], a)
+        part += b
+        out[idx] = np.minimum.reduceat(part, offsets[idx] - offsets[i], axis=0)
         i = j
     return out
 

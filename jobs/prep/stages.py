@@ -95,8 +95,8 @@ def langid_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     detected = [""] * len(texts)
     confidence = [0.0] * len(texts)
     if cfg.langid.enabled:
-        for i in todo:
-            detected[i], confidence[i] = langid.detect(texts[i], cfg.langid)
+        found = langid.detect_many([texts[i] for i in todo], cfg.langid)
+        for i, (detected[i], confidence[i]) in zip(todo, found):
             langs[i], reasons[i] = langid.decide(
                 langs[i], detected[i], confidence[i], texts[i], cfg.langid, cfg.languages
             )
@@ -142,13 +142,9 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     keys = np.zeros(n, dtype=np.uint64)
     nbytes = np.zeros(n, dtype=np.int64)
     splits = [""] * n
-    shingles = [np.zeros(0, np.uint32)] * n
-    cache: dict[str, int] = {}
-    for i in todo:
-        words = dedup.dedup_words(texts[i])
-        keys[i] = dedup.exact_key(words)
-        if cfg.dedup.near:
-            shingles[i] = dedup.shingle_hashes(words, cfg.dedup.ngram, cache)
+    words = [dedup.dedup_words(texts[i]) for i in todo]
+    for i, w in zip(todo, words):
+        keys[i] = dedup.exact_key(w)
         nbytes[i] = len(texts[i].encode("utf-8"))
         splits[i] = "val" if is_validation(texts[i], cfg.split.val_fraction) else "train"
     snippets = [(x or "")[:SNIPPET_CHARS] for x in texts]
@@ -160,10 +156,11 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     t = _set(t, "exact_key", keys)
     t = _set(t, "snippet", snippets, pa.string())
     if cfg.dedup.near:
-        sig = dedup.minhash_signatures(shingles, cfg.dedup.num_perm, cfg.dedup.seed)
+        flat, counts = dedup.batch_shingle_hashes(words, cfg.dedup.ngram, dedup.WordHashes())
+        per_doc = np.zeros(n, dtype=np.int64)
+        per_doc[todo] = counts
+        sig = dedup.batch_minhash_signatures(flat, per_doc, cfg.dedup.num_perm, cfg.dedup.seed)
         t = _set(t, "signature", pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), cfg.dedup.num_perm))
-        counts = np.fromiter((len(x) for x in shingles), dtype=np.int64, count=n)
-        offsets = pa.array(np.concatenate(([0], np.cumsum(counts))))
-        flat = np.concatenate(shingles) if n else np.zeros(0, np.uint32)
+        offsets = pa.array(np.concatenate(([0], np.cumsum(per_doc))).astype(np.int64))  # rows in table order
         t = _set(t, "shingles", pa.LargeListArray.from_arrays(offsets, pa.array(flat, pa.uint32())))
     return t
