@@ -543,12 +543,9 @@ def plan_mixture(
             rule = plan.CopyRule(full, 0, -1)
             achieved[lang] = full * available[lang]
         else:
-            b = (
-                pd.concat(found[lang])
-                if found[lang]
-                else pd.DataFrame({"doc_id": [], "key": [], "n_tokens": []})
-            )
-            ids, keys = b["doc_id"].to_numpy(np.int64), b["key"].to_numpy(np.uint64)
+            b = pd.concat(found[lang]) if found[lang] else pd.DataFrame({"doc_id": [], "n_tokens": []})
+            ids = b["doc_id"].to_numpy(np.int64)
+            keys = plan.order_key(ids, cfg.mixture.seed)  # not the JSON-carried keys: > 2**53 loses precision
             toks = b["n_tokens"].to_numpy(np.int64)
             before = plan.cut_bucket(hist[lang], rest)[1]
             rule = plan.copy_rule(full, rest, wanted[lang], before, ids, keys, toks)

@@ -269,14 +269,15 @@ def test_bad_input_is_counted_with_file_names(run1):
 def test_duplicates_removed(run1, reference):
     r = report(run1)
     assert r["languages"]["kk"]["dropped"]["exact_duplicate"]["documents"] == 1
-    assert r["languages"]["kk"]["dropped"]["near_duplicate"]["documents"] == 1
+    # the edited АТФ paragraph, and "1 апта мерзім берді ..." beside "Бір апта ...": 5 of 7 shingles shared (J 0.71)
+    assert r["languages"]["kk"]["dropped"]["near_duplicate"]["documents"] == 2
     # across files: the War and Peace paragraph repeated in extra.parquet
     pairs = {
         (Path(x["file"]).name, Path(x["duplicate_of"]["file"]).name) for x in r["examples"]["exact_duplicate"]
     }
     assert ("war_and_peace.txt", "extra.parquet") in pairs  # extra.parquet comes first in the source list
-    near = r["examples"]["near_duplicate"][0]
-    assert near["file"].endswith("wiki.jsonl") and near["duplicate_of"]["file"].endswith("wiki.jsonl")
+    near = [x for x in r["examples"]["near_duplicate"] if x["file"].endswith("wiki.jsonl")][0]
+    assert near["duplicate_of"]["file"].endswith("wiki.jsonl")
     texts = [t for _, _, t in reference.kept.values()]
     assert sum("мысалы" in t and t.startswith("АТФ") for t in texts) == 0  # the edited copy is gone
     assert sum(t.startswith("АТФ") for t in texts) == 1

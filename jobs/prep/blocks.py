@@ -252,7 +252,7 @@ def account_block(ordinal: int, store: Store, languages: list[str], seed: int) -
 
 
 def bucket_docs(ordinal: int, store: Store, wanted: dict[str, int], seed: int) -> dict[str, pd.DataFrame]:
-    """The kept train documents of each language that fall in that language's cut bucket."""
+    """The kept train documents (id, tokens) of each language that fall in that language's cut bucket."""
     d = decided(store, ordinal, ["doc_id", "lang", "reason", "split", "n_tokens"])
     kept = d[(d["reason"] == "") & (d["split"] == "train")]
     keys = plan.order_key(kept["doc_id"].to_numpy(np.int64), seed)
@@ -263,7 +263,6 @@ def bucket_docs(ordinal: int, store: Store, wanted: dict[str, int], seed: int) -
         out[lang] = pd.DataFrame(
             {
                 "doc_id": kept["doc_id"].to_numpy()[m],
-                "key": keys[m],
                 "n_tokens": kept["n_tokens"].to_numpy()[m],
             }
         )
