@@ -125,8 +125,8 @@ def test_sources_snippet_lists_every_file_through_jobs_prep_sources(corpus, data
         spec = SourceSpec(**item)
         files, errors = expand_source(spec, data_dir)
         assert errors == []
-        assert all(Path(f).parent.name == spec.language for f, _ in files)
-        listed += [str(Path(f).relative_to(corpus)) for f, _ in files]
+        assert all(Path(f).parent.name == spec.language for f, *_ in files)
+        listed += [str(Path(f).relative_to(corpus)) for f, *_ in files]
     assert listed == [f["path"] for f in meta["files"]]
 
 

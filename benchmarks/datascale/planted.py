@@ -307,10 +307,17 @@ def reference_decisions(
     """Today's exact + MinHash-LSH decisions (jobs.prep.dedup.find_duplicates) over the corpus in input order."""
     import pandas as pd
 
-    from jobs.prep.dedup import dedup_words, exact_key, find_duplicates, minhash_signatures, shingle_hashes
+    from jobs.prep.dedup import (
+        WordHashes,
+        dedup_words,
+        exact_key,
+        find_duplicates,
+        minhash_signatures,
+        shingle_hashes,
+    )
 
     keys, sigs, file_col, rec_col = [], [], [], []
-    cache: dict[str, int] = {}
+    cache = WordHashes()
     t0 = time.perf_counter()
     for fi, rel in enumerate(files.rel):
         batch_sh = []

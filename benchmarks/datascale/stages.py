@@ -49,6 +49,7 @@ from benchmarks.machine import append_section, cpu_model  # noqa: E402
 from jobs.platform.configfile import load_config  # noqa: E402
 from jobs.platform.runtime import Settings  # noqa: E402
 from jobs.prep import stages  # noqa: E402
+from jobs.prep.blocks import tokenize_kept  # noqa: E402  (the pipeline's tokenize step)
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.sources import discover, plan_chunks, read_chunk  # noqa: E402
 
@@ -148,7 +149,6 @@ def run(args: argparse.Namespace) -> str:
     tokenizer = Tokenizer.from_dir(tok_path)
     tk = tokenizer.tk
     eos_id = tokenizer.eos_id
-    no_drops = np.zeros(0, dtype=np.int64)
 
     batches, n_bytes = read_batches(cfg, settings.data, int(args.mb * 1e6))
     n_docs = sum(len(b) for b in batches)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> str:
     warm = batches[0].slice(0, 64)
     for name in STAGES:
         warm = STAGE_FUNCS[name](warm, cfg)
-    stages.tokenize_docs(warm, tk, eos_id, no_drops, cfg.tokenizer.batch_size)
+    tokenize_kept(warm, tk, eos_id, cfg.tokenizer.batch_size)
     tk.encode_batch(["warm up"], add_special_tokens=False)
 
     load0 = os.getloadavg()[0]
@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> str:
             with clock(per_stage[name]):
                 b = STAGE_FUNCS[name](b, cfg)
         with clock(per_stage["tokenize"]):
-            out = stages.tokenize_docs(b, tk, eos_id, no_drops, cfg.tokenizer.batch_size)
-        kept += len(out)
+            out = tokenize_kept(b, tk, eos_id, cfg.tokenizer.batch_size)
+        kept += int((np.asarray(out.column("n_tokens")) > 0).sum())
     for name, t in per_stage.items():
         print(f"{name:<10} {mb / t.cpu:8.3f} MB/s", flush=True)
 
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> str:
         with clock(chain):
             for name in STAGES:
                 b = STAGE_FUNCS[name](b, cfg)
-            stages.tokenize_docs(b, tk, eos_id, no_drops, cfg.tokenizer.batch_size)
+            tokenize_kept(b, tk, eos_id, cfg.tokenizer.batch_size)
     tok_after = tokenize_alone(tk, batches, cfg.tokenizer.batch_size)
     load1 = os.getloadavg()[0]
 
