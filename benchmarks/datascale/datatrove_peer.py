@@ -16,8 +16,11 @@ Offline substitutions, because nothing can be downloaded here:
   loaded by datatrove's own FastTextLID code instead. Threshold 0.65 (datatrove's default).
 - MinHash word splitting: datatrove's default (NLTK's English tokenizer) needs the punkt data download; words are
   `\\w+` runs of datatrove's normalised text instead (what jobs.prep.dedup does too).
-- MinHash parameters: 5-word shingles and the bands x rows jobs.prep.dedup uses for the threshold (9 x 13 for 0.8
-  with 128 permutations); datatrove's own hashing (64-bit) and normalisation (simplify_text).
+- MinHash parameters: 5-word shingles and datatrove's own default of 14 buckets x 8 hashes (its users' setting;
+  datatrove does not verify candidates); datatrove's own hashing (64-bit) and normalisation (simplify_text).
+
+`--with-tulpar` runs jobs.preprocess on the same corpus right after each datatrove run, with as many workers as
+datatrove had tasks, and scores it the same way: the side by side of the issue, in one invocation.
 - Rust tokenizers and BLAS run one thread per task (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), so that
   T tasks use T cores.
 
@@ -378,9 +381,39 @@ def write_decisions(corpus: Path, work: Path) -> dict:
 
 
 def lsh_bands_rows(threshold: float) -> tuple[int, int]:
-    from jobs.prep.dedup import lsh_params
+    """datatrove's own MinhashConfig default, 14 buckets x 8 hashes (the peer as its users run it; it does not
+    depend on the threshold, and datatrove does not verify candidates)."""
+    return 14, 8
 
-    return lsh_params(threshold, 128)
+
+def run_tulpar(corpus: Path, work: Path, workers: int, tokenizer: str, threshold: float) -> dict:
+    """jobs.preprocess on the same corpus, its own local Ray with `workers` CPUs; wall and CPU seconds of the
+    job process and everything it started (RUSAGE_CHILDREN: Ray's processes are its descendants)."""
+    import resource
+
+    from benchmarks.datascale.scale import corpus_config, run_job
+
+    cfg = corpus_config(corpus, LANGUAGES)
+    cfg["dedup"] = {"threshold": threshold}
+    work.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = run_job(cfg, workers, str(Path(tokenizer).parent), work / "ds", work / "home")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rep = row["report"]
+    return {
+        "workers": workers,
+        "wall_s": round(row["wall"], 1),
+        "cpu_s": round(cpu, 1),
+        "dropped_language": sum(
+            e["dropped"].get(r, {}).get("documents", 0)
+            for e in rep["languages"].values()
+            for r in ("language_mismatch", "language_other", "language_uncertain", "script_mismatch")
+        ),
+        "dropped_near": rep["dedup"].get("near_duplicates", 0),
+        "seconds": rep["timings_s"],
+        "dataset": str(work / "ds"),
+    }
 
 
 def resolve_tokenizer(path: str | None) -> str:
@@ -448,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bands", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--setup", action="store_true", help="only create the datatrove virtualenv")
+    p.add_argument(
+        "--with-tulpar",
+        action="store_true",
+        help="also run jobs.preprocess on the same corpus with as many workers, in the same invocation",
+    )
     a = p.parse_args(argv)
     if a.mode == "_floor":
         res = tokenizer_floor(Path(a.corpus), a.tokenizer)
@@ -493,16 +531,27 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(format_result(f"datatrove tasks={t}", res["score"]))
             results.append(res)
+            if a.with_tulpar:
+                print(f"Tulpar jobs.preprocess with {t} worker(s) on the same corpus ...", flush=True)
+                ours = run_tulpar(corpus, out / f"tulpar-{t}", t, tokenizer, a.threshold)
+                ours |= {"tasks": t, "name": "tulpar", "mb": round(mb, 1)}
+                ours["mb_per_s_per_core"] = round(mb / ours["wall_s"] / t, 3)
+                ours["mb_per_cpu_s"] = round(mb / ours["cpu_s"], 3) if ours["cpu_s"] else None
+                ours["score"] = score_tables(
+                    corpus, read_decisions(Path(ours["dataset"])), threshold=a.threshold, verify=True
+                )
+                print(format_result(f"tulpar workers={t}", ours["score"]))
+                results.append(ours)
     except (ValueError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        "\ntasks  wall s  cpu s  MB/s/core  MB/cpu-s  lang-dropped  near-dropped  recall@thr  precision  stages (s)"
+        "\npipeline   tasks  wall s  cpu s  MB/s/core  MB/cpu-s  lang-dropped  near-dropped  recall@thr  precision  stages (s)"
     )
     for r in results:
         s = r["score"]
         print(
-            f"{r['tasks']:>5}  {r['wall_s']:>6.1f}  {r['cpu_s']:>5.0f}  {r['mb_per_s_per_core']:>9.3f}  {r['mb_per_cpu_s']:>8.3f}  "
+            f"{r.get('name', 'datatrove'):<9}  {r['tasks']:>5}  {r['wall_s']:>6.1f}  {r['cpu_s']:>5.0f}  {r['mb_per_s_per_core']:>9.3f}  {r['mb_per_cpu_s']:>8.3f}  "
             f"{r['dropped_language']:>12}  {r['dropped_near']:>12}  {s['recall_near_at_threshold']['recall']!s:>10}  "
             f"{s['precision_near']['precision']!s:>9}  {r['seconds']}"
         )
