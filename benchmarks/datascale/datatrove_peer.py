@@ -388,18 +388,39 @@ def lsh_bands_rows(threshold: float) -> tuple[int, int]:
 
 def run_tulpar(corpus: Path, work: Path, workers: int, tokenizer: str, threshold: float) -> dict:
     """jobs.preprocess on the same corpus, its own local Ray with `workers` CPUs; wall and CPU seconds of the
-    job process and everything it started (RUSAGE_CHILDREN: Ray's processes are its descendants)."""
-    import resource
+    job process and every process it started (Ray's GCS, raylet, workers: sampled with psutil every 0.2 s while it
+    runs, the last reading of each process counted; Ray does not reap its workers into our rusage)."""
+    import threading
+
+    import psutil
 
     from benchmarks.datascale.scale import corpus_config, run_job
 
     cfg = corpus_config(corpus, LANGUAGES)
     cfg["dedup"] = {"threshold": threshold}
     work.mkdir(parents=True, exist_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    row = run_job(cfg, workers, str(Path(tokenizer).parent), work / "ds", work / "home")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    seen: dict[int, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.is_set():
+            for proc in me.children(recursive=True):
+                try:
+                    t = proc.cpu_times()
+                    seen[proc.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        row = run_job(cfg, workers, str(Path(tokenizer).parent), work / "ds", work / "home")
+    finally:
+        done.set()
+        sampler.join()
+    cpu = sum(seen.values())
     rep = row["report"]
     return {
         "workers": workers,
