@@ -235,7 +235,11 @@ class RandomWindows(StepSampler):
     def _starts(self, step: int, count: int) -> list[int]:
         seed = np.random.SeedSequence([self.seed, step]).generate_state(1, dtype=np.uint64)[0]
         gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-        return torch.randint(0, self.num_windows + 1, (count,), generator=gen).tolist()
+        # The valid starts are 0 .. num_windows - 1 (a window needs seq_len + 1 tokens). Earlier releases drew up to
+        # num_windows inclusive and failed on the rare draw of the last value; it is folded onto the last valid
+        # start instead of narrowing the draw, so every other draw, and every training run, stays the same.
+        starts = torch.randint(0, self.num_windows + 1, (count,), generator=gen)
+        return starts.clamp_(max=self.num_windows - 1).tolist()
 
     def _rows(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])

@@ -214,3 +214,14 @@ def test_sampler_benchmark_writes_a_valid_dataset_and_measures_both_readers(tmp_
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     sampler.main([*argv, "--compare-tokens", "0", "--batches", "1"])  # in a temporary dir, removed afterwards
     assert not list(scratch.iterdir())
+
+
+def test_random_windows_are_always_full_even_at_the_end_of_the_stream():
+    """With seq_len + 3 tokens there are 3 valid starts; the draw also yields the one-past-the-end value (the
+    failure a pretraining run hit on step 10 of seed 1337): every window must still hold seq_len + 1 tokens."""
+    tokens = np.arange(64 + 3, dtype=np.uint16)
+    sampler = RandomWindows(tokens, 64, 8, seed=1337)
+    for step in range(50):
+        ((inputs, targets),) = sampler.batches_at(step)
+        assert inputs.shape == targets.shape == (8, 64)
+        assert int(inputs[:, 0].max()) <= 2  # starts 0, 1, 2 only
