@@ -35,7 +35,8 @@ PASSES = ("clean", "dedup", "mixture", "write")
 
 def corpus_config(corpus: Path, languages: list[str]) -> dict:
     """A preprocessing config over the corpus: the `sources:` its sources.yaml lists (the generator writes one),
-    else its <lang>/ directories; no mixture, Jaccard threshold 0.8 (the issue's), 1% validation."""
+    else its <lang>/ directories; no mixture, Jaccard threshold 0.8 (the issue's), 1% validation, the language ID
+    of the shipped configs."""
     listed = corpus / "sources.yaml"
     if listed.is_file():
         sources = yaml.safe_load(listed.read_text())["sources"]
@@ -50,6 +51,8 @@ def corpus_config(corpus: Path, languages: list[str]) -> dict:
         "mixture": {"target": None},
         "split": {"val_fraction": 0.01},
         "dedup": {"threshold": 0.8},
+        # the language ID of the shipped configs (configs/preprocess/kk-ru-en.yaml): fastText, lingua where unsure
+        "langid": yaml.safe_load((REPO_ROOT / "configs/preprocess/kk-ru-en.yaml").read_text())["langid"],
         "tokenizer": {"path": ""},
         "output": {"shard_max_tokens": 50_000_000},
     }
