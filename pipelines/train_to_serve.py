@@ -387,7 +387,11 @@ class SmokeTestFailed(RuntimeError):
 
 
 def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
-    """One chat completion per language; an empty, whitespace-only or non-text answer fails the stage."""
+    """One chat completion per language; an empty, whitespace-only or non-text answer fails the stage.
+
+    The completion runs the whole `max_tokens` (vLLM's `ignore_eos`): a barely trained rehearsal model whose most
+    likely first token is end-of-text (the tiny rehearsal's Kazakh answer after 30 pretraining steps) still has
+    to come back as text through the chat template, so an empty answer always means broken serving."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=2)
@@ -398,6 +402,7 @@ def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
             messages=[{"role": "user", "content": prompt}],
             max_tokens=spec.max_tokens,
             temperature=0,
+            extra_body={"ignore_eos": True},
         )
         content = r.choices[0].message.content if r.choices else None
         if not isinstance(content, str) or not content.strip():
