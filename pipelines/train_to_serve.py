@@ -389,9 +389,10 @@ class SmokeTestFailed(RuntimeError):
 def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
     """One chat completion per language; an empty, whitespace-only or non-text answer fails the stage.
 
-    The completion runs the whole `max_tokens` (vLLM's `ignore_eos`): a barely trained rehearsal model whose most
-    likely first token is end-of-text (the tiny rehearsal's Kazakh answer after 30 pretraining steps) still has
-    to come back as text through the chat template, so an empty answer always means broken serving."""
+    The completion runs the whole `max_tokens` (vLLM's `ignore_eos`) and keeps special tokens in the text
+    (`skip_special_tokens: false`): a barely trained rehearsal model whose likeliest tokens are end-of-text or
+    chat markers (the tiny rehearsal's Kazakh answer after 30 pretraining steps) still comes back as text, so an
+    empty answer always means broken serving, not an untrained model."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=2)
@@ -402,7 +403,7 @@ def smoke_test(url: str, model: str, spec: ServeSpec) -> dict[str, str]:
             messages=[{"role": "user", "content": prompt}],
             max_tokens=spec.max_tokens,
             temperature=0,
-            extra_body={"ignore_eos": True},
+            extra_body={"ignore_eos": True, "skip_special_tokens": False},
         )
         content = r.choices[0].message.content if r.choices else None
         if not isinstance(content, str) or not content.strip():
