@@ -20,7 +20,6 @@ resumed run writes byte-identical shards.
 
 from __future__ import annotations
 
-import io
 import json
 import resource
 import tempfile
@@ -175,10 +174,9 @@ def _clean_summary(store: Store, rel: str) -> dict[str, Any]:
 def read_clean(store: Store, ordinal: int, columns: list[str], rel: str | None = None) -> pa.Table:
     """Columns of one block's clean file (an empty table for a chunk that had no records)."""
     rel = rel or CLEAN.format(ordinal)
-    data = store.read_bytes(rel)
-    if not data:
+    if store.size(rel) == 0:
         return pa.table({c: pa.array([], type=_EMPTY_TYPES.get(c, pa.string())) for c in columns})
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    return store.read_table(rel, columns=columns)  # only these columns' pages are read
 
 
 _EMPTY_TYPES = {

@@ -47,6 +47,13 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self._path(rel)).type == pafs.FileType.File
 
+    def size(self, rel: str) -> int:
+        """Bytes of the file at `rel` (FileNotFoundError when it is missing)."""
+        info = self.fs.get_file_info(self._path(rel))
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(self.uri(rel))
+        return int(info.size)
+
     def list(self, rel_dir: str) -> list[str]:
         """Names of the files directly under `rel_dir` (sorted); [] when it does not exist."""
         sel = pafs.FileSelector(self._path(rel_dir), allow_not_found=True)
