@@ -48,6 +48,7 @@ from jobs.platform.results import DatasetOutputs, ResultError, parse_result
 from jobs.platform.runtime import JobResult, Settings, main_entry
 from jobs.prep import blocks, langid, neardup, plan, report
 from jobs.prep.config import PreprocessConfig
+from jobs.prep.encoding import DocEncoder
 from jobs.prep.sources import (
     Chunk,
     FileEntry,
@@ -102,20 +103,21 @@ def _compute(cfg: PreprocessConfig):
     return TaskPoolStrategy(size=cfg.execution.num_workers) if cfg.execution.num_workers else None
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple[str, str], Any] = {}
 
 
-def _tokenizer(tokenizer_json: list, sha: str):
-    """The worker process's `tokenizers.Tokenizer` (the JSON comes as an ObjectRef wrapped in a list, so that
-    Ray Data hands it over untouched)."""
+def _tokenizer(tokenizer_json: list, sha: str, encoder: str):
+    """The worker process's document encoder (`jobs.prep.encoding.DocEncoder` over the tokenizer; the JSON comes as
+    an ObjectRef wrapped in a list, so that Ray Data hands it over untouched)."""
     import ray
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task: no hidden thread pool
-    tk = _TOKENIZERS.get(sha)
+    tk = _TOKENIZERS.get((sha, encoder))
     if tk is None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        tk = _TOKENIZERS[sha] = HFTokenizer.from_str(ray.get(tokenizer_json[0]))
+        hf = HFTokenizer.from_str(ray.get(tokenizer_json[0]))
+        tk = _TOKENIZERS[(sha, encoder)] = DocEncoder(hf, encoder)
     return tk
 
 
@@ -130,7 +132,11 @@ def clean_task(
     out = []
     for row in batch.to_pylist():
         chunk = Chunk(row["ordinal"], row["file_id"], row["start"], row["end"])
-        out.append(blocks.clean_chunk(chunk, files, cfg, _tokenizer(tokenizer, sha), eos, Store(root)))
+        out.append(
+            blocks.clean_chunk(
+                chunk, files, cfg, _tokenizer(tokenizer, sha, cfg.tokenizer.encoder), eos, Store(root)
+            )
+        )
     return pa.table({"summary": [json.dumps(x) for x in out]})
 
 
@@ -372,6 +378,8 @@ def plan_inputs(cfg: PreprocessConfig, settings: Settings) -> InputPlan:
             log.warning("skipping %s: %s (%s)", f.uri, f.status, f.detail)
     tok_path = resolve_tokenizer_path(cfg.tokenizer.path, settings)
     tok = Tokenizer.from_dir(tok_path)
+    # fails here, before any work, when tokenizer.encoder=fast cannot encode this tokenizer
+    log.info("encoding documents with the %s encoder", DocEncoder(tok.tk, cfg.tokenizer.encoder).name)
     return InputPlan(
         files,
         plan_chunks(files, int(cfg.read.chunk_mb * 1024 * 1024)),

@@ -295,3 +295,77 @@ def test_benchmark_table_runs_on_a_small_sample(monkeypatch, tmp_path, small_fas
         "sum of the stages",
         "**chain, batch by batch**",
     ]
+
+
+def test_fasttext_defers_to_lingua_on_foreign_letters_and_unknown_words(small_fasttext, monkeypatch):
+    """fastText's answer needs the language's alphabet (é is not English) and enough known words (per language)."""
+    cfg, home, _ = small_fasttext
+    monkeypatch.setenv("TULPAR_HOME", str(home))
+    monkeypatch.setenv("TULPAR_DATA", str(DATA))
+    asked: list[str] = []
+    monkeypatch.setattr(langid, "_lingua_detect", lambda text, c: asked.append(text) or ("fr", 0.9))
+    plain = "the president of the country was elected yesterday by a very large majority of the people"
+    accented = plain.replace("president", "président")
+    cfg = cfg.model_copy(update={"fasttext_min_probability": 0.5, "fasttext_min_known_words": {"en": 0.7}})
+    assert langid.detect_many([plain, accented], cfg)[0][0] == "en"
+    assert asked == [accented]
+    asked.clear()
+    no_alphabets = cfg.model_copy(update={"fasttext_alphabets": {}})
+    assert [d for d, _ in langid.detect_many([plain, accented], no_alphabets)] == ["en", "en"] and not asked
+    made_up = plain + " zorblat quuxen fribble snorp"  # 15 of 20 words known (not these 4, nor "elected")
+    assert langid.detect_many([made_up], cfg)[0][0] == "en" and not asked
+    strict = cfg.model_copy(update={"fasttext_min_known_words": {"en": 0.8}})
+    assert langid.detect_many([made_up], strict)[0][0] == "fr" and asked == [made_up]
+
+
+def test_alphabet_check_looks_only_at_the_languages_own_script():
+    cfg = LangIdConfig()
+    assert langid._alien_letter("україна її", "ru", cfg)  # ї is Cyrillic, not Russian
+    assert not langid._alien_letter("привет google", "ru", cfg)  # Latin words are the script check's business
+    assert langid._alien_letter("қазақ", "ru", cfg) and not langid._alien_letter("қазақ әлемі", "kk", cfg)
+    assert langid._alien_letter("jalapeño", "en", cfg) and not langid._alien_letter(
+        "москва moscow", "en", cfg
+    )
+    assert not langid._alien_letter("anything", "de", cfg)  # no alphabet configured: no check
+
+
+def test_batch_counts_equal_the_per_document_scans():
+    """charstats counts a batch in one numpy pass; every count equals what the per-document regexes and str
+    predicates give, on the corpus and on edge cases (empty texts, lone surrogates, numerics, odd spaces)."""
+    from jobs.prep import charstats
+
+    digit_re, symbol_re, alpha_word_re, alnum_word_re = clean._quality_res()
+    letters = clean.letter_runs()
+    texts = corpus_sample(40) + [
+        "",
+        " ",
+        "a_b __ x² ½ ٣ Ⅻ",
+        "\ud800 lone surrogate",
+        "  lead  trail  \n\n",
+        "слово\u00a0word\u2003три\u3000end",
+        "ёЁ ӘәҒғ Ǆǅ ß İ",
+        "...!?—«»",
+    ]
+    head = 50
+    got = charstats.batch_counts(texts, head=head)
+    for i, text in enumerate(texts):
+        words = text.split()
+        want = {
+            "letters": sum(map(len, letters.findall(text))),
+            "digits": len(digit_re.findall(text)),
+            "symbols": len(symbol_re.findall(text)),
+            "head_letters": sum(map(len, letters.findall(text[:head]))),
+            "words": len(words),
+            "word_chars": sum(map(len, words)),
+            "alpha_words": len(alpha_word_re.findall(text)),
+            "alnum_words": len(alnum_word_re.findall(text)),
+        }
+        assert {k: int(getattr(got, k)[i]) for k in want} == want, repr(text[:80])
+        assert got.script_shares(i) == langid.script_shares(text)
+    assert charstats.batch_counts([]).letters.size == 0
+
+
+def test_batch_quality_verdicts_equal_one_by_one():
+    texts = corpus_sample(40) + ["All rights reserved.\nAll rights reserved.\nok", "1 2 3 4 5 6 7 8", "a a a a a"]
+    cfg = QualityConfig()
+    assert clean.quality_verdicts(texts, cfg) == [clean.quality_verdict(t, cfg) for t in texts]

@@ -51,6 +51,7 @@ from jobs.platform.runtime import Settings  # noqa: E402
 from jobs.prep import stages  # noqa: E402
 from jobs.prep.blocks import tokenize_kept  # noqa: E402  (the pipeline's tokenize step)
 from jobs.prep.config import PreprocessConfig  # noqa: E402
+from jobs.prep.encoding import DocEncoder  # noqa: E402
 from jobs.prep.sources import discover, plan_chunks, read_chunk  # noqa: E402
 
 STAGES = ("normalize", "langid", "quality", "pii", "signature")
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> str:
     tok_path = resolve_tokenizer_path(args.tokenizer or cfg.tokenizer.path, settings)
     tokenizer = Tokenizer.from_dir(tok_path)
     tk = tokenizer.tk
+    enc = DocEncoder(tk, cfg.tokenizer.encoder)  # what the clean pass encodes kept documents with
     eos_id = tokenizer.eos_id
 
     batches, n_bytes = read_batches(cfg, settings.data, int(args.mb * 1e6))
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> str:
     warm = batches[0].slice(0, 64)
     for name in STAGES:
         warm = STAGE_FUNCS[name](warm, cfg)
-    tokenize_kept(warm, tk, eos_id, cfg.tokenizer.batch_size)
+    tokenize_kept(warm, enc, eos_id, cfg.tokenizer.batch_size)
     tk.encode_batch(["warm up"], add_special_tokens=False)
 
     load0 = os.getloadavg()[0]
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> str:
             with clock(per_stage[name]):
                 b = STAGE_FUNCS[name](b, cfg)
         with clock(per_stage["tokenize"]):
-            out = tokenize_kept(b, tk, eos_id, cfg.tokenizer.batch_size)
+            out = tokenize_kept(b, enc, eos_id, cfg.tokenizer.batch_size)
         kept += int((np.asarray(out.column("n_tokens")) > 0).sum())
     for name, t in per_stage.items():
         print(f"{name:<10} {mb / t.cpu:8.3f} MB/s", flush=True)
@@ -185,8 +187,14 @@ def run(args: argparse.Namespace) -> str:
         with clock(chain):
             for name in STAGES:
                 b = STAGE_FUNCS[name](b, cfg)
-            tokenize_kept(b, tk, eos_id, cfg.tokenizer.batch_size)
+            tokenize_kept(b, enc, eos_id, cfg.tokenizer.batch_size)
     tok_after = tokenize_alone(tk, batches, cfg.tokenizer.batch_size)
+    fast_alone = Timing()
+    if enc.fast is not None:
+        for b in batches:
+            texts = b.column("text").to_pylist()
+            with clock(fast_alone):
+                enc.fast.encode_batch(texts)
     load1 = os.getloadavg()[0]
 
     tok_cpu = (tok_before.cpu + tok_after.cpu) / 2
@@ -196,6 +204,11 @@ def run(args: argparse.Namespace) -> str:
         f"| tokenizer alone (encode_batch, all documents) | {tok_rate:.3f} | - | {tok_cpu:.1f} | "
         f"{(tok_before.wall + tok_after.wall) / 2:.1f} | 1.00 |"
     ]
+    if enc.fast is not None:
+        rows.append(
+            f"| fast encoder alone (`tokenizer.encoder: fast`, same ids) | {mb / fast_alone.cpu:.3f} | - | "
+            f"{fast_alone.cpu:.1f} | {fast_alone.wall:.1f} | {(mb / fast_alone.cpu) / tok_rate:.2f} |"
+        )
     for name, t in per_stage.items():
         rows.append(
             f"| {name} | {mb / t.cpu:.3f} | {100 * t.cpu / stage_sum:.1f}% | {t.cpu:.1f} | {t.wall:.1f} | "
@@ -219,7 +232,9 @@ def run(args: argparse.Namespace) -> str:
             f"- command: `{cmd.strip()}` (config `{args.config}`"
             + (f", overrides {args.override}" if args.override else "")
             + f"; {n_docs} documents, {mb:.2f} MB of input; {kept} kept)",
-            f"- tokenizer: `{tok_path}` (vocab {tk.get_vocab_size()}), encode_batch of {cfg.tokenizer.batch_size}",
+            f"- tokenizer: `{tok_path}` (vocab {tk.get_vocab_size()}), encode_batch of {cfg.tokenizer.batch_size}; "
+            f"the tokenize stage uses the {enc.name} encoder (`tokenizer.encoder: {cfg.tokenizer.encoder}`); "
+            "tokenizer alone is HF tokenizers",
             f"- language ID: method `{getattr(lang, 'method', 'lingua')}`, "
             f"candidates {lang.candidates}, max_chars {lang.max_chars}",
             f"- machine: {cpu_model()}, {os.cpu_count()} CPUs visible, Python {platform.python_version()}; "

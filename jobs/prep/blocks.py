@@ -96,7 +96,8 @@ def block_range(ordinal: int) -> tuple[int, int]:
 
 
 def tokenize_kept(t: pa.Table, tk, eos_id: int, batch_size: int) -> pa.Table:
-    """Tokens (ending with eos) of the rows without a drop reason; empty lists for the others."""
+    """Tokens (ending with eos) of the rows without a drop reason; empty lists for the others. `tk` is a
+    `jobs.prep.encoding.DocEncoder` (encode_batch: texts -> id lists)."""
     reasons = t.column("reason").to_pylist()
     todo = [i for i, r in enumerate(reasons) if not r]
     texts = t.column("text").to_pylist()
@@ -105,10 +106,10 @@ def tokenize_kept(t: pa.Table, tk, eos_id: int, batch_size: int) -> pa.Table:
     eos = np.array([eos_id], dtype=np.uint32)
     for s in range(0, len(todo), batch_size):
         part = todo[s : s + batch_size]
-        for i, enc in zip(part, tk.encode_batch([texts[i] for i in part], add_special_tokens=False)):
-            pieces.append(np.asarray(enc.ids, dtype=np.uint32))
+        for i, ids in zip(part, tk.encode_batch([texts[i] for i in part])):
+            pieces.append(np.asarray(ids, dtype=np.uint32))
             pieces.append(eos)
-            lengths[i] = len(enc.ids) + 1
+            lengths[i] = len(ids) + 1
     values = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     t = t.append_column("n_tokens", pa.array(lengths))

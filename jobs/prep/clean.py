@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from jobs.prep.charstats import BatchCounts, batch_counts
 from jobs.prep.config import NormalizeConfig, PiiConfig, QualityConfig
 
 # ------------------------------------------------------------------------------------------ normalise
@@ -178,18 +179,28 @@ def _quality_res() -> tuple[re.Pattern, re.Pattern, re.Pattern, re.Pattern]:
     return digit, symbol, alpha_word, alnum_word
 
 
-def quality_stats(text: str, ngram_min_words: int = 0) -> QualityStats:
+def quality_stats(
+    text: str, ngram_min_words: int = 0, counts: tuple[BatchCounts, int] | None = None
+) -> QualityStats:
     """The statistics the quality filters read; the two n-gram ratios are computed only for documents with at
-    least `ngram_min_words` words (0.0 otherwise: the filters ignore them below `repetition_min_words`)."""
-    digit_re, symbol_re, alpha_word_re, alnum_word_re = _quality_res()
-    words = text.split()  # the same words as _WORD (\S+): both split on str.isspace characters
-    n_words = len(words)
-    word_chars = sum(map(len, words))
+    least `ngram_min_words` words (0.0 otherwise: the filters ignore them below `repetition_min_words`).
+    `counts`: this text's row of `charstats.batch_counts` (the same character and word counts, for a batch)."""
+    if counts is None:
+        digit_re, symbol_re, alpha_word_re, alnum_word_re = _quality_res()
+        words = text.split()  # the same words as _WORD (\S+): both split on str.isspace characters
+        n_words = len(words)
+        word_chars = sum(map(len, words))
+        digits = len(digit_re.findall(text))
+        symbols = len(symbol_re.findall(text))
+        alpha_words = len(alpha_word_re.findall(text))
+        alnum_words = len(alnum_word_re.findall(text))
+    else:
+        c, i = counts
+        n_words, word_chars = int(c.words[i]), int(c.word_chars[i])
+        digits, symbols = int(c.digits[i]), int(c.symbols[i])
+        alpha_words, alnum_words = int(c.alpha_words[i]), int(c.alnum_words[i])
+    symbols += text.count("...")  # Gopher counts ellipses as "symbols"
     non_space = word_chars
-    digits = len(digit_re.findall(text))
-    symbols = len(symbol_re.findall(text)) + text.count("...")  # Gopher counts ellipses as "symbols"
-    alpha_words = len(alpha_word_re.findall(text))
-    alnum_words = len(alnum_word_re.findall(text))
     lines = [ln.strip() for ln in text.split("\n")]
     lines = [ln for ln in lines if ln]
     dup_lines = len(lines) - len(set(lines))
@@ -245,6 +256,25 @@ def quality_verdict(text: str, cfg: QualityConfig) -> tuple[str, str]:
         return original, "boilerplate"
     reason = _first_failure(quality_stats(text, cfg.repetition_min_words), cfg)
     return (original, reason) if reason else (text, "")
+
+
+def quality_verdicts(texts: list[str], cfg: QualityConfig) -> list[tuple[str, str]]:
+    """`quality_verdict` of every text, with the character and word counts of the whole batch taken at once."""
+    out: list[tuple[str, str]] = [("", "")] * len(texts)
+    todo: list[int] = []
+    stripped: list[str] = []
+    for i, text in enumerate(texts):
+        kept, bad, n_lines = strip_boilerplate(text, cfg)
+        if n_lines and bad / n_lines > cfg.max_boilerplate_line_ratio:
+            out[i] = (text, "boilerplate")
+        else:
+            todo.append(i)
+            stripped.append(kept)
+    counts = batch_counts(stripped)
+    for j, (i, kept) in enumerate(zip(todo, stripped)):
+        reason = _first_failure(quality_stats(kept, cfg.repetition_min_words, (counts, j)), cfg)
+        out[i] = (texts[i], reason) if reason else (kept, "")
+    return out
 
 
 def _first_failure(s: QualityStats, cfg: QualityConfig) -> str:

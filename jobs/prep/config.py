@@ -176,13 +176,20 @@ class LangIdConfig(StrictModel):
     fasttext_min_probability: float = Field(
         0.99, ge=0, le=1, description="fastText's answer is taken only with at least this probability..."
     )
-    fasttext_min_known_words: float = Field(
-        0.9,
-        ge=0,
-        le=1,
-        description="...and when at least this share of the sample's words occur (twice or more) in its training "
-        "text for that language; other "
-        "documents (e.g. Ukrainian, which looks like Russian to a model that never saw it) go to lingua",
+    fasttext_min_known_words: dict[str, float] = Field(
+        default_factory=lambda: {"kk": 0.7, "ru": 0.8, "en": 0.9},
+        description="...and when at least this share of the sample's words (per detected language; 0.9 for one "
+        "not named) occur (twice or more) in its training text for that language; other documents (e.g. "
+        "Ukrainian, which looks like Russian to a model that never saw it) go to lingua",
+    )
+    fasttext_alphabets: dict[str, str] = Field(
+        default_factory=lambda: {
+            "kk": "аәбвгғдеёжзийкқлмнңоөпрстуұүфхһцчшщъыіьэюя",
+            "ru": "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+            "en": "abcdefghijklmnopqrstuvwxyz",
+        },
+        description="...and when the sample has no letter of that language's script (`scripts`) outside these "
+        "lower-case letters: French é or Ukrainian ї send the document to lingua, whatever fastText says",
     )
     min_confidence: float = Field(
         0.6, ge=0, le=1, description="below this, a declared language is kept; an `auto` document is dropped"
@@ -324,6 +331,12 @@ class TokenizerConfig(StrictModel):
         description="tokenizer dir or tokenizer.json; relative: cwd, $TULPAR_HOME/tokenizers, $TULPAR_DATA/tokenizers",
     )
     batch_size: int = Field(256, gt=0, description="documents per encode_batch call")
+    encoder: Literal["auto", "fast", "hf"] = Field(
+        "auto",
+        description="fast: tiktoken's BPE over the same vocabulary (same ids, ~5x faster; byte-level BPE "
+        "tokenizers only, checked when loaded and against HF on every 64th document); hf: Hugging Face "
+        "tokenizers; auto: fast where the tokenizer allows it, else hf",
+    )
 
 
 class OutputConfig(StrictModel):

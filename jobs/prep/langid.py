@@ -6,7 +6,9 @@ Two detectors, chosen by `langid.method`:
   language, only the paragraphs lingua also assigns to it, a held-out split kept aside and scored) chooses among the
   corpus languages in microseconds. Its answer is taken when its probability reaches
   `langid.fasttext_min_probability` AND at least `langid.fasttext_min_known_words` of the sample's words occur
-  at least twice in its training text for that label (it answers only for text like what it learnt from). Every other document goes to lingua
+  at least twice in its training text for that label (it answers only for text like what it learnt from) AND the
+  sample has no letter of that language's script outside its alphabet (`langid.fasttext_alphabets`: é, ü, ї,
+  ў, җ are not English, Russian or Kazakh letters). Every other document goes to lingua
   as below, which knows the close relatives of our languages (uk, be next to ru; fr, de next to en) that the
   fastText model has never seen.
 - `lingua`: lingua (offline n-gram models, knows Kazakh) restricted to `langid.candidates`, on every document.
@@ -27,7 +29,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -292,6 +294,23 @@ def _fasttext_for(cfg: LangIdConfig):
 # --------------------------------------------------------------------------------------------- public
 
 
+SCRIPT_LETTERS = {"cyrillic": "\u0400-\u052f", "latin": "a-z\u00c0-\u024f"}  # lower-case text
+
+
+@lru_cache(maxsize=16)
+def _foreign_letters(alphabet: str, script: str) -> re.Pattern:
+    """Letters of `script` that are not in `alphabet` (a lower-case sample is searched for one)."""
+    return re.compile(f"(?![{re.escape(alphabet)}])[{SCRIPT_LETTERS[script]}]")
+
+
+def _alien_letter(sample: str, lang: str, cfg: LangIdConfig) -> bool:
+    """Whether the sample has a letter of `lang`'s script outside its alphabet (`langid.fasttext_alphabets`)."""
+    alphabet, script = cfg.fasttext_alphabets.get(lang), cfg.scripts.get(lang)
+    if alphabet is None or script is None:
+        return False
+    return _foreign_letters(alphabet, script).search(sample) is not None
+
+
 def check_candidates(cfg: LangIdConfig) -> None:
     """On the driver, before the workers start: fail early with a clear message when a lingua candidate is
     unknown, and build the fastText model (method fasttext) so that the workers find it."""
@@ -300,12 +319,18 @@ def check_candidates(cfg: LangIdConfig) -> None:
         _fasttext_for(cfg)
 
 
-def detect_many(texts: Iterable[str], cfg: LangIdConfig) -> list[tuple[str, float]]:
+def detect_many(
+    texts: Iterable[str], cfg: LangIdConfig, head_letters: Sequence[int] | None = None
+) -> list[tuple[str, float]]:
     """(ISO 639-1 code, confidence in [0, 1]) per text; ("", 0) for texts with fewer than `min_letters`
-    letters, which are not detected."""
+    letters, which are not detected. `head_letters`: each text's letters among its first 2 x `max_chars`
+    characters, when the caller counted them already (`charstats.batch_counts(texts, head=2 * max_chars)`)."""
     texts = list(texts)
     out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
-    todo = [i for i, t in enumerate(texts) if _enough_letters(t, cfg)]
+    if head_letters is None:
+        todo = [i for i, t in enumerate(texts) if _enough_letters(t, cfg)]
+    else:
+        todo = [i for i, n in enumerate(head_letters) if n >= max(1, cfg.min_letters)]
     if cfg.method == "lingua":
         for i in todo:
             out[i] = _lingua_detect(texts[i], cfg)
@@ -321,7 +346,8 @@ def detect_many(texts: Iterable[str], cfg: LangIdConfig) -> list[tuple[str, floa
             lang
             and prob >= cfg.fasttext_min_probability
             and sum(map(known.get(lang, frozenset()).__contains__, words))
-            >= cfg.fasttext_min_known_words * len(words)
+            >= cfg.fasttext_min_known_words.get(lang, 0.9) * len(words)
+            and not _alien_letter(sample, lang, cfg)
         ):
             out[i] = (lang, prob)
         else:
@@ -336,9 +362,15 @@ def detect(text: str, cfg: LangIdConfig) -> tuple[str, float]:
 
 
 def decide(
-    declared: str, detected: str, confidence: float, text: str, cfg: LangIdConfig, outputs: list[str]
+    declared: str,
+    detected: str,
+    confidence: float,
+    text: str,
+    cfg: LangIdConfig,
+    outputs: list[str],
+    shares: tuple[float, float] | None = None,
 ) -> tuple[str, str]:
-    """(final language, drop reason or "") for one document."""
+    """(final language, drop reason or "") for one document; `shares`: its `script_shares`, if counted already."""
     if declared == "auto":
         if not detected or confidence < cfg.min_confidence:
             return declared, "language_uncertain"
@@ -356,7 +388,7 @@ def decide(
         final = declared
     script = cfg.scripts.get(final)
     if script is not None:
-        cyr, lat = script_shares(text)
+        cyr, lat = shares if shares is not None else script_shares(text)
         share = cyr if script == "cyrillic" else lat
         if share < cfg.min_script_share:
             return final, "script_mismatch"

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.prep import clean, dedup, langid
+from jobs.prep.charstats import batch_counts
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.sources import Chunk, FileEntry, RawDoc, read_chunk
 from llm_core.text import is_validation
@@ -95,10 +96,18 @@ def langid_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     detected = [""] * len(texts)
     confidence = [0.0] * len(texts)
     if cfg.langid.enabled:
-        found = langid.detect_many([texts[i] for i in todo], cfg.langid)
-        for i, (detected[i], confidence[i]) in zip(todo, found):
+        docs = [texts[i] for i in todo]
+        counts = batch_counts(docs, head=2 * cfg.langid.max_chars)  # letters and scripts, the batch at once
+        found = langid.detect_many(docs, cfg.langid, head_letters=counts.head_letters)
+        for j, (i, (detected[i], confidence[i])) in enumerate(zip(todo, found)):
             langs[i], reasons[i] = langid.decide(
-                langs[i], detected[i], confidence[i], texts[i], cfg.langid, cfg.languages
+                langs[i],
+                detected[i],
+                confidence[i],
+                texts[i],
+                cfg.langid,
+                cfg.languages,
+                counts.script_shares(j),
             )
     t = _set(t, "lang", langs, pa.string())
     t = _set(t, "reason", reasons, pa.string())
@@ -112,8 +121,8 @@ def quality_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
         return t
     texts = t.column("text").to_pylist()
     reasons, todo = _todo(t)
-    for i in todo:
-        texts[i], reasons[i] = clean.quality_verdict(texts[i], cfg.quality)
+    for i, verdict in zip(todo, clean.quality_verdicts([texts[i] for i in todo], cfg.quality)):
+        texts[i], reasons[i] = verdict
     t = _set(t, "text", texts, pa.large_string())
     return _set(t, "reason", reasons, pa.string())
 
