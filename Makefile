@@ -164,3 +164,7 @@ postgres: ## Debian's PostgreSQL for the production-shaped MLflow stack test (ap
 eval: setup ## evaluate a model (+ gate): make eval MODEL=models:/tulpar-tiny@pretrain-latest CONFIG=tiny ARGS="--promote"
 	$(PY) -m jobs.eval --model $(or $(MODEL),models:/tulpar-tiny@pretrain-latest) --config configs/eval/$(CONFIG).yaml $(ARGS)
 .PHONY: eval
+
+generate: setup ## talk to a model: make generate MODEL=models:/tulpar-tiny@champion PROMPT="Қазақстан" (CHAT=1: interactive)
+	$(PY) -m jobs.generate --model $(or $(MODEL),models:/tulpar-tiny@champion) $(if $(CHAT),--chat,--prompt "$(or $(PROMPT),Қазақстанның астанасы)") $(ARGS)
+.PHONY: generate

@@ -180,6 +180,26 @@ def test_models_and_greedy_completion_match_llm_core(server, env):
         assert r.usage.completion_tokens == 16
 
 
+def test_generate_command_greedy_equals_the_served_model(server, env):
+    """`python -m jobs.generate` on the registered model prints what the endpoint returns for the same prompt."""
+    c = client(server)
+    for prompt in ("Қазақстан", "The history of"):
+        served = c.completions.create(
+            model="tulpar-tiny-v1",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True, "skip_special_tokens": False},
+        )
+        cmd = [sys.executable, "-m", "jobs.generate", "--model", "models:/tulpar-tiny@pretrain-latest"]
+        cmd += ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16", "--ignore-eos"]
+        cmd += ["--keep-special-tokens"]
+        out = subprocess.run(cmd, cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout == served.choices[0].text + "\n", prompt
+        assert "[16 tokens in" in out.stderr
+
+
 def test_chat_stream_and_non_stream_agree_and_respect_limits(server):
     c = client(server)
     msgs = [{"role": "user", "content": "Сәлем! Қалың қалай?"}]

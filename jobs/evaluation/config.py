@@ -13,6 +13,7 @@ from jobs.platform.results import ModelVersionOutputs, StageResult, model_refere
 from jobs.prep.config import LangIdConfig
 from jobs.reporting.tokenizers import PRESETS as PARALLEL_PRESETS
 from llm_core.config import StrictModel
+from llm_core.device import DEVICE_HELP
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -35,7 +36,7 @@ class ModelSpec(StrictModel):
         None,
         description="tokenizer directory; default: the model's own (HF dir) or the one it was trained with",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: str = Field("auto", description=DEVICE_HELP)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

@@ -17,6 +17,7 @@ from jobs.platform import registry
 from jobs.platform.runtime import Settings
 from jobs.training.posttrain import build_model
 from llm_core.checkpoint import load_checkpoint, load_model_from_checkpoint, read_meta
+from llm_core.device import resolve_device
 from llm_core.export_hf import DTYPES, load_hf
 from llm_core.model import Transformer
 from llm_core.tokenizer import Tokenizer
@@ -49,11 +50,11 @@ class LoadedModel:
 
 
 def pick_device(spec: ModelSpec) -> torch.device:
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device=cuda but no CUDA device is visible: use model.device=auto or cpu")
-    if spec.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec.device)
+    """model.device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps; an absent one is a ValueError."""
+    try:
+        return resolve_device(spec.device)
+    except ValueError as exc:
+        raise ValueError(f"model.{exc}") from None
 
 
 def load_tokenizer(directory: Path, source: str) -> Tokenizer:
@@ -146,7 +147,7 @@ def load_model(spec: ModelSpec, settings: Settings, source: str | None = None) -
             p.data = p.data.to(DTYPES[spec.dtype])
     model = model.to(device).eval()
     log.info(
-        "evaluating %s (%s, %.2fM parameters) on %s",
+        "loaded %s (%s, %.2fM parameters) on %s",
         resolved.uri,
         resolved.kind,
         model.num_params() / 1e6,

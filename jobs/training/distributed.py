@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from jobs.platform.raycluster import init_ray
 from jobs.platform.runtime import Settings
@@ -68,6 +68,38 @@ class RayTrainConfig(StrictModel):
         gt=0,
         description="testing only: rank 0 kills its own process once at this step, to exercise recovery",
     )
+    device: str = Field(
+        "auto",
+        description="auto: the GPU Ray gives each worker with use_gpu, else Apple MPS when available and "
+        "num_workers=1, else the CPU; cuda (needs use_gpu), cpu, mps (one worker; untested here)",
+    )
+
+    @model_validator(mode="after")
+    def _device_fits(self) -> RayTrainConfig:
+        d = self.device
+        if d not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"ray.device {d!r} is not one of auto, cpu, cuda, mps")
+        if d == "cuda" and not self.use_gpu:
+            raise ValueError("ray.device=cuda needs ray.use_gpu=true (Ray gives each worker one GPU)")
+        if d in ("cpu", "mps") and self.use_gpu:
+            raise ValueError(f"ray.device={d} with ray.use_gpu=true: drop use_gpu, or use device cuda/auto")
+        if d == "mps" and self.num_workers != 1:
+            raise ValueError("ray.device=mps trains in one process: set ray.num_workers=1")
+        return self
+
+
+def worker_device(cfg: RayTrainConfig, world_size: int):
+    """The torch device of this Ray Train worker for `cfg.device` (see RayTrainConfig.device)."""
+    import ray.train.torch
+    import torch
+
+    from llm_core.device import mps_available, resolve_device
+
+    if cfg.use_gpu:  # device auto or cuda: the GPU Ray assigned to this worker
+        return ray.train.torch.get_device()
+    if cfg.device == "mps" or (cfg.device == "auto" and world_size == 1 and mps_available()):
+        return resolve_device("mps")  # a ValueError when this worker has no MPS
+    return torch.device("cpu")
 
 
 def checkpoint_storage_path(settings: Settings) -> str:
@@ -434,7 +466,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     _quiet_ray_train_report_lines()
     ray_cfg, train_cfg = spec.ray, spec.task.train
     torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    device = worker_device(ray_cfg, world)
     log_metrics = _mlflow_logger(spec, rank)
     torch.manual_seed(train_cfg.seed)
     task: TaskSetup = spec.task.build(rank=rank, world_size=world, device=device)
