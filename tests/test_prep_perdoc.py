@@ -366,6 +366,10 @@ def test_batch_counts_equal_the_per_document_scans():
 
 
 def test_batch_quality_verdicts_equal_one_by_one():
-    texts = corpus_sample(40) + ["All rights reserved.\nAll rights reserved.\nok", "1 2 3 4 5 6 7 8", "a a a a a"]
+    texts = corpus_sample(40) + [
+        "All rights reserved.\nAll rights reserved.\nok",
+        "1 2 3 4 5 6 7 8",
+        "a a a a a",
+    ]
     cfg = QualityConfig()
     assert clean.quality_verdicts(texts, cfg) == [clean.quality_verdict(t, cfg) for t in texts]
