@@ -60,6 +60,13 @@ def client(home: Path):
     return mlflow.MlflowClient()
 
 
+def assert_loss_curve(home, r):
+    """The stage wrote its loss curve (a PNG) and logged it to its MLflow run, like pretraining."""
+    assert Path(r["outputs"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
+    logged = [a.path for a in client(home).list_artifacts(r["mlflow_run_id"], "plots")]
+    assert "plots/loss_curve.png" in logged
+
+
 def test_sft_registers_a_child_version_with_lineage(chain):
     home = chain["home"]
     r = run_job(
@@ -82,6 +89,7 @@ def test_sft_registers_a_child_version_with_lineage(chain):
     data = r["outputs"]["data"]
     assert data["kept"] == data["read"] - sum(data["skipped"].values()) and data["train_rows"] > 0
     assert "best_val_loss/chat" in r["metrics"]
+    assert_loss_curve(home, r)
     chain["sft"] = r
 
 
@@ -142,6 +150,7 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(chain):
     assert sum(last) / len(last) > 0.5, f"training-pair reward accuracy should rise above 0.5: {last}"
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert client(home).get_metric_history(r["mlflow_run_id"], key)
+    assert_loss_curve(home, r)
 
 
 def test_whitebox_distillation(chain):
@@ -160,6 +169,7 @@ def test_whitebox_distillation(chain):
     hist = client(chain["home"]).get_metric_history(r["mlflow_run_id"], "kl")
     assert hist and all(m.value >= 0 for m in hist)
     assert r["outputs"]["model_uri"].startswith("models:/tulpar-tiny-student/")
+    assert_loss_curve(chain["home"], r)
 
 
 class _Teacher(BaseHTTPRequestHandler):

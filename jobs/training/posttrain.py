@@ -159,6 +159,7 @@ def run_posttrain(
         for lang, text in samples.items():
             print(f"sample [{lang}] {text!r}", flush=True)
         tracking.log_text("\n".join(f"[{k}] {v}" for k, v in samples.items()), "samples.txt")
+        plot = loss_curve_png(run.info.run_id, run_dir / "loss_curve.png", f"{name} {stage}")
 
         adapter_dir = None
         if lora is not None:
@@ -194,6 +195,7 @@ def run_posttrain(
         hf_dir=str(hf_dir),
         model_uri=model_uri,
         adapter_dir=str(adapter_dir) if adapter_dir else None,
+        loss_curve=str(plot),
         samples=samples,
         data=prepared.stats,
     )
@@ -202,6 +204,19 @@ def run_posttrain(
     )
     atomic_write_json(run_dir / "checkpoints.json", {"best": best_ckpt.path, "last": last_ckpt.path})
     return cache.store(result_obj)
+
+
+def loss_curve_png(run_id: str, path: Path, title: str) -> Path:
+    """The run's train loss and every validation loss it logged (`val_loss/<set>`), as a PNG logged to MLflow."""
+    from mlflow import MlflowClient
+
+    from jobs.reporting.plots import plot_loss_curve
+
+    logged = MlflowClient().get_run(run_id).data.metrics
+    keys = ["train_loss"] + sorted(k for k in logged if k.startswith("val_loss/"))
+    plot = plot_loss_curve(tracking.metric_history(run_id, keys), path, title)
+    tracking.log_figure_file(plot)
+    return plot
 
 
 def task_identity(task: Callable[..., ChatRowsTask]) -> dict[str, Any]:
