@@ -168,3 +168,7 @@ eval: setup ## evaluate a model (+ gate): make eval MODEL=models:/tulpar-tiny@pr
 generate: setup ## talk to a model: make generate MODEL=models:/tulpar-tiny@champion PROMPT="Қазақстан" (CHAT=1: interactive)
 	$(PY) -m jobs.generate --model $(or $(MODEL),models:/tulpar-tiny@champion) $(if $(CHAT),--chat,--prompt "$(or $(PROMPT),Қазақстанның астанасы)") $(ARGS)
 .PHONY: generate
+
+publish: setup ## push a model + model card to the HF Hub: make publish MODEL=models:/tulpar-tiny@champion REPO_ID=you/tulpar-tiny ARGS="--private" (token: HF_TOKEN; ARGS="--dry-run --out DIR" uploads nothing)
+	$(PY) -m jobs.publish --model $(or $(MODEL),models:/tulpar-tiny@champion) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(ARGS)
+.PHONY: publish
