@@ -58,8 +58,12 @@ def check_repo_id(repo_id: str) -> str:
 def _translate(exc: BaseException, repo_id: str, where: str) -> HubError | None:
     """The Hub's refusals and network failures as HubError; None for anything else (a bug: re-raised as is)."""
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if isinstance(exc, OfflineModeIsEnabled):
+        return HubError(
+            "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or use --dry-run --out DIR"
+        )
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in (401, 403):
