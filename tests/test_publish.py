@@ -222,6 +222,8 @@ class FakeHub:
                     return self._reply(200, {"url": f"{hub.url}/{req['organization']}/{req['name']}"})
                 if self.command == "POST" and path == "/api/validate-yaml":
                     return self._reply(200, {"errors": [], "warnings": []})
+                if self.command == "POST" and "/branch/" in path:
+                    return self._reply(200, {})
                 if self.command == "POST" and "/preupload/" in path:
                     files = json.loads(body)["files"]
                     return self._reply(
@@ -477,3 +479,29 @@ def test_models_without_an_hf_export_are_refused(env, tmp_path):
     assert proc.returncode == 2 and "not a complete HF export" in proc.stderr
     assert "(missing generation_config.json, tokenizer.json, *.safetensors weights)" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_published_parent_is_the_base_model_and_revision_names_the_branch(env, tmp_path):
+    from huggingface_hub import ModelCard
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{env['home'] / 'mlflow.db'}")
+    client.set_model_version_tag("tulpar-tiny", "1", "tulpar.hub.repo_id", "alice/tulpar-tiny-base")
+    try:
+        with FakeHub() as hub:
+            proc = publish(
+                env, "--model", "models:/tulpar-tiny/2", "--repo-id", "alice/tulpar-tiny-chat",
+                "--revision", "candidate", "--commit-message", "SFT on the kk/ru/en chat data",
+                extra_env={"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN},
+            )  # fmt: skip
+    finally:
+        client.delete_model_version_tag("tulpar-tiny", "1", "tulpar.hub.repo_id")
+    assert proc.returncode == 0, proc.stderr
+    assert hub.posts("/api/models/alice/tulpar-tiny-chat/branch/candidate")
+    (commit,) = hub.posts("/api/models/alice/tulpar-tiny-chat/commit/candidate")
+    lines = [json.loads(line) for line in commit["body"].splitlines() if line.strip()]
+    assert lines[0]["value"]["summary"] == "SFT on the kk/ru/en chat data"
+    readme = next(x for x in lines if x["key"] == "file" and x["value"]["path"] == "README.md")
+    card_path = tmp_path / "README.md"
+    card_path.write_bytes(base64.b64decode(readme["value"]["content"]))
+    assert ModelCard.load(card_path).data.base_model == "alice/tulpar-tiny-base"
