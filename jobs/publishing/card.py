@@ -137,7 +137,8 @@ def _tokenizer_section(record: ModelRecord) -> list[str]:
     if tok is None:
         return out + [f"Tokens per language against Qwen3, Llama 3 and Gemma 3: {record.tokenizer_note}."]
     out += [
-        f"Total tokens for the same parallel text per language (fewer is better), from `{tok.report_path}`. "
+        f"Total tokens for the same parallel text per language (fewer is better), from the tokenizer report "
+        f"`{tok.report_path}`. "
         f"This model's tokenizer is `{tok.subject}` there.",
         "",
     ]

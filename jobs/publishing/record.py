@@ -306,8 +306,13 @@ def tokenizer_record(
         )
         if subject is None:
             continue
+        shown = (
+            f"$TULPAR_HOME/{path.relative_to(settings.home)}"
+            if path.is_relative_to(settings.home)
+            else str(path)
+        )
         record = TokenizerRecord(
-            report_path=str(path),
+            report_path=shown,
             subject=subject,
             references=[n for n in REFERENCE_TOKENIZERS if n in names],
             metrics=report.get("metrics", []),
