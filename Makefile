@@ -168,3 +168,7 @@ eval: setup ## evaluate a model (+ gate): make eval MODEL=models:/tulpar-tiny@pr
 generate: setup ## talk to a model: make generate MODEL=models:/tulpar-tiny@champion PROMPT="Қазақстан" (CHAT=1: interactive)
 	$(PY) -m jobs.generate --model $(or $(MODEL),models:/tulpar-tiny@champion) $(if $(CHAT),--chat,--prompt "$(or $(PROMPT),Қазақстанның астанасы)") $(ARGS)
 .PHONY: generate
+
+export-gguf: setup ## GGUF for llama.cpp/Ollama: make export-gguf MODEL=models:/tulpar-tiny@champion OUT=tiny.gguf DTYPE=q8_0
+	$(PY) -m jobs.export_gguf --model $(or $(MODEL),models:/tulpar-tiny@champion) --out $(or $(OUT),$(TULPAR_HOME)/gguf/model-$(or $(DTYPE),f16).gguf) --dtype $(or $(DTYPE),f16) $(ARGS)
+.PHONY: export-gguf
