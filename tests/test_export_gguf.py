@@ -255,3 +255,48 @@ def test_llama_bpe_recipe_is_validated():
     assert spec.digits == "group3"
     with pytest.raises(ValueError, match="use group3"):
         train_bpe(["a b c"] * 10, 300, pre_tokenizer="llama-bpe", normalization="none", digits="individual")
+
+
+def test_shipped_llama_bpe_config_validates():
+    from jobs.platform.configfile import load_config
+    from jobs.tokenizer import TokenizerJobConfig
+    from tests.conftest import REPO
+
+    cfg = load_config(TokenizerJobConfig, REPO / "configs" / "tokenizer" / "tiny-llama-bpe.yaml")
+    assert (cfg.tokenizer.pre_tokenizer, cfg.tokenizer.normalization) == ("llama-bpe", "none")
+    assert cfg.tokenizer.superword_fraction == 0
+
+
+def test_rope_scaling_is_written_the_way_llama_cpp_reads_it(tmp_path, llama_bpe_tokenizer):
+    """Llama 3.1 scaling: ggml's rope divides each base frequency by `rope_freqs`, which must give llm_core's
+    scaled frequencies; YaRN: llama.cpp's rope.scaling keys. (No reader here applies either: docs/gguf.md.)"""
+    from llm_core.config import RopeScaling
+    from llm_core.model import rope_inv_freq
+
+    vocab = llama_bpe_tokenizer.vocab_size
+    llama3 = small_config(
+        vocab_size=vocab,
+        max_seq_len=256,
+        rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_seq_len=32, low_freq_factor=1.0),
+    )
+    export_gguf(Transformer(llama3).eval(), llama_bpe_tokenizer, tmp_path / "llama3.gguf")
+    reader = gguf.GGUFReader(tmp_path / "llama3.gguf")
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert freqs.tensor_type.name == "F32"
+    hd = llama3.head_dim
+    base = 1.0 / (llama3.rope_theta ** (np.arange(0, hd, 2) / hd))
+    scaled, _ = rope_inv_freq(llama3)
+    np.testing.assert_allclose(base / np.asarray(freqs.data), scaled.numpy(), rtol=1e-5)
+    assert (np.asarray(freqs.data) > 1).any()  # the scaling does something at this length
+
+    yarn = small_config(
+        vocab_size=vocab,
+        max_seq_len=256,
+        rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64),
+    )
+    export_gguf(Transformer(yarn).eval(), llama_bpe_tokenizer, tmp_path / "yarn.gguf")
+    fields = gguf.GGUFReader(tmp_path / "yarn.gguf").fields
+    assert fields["llama.rope.scaling.type"].contents() == "yarn"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    assert fields["llama.rope.scaling.original_context_length"].contents() == 64
+    assert fields["llama.rope.scaling.yarn_beta_fast"].contents() == 32.0
