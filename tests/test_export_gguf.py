@@ -300,3 +300,25 @@ def test_rope_scaling_is_written_the_way_llama_cpp_reads_it(tmp_path, llama_bpe_
     assert fields["llama.rope.scaling.factor"].contents() == 4.0
     assert fields["llama.rope.scaling.original_context_length"].contents() == 64
     assert fields["llama.rope.scaling.yarn_beta_fast"].contents() == 32.0
+
+
+def test_ignore_merges_difference_is_found():
+    """llama.cpp's llama-bpe takes a pre-token that is a vocabulary entry whole (ignore_merges); a vocabulary
+    whose merges do not rebuild such an entry tokenizes differently there, and the check says so."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from llm_core.tokenizer import SPECIAL_TOKENS, Tokenizer, build_pretokenizer
+
+    vocab = {c: i for i, c in enumerate("abc")} | {"ab": 3, "bc": 4, "abc": 5}
+    # "a b" is merged first, so "abc" ends as ["ab", "c"] although "abc" is in the vocabulary
+    bpe = models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "c"), ("a", "bc")])
+    tk = HFTokenizer(bpe)
+    tk.pre_tokenizer = build_pretokenizer("llama-bpe", "group3")
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    tok = Tokenizer(tk)
+    assert tok.encode("abc") == [3, 2]
+    assert llama_cpp_tokenizer(tok, "llama-bpe").encode("abc", add_special_tokens=False).ids == [5]
+    (difference,) = llama_cpp_differences(tok)
+    assert difference.startswith("ignore_merges:") and "1 entries differ (e.g. ['abc'])" in difference
