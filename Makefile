@@ -172,3 +172,7 @@ generate: setup ## talk to a model: make generate MODEL=models:/tulpar-tiny@cham
 publish: setup ## push a model + model card to the HF Hub: make publish MODEL=models:/tulpar-tiny@champion REPO_ID=you/tulpar-tiny ARGS="--private" (token: HF_TOKEN; ARGS="--dry-run --out DIR" uploads nothing)
 	$(PY) -m jobs.publish --model $(or $(MODEL),models:/tulpar-tiny@champion) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(ARGS)
 .PHONY: publish
+
+export-gguf: setup ## GGUF for llama.cpp/Ollama: make export-gguf MODEL=models:/tulpar-tiny@champion OUT=tiny.gguf DTYPE=q8_0
+	$(PY) -m jobs.export_gguf --model $(or $(MODEL),models:/tulpar-tiny@champion) --out $(or $(OUT),$(TULPAR_HOME)/gguf/model-$(or $(DTYPE),f16).gguf) --dtype $(or $(DTYPE),f16) $(ARGS)
+.PHONY: export-gguf

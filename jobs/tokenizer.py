@@ -46,10 +46,12 @@ from llm_core.data import DataError
 from llm_core.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from llm_core.text import iter_documents, text_files
 from llm_core.tokenizer import (
+    LLAMA_BPE,
     SPECIAL_TOKENS,
     BalancedSample,
     DocumentSource,
     Tokenizer,
+    check_llama_bpe_recipe,
     sample_balanced,
     train_bpe,
     train_naive_bpe,
@@ -120,8 +122,10 @@ class BPESpec(StrictModel):
 
     vocab_size: int = Field(32000, gt=262)
     min_frequency: int = Field(2, ge=1)
-    pre_tokenizer: Literal["bytelevel", "gpt2", "llama3"] = Field(
-        "gpt2", description="bytelevel: HF ByteLevel regex; gpt2 / llama3: those regexes written out"
+    pre_tokenizer: Literal["bytelevel", "gpt2", "llama3", "llama-bpe"] = Field(
+        "gpt2",
+        description="bytelevel: HF ByteLevel regex; gpt2 / llama3: those regexes written out; llama-bpe: exactly "
+        "llama.cpp's (needs normalization none, superword_fraction 0; exports to GGUF, docs/gguf.md)",
     )
     digits: Literal["individual", "group3", "free"] = Field(
         "group3", description="numbers: one digit per pre-token, up to 3, or unlimited"
@@ -138,6 +142,12 @@ class BPESpec(StrictModel):
         default_factory=list, description=f"added after Tulpar's {SPECIAL_TOKENS}"
     )
     model_max_length: int = Field(32768, gt=0, description="written to tokenizer_config.json")
+
+    @model_validator(mode="after")
+    def _check(self) -> BPESpec:
+        if self.pre_tokenizer == LLAMA_BPE:
+            check_llama_bpe_recipe(self.digits, self.normalization, self.superword_fraction)
+        return self
 
 
 class BaselineSpec(StrictModel):

@@ -4,7 +4,10 @@ The same chat template is used by SFT (to build loss masks), by the HF export (t
 therefore by vLLM when serving. Reasoning traces are written as `<think>...</think>` inside assistant turns.
 
 Training options (`train_bpe`): the pre-tokenizer (`bytelevel`: GPT-2's regex inside HF's ByteLevel, the
-historical default; `gpt2` / `llama3`: those regexes written out so digits can be handled separately), digit
+historical default; `gpt2` / `llama3`: those regexes written out so digits can be handled separately;
+`llama-bpe`: exactly the pre-tokenization llama.cpp applies to a GGUF that declares `tokenizer.ggml.pre =
+"llama-bpe"` (the Llama 3 regex, digits in threes, no normalization, no superwords), so the tokenizer runs
+unchanged in llama.cpp / Ollama, see llm_core/export_gguf.py), digit
 handling (`individual`, `group3`, `free`), NFC normalization, and an optional second "superword" stage. The
 superword stage (after SuperBPE, Liu et al. 2025) learns the last `superword_fraction` of the merges on chunks
 of several words, so frequent phrases (" of the", ", and", " деп айтты") become single tokens; the result is
@@ -55,7 +58,7 @@ CHAT_TEMPLATE = (
 )
 
 
-PreTokenizerName = Literal["bytelevel", "gpt2", "llama3"]
+PreTokenizerName = Literal["bytelevel", "gpt2", "llama3", "llama-bpe"]
 DigitMode = Literal["individual", "group3", "free"]
 Normalization = Literal["nfc", "none"]
 SuperwordSpan = Literal["words", "phrases"]
@@ -84,6 +87,8 @@ _SUPERWORD_PATTERNS = {
     + r"[^\s\p{L}\p{N}]*)?| ?{num}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
 }
 _DIGIT_RULES = {"individual": r"\p{N}", "group3": r"\p{N}{1,3}", "free": r"\p{N}+"}
+# `llama-bpe` is the Llama 3 regex with digits in threes and nothing around it: the one llama.cpp knows by that name.
+LLAMA_BPE = "llama-bpe"
 # Stage-1 token ids are written as one private-use character each while the superword stage trains.
 _SYMBOL_BASE = 0xF0000
 _MAX_SYMBOLS = 0x10FFFE - _SYMBOL_BASE
@@ -112,7 +117,14 @@ def pretokenizer_pattern(
         return _GPT2_PATTERN.replace("{num}", num)
     if pre_tokenizer == "llama3":
         return _LLAMA3_PATTERN.replace("{num}", num)
-    raise ValueError(f"pre_tokenizer {pre_tokenizer!r} has no regex: choose gpt2 or llama3")
+    if pre_tokenizer == LLAMA_BPE:
+        if digits != "group3":
+            raise ValueError(
+                f"pre_tokenizer 'llama-bpe' splits digits in threes (digits='group3'), got digits={digits!r}: "
+                "drop the digits setting, or use pre_tokenizer=llama3 (not llama.cpp-compatible)"
+            )
+        return _LLAMA3_PATTERN.replace("{num}", num)
+    raise ValueError(f"pre_tokenizer {pre_tokenizer!r} has no regex: choose gpt2, llama3 or llama-bpe")
 
 
 def build_pretokenizer(
@@ -141,6 +153,24 @@ def build_pretokenizer(
     )
 
 
+def check_llama_bpe_recipe(digits: str | None, normalization: str, superword_fraction: float) -> None:
+    """The `llama-bpe` recipe is llama.cpp's pre-tokenization and nothing else: ValueError naming what differs."""
+    problems = []
+    if digits not in (None, "group3"):
+        problems.append(f"digits={digits!r} (llama.cpp splits numbers in groups of up to 3: use group3)")
+    if normalization != "none":
+        problems.append(
+            f"normalization={normalization!r} (llama.cpp does not normalize text: use normalization=none)"
+        )
+    if superword_fraction:
+        problems.append(
+            f"superword_fraction={superword_fraction} (superword merges cross the spaces llama.cpp splits "
+            "on: use superword_fraction=0)"
+        )
+    if problems:
+        raise ValueError("pre_tokenizer 'llama-bpe' must match llama.cpp exactly; fix " + "; ".join(problems))
+
+
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
@@ -161,7 +191,9 @@ def train_bpe(
     (`split_digits=False` lets digits merge). `pre_tokenizer`, `digits` (overrides `split_digits`) and
     `normalization` choose other recipes; `superword_fraction` > 0 learns that share of the merges in a
     second stage on multi-word chunks (needs `pre_tokenizer="gpt2"`): runs of words with their punctuation
-    (`superword_span="phrases"`) or of letter words only (`"words"`).
+    (`superword_span="phrases"`) or of letter words only (`"words"`). `pre_tokenizer="llama-bpe"` is the
+    llama.cpp-compatible recipe: it needs digits group3 (the default for it), normalization "none" and no
+    superword stage, and says so otherwise.
     """
     special_tokens = list(special_tokens or SPECIAL_TOKENS)
     if vocab_size < 256 + len(special_tokens) + 1:
@@ -172,6 +204,9 @@ def train_bpe(
         raise ValueError(
             f"superword_fraction {superword_fraction} must be in [0, 1): e.g. 0.15, or 0 for off"
         )
+    if pre_tokenizer == LLAMA_BPE:
+        check_llama_bpe_recipe(digits, normalization, superword_fraction)
+        digits = "group3"
     if digits is None:
         digits = "individual" if split_digits else "free"
     superword = superword_fraction > 0
