@@ -123,6 +123,40 @@ def test_sft_with_lora_saves_a_peft_adapter_matching_the_merged_export(chain):
         a, b = peft_model.eval()(ids).logits, merged.eval()(ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert json.loads((Path(r["outputs"]["adapter_dir"]) / "adapter_config.json").read_text())["r"] == 8
+    chain["lora"] = r
+
+
+def test_merge_adapter_rebuilds_the_registered_merge_from_the_adapter(chain, tmp_path, capsys):
+    """`jobs.merge_adapter` merges the SFT-LoRA adapter (a directory, or the registered version's adapter artifact)
+    into its base: the same weights as the merged version SFT registered; refusals exit 2."""
+    if "lora" not in chain:
+        pytest.skip("needs the LoRA SFT stage")
+    from safetensors.torch import load_file
+
+    from jobs import merge_adapter
+
+    r = chain["lora"]
+    os.environ["TULPAR_HOME"] = str(chain["home"])
+    want = load_file(str(Path(r["outputs"]["hf_dir"]) / "model.safetensors"))
+    for i, adapter in enumerate((r["outputs"]["adapter_dir"], r["outputs"]["model_uri"])):
+        out = tmp_path / f"merged-{i}"
+        assert merge_adapter.main(["--adapter", adapter, "--out", str(out)]) == 0
+        got = load_file(str(out / "model.safetensors"))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+        assert (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    code = merge_adapter.main(
+        ["--adapter", chain["pretrain"]["outputs"]["model_uri"], "--out", str(tmp_path / "x")]
+    )
+    assert code == 2 and "has no tulpar.adapter_uri tag" in capsys.readouterr().err
+    gguf = tmp_path / "m.gguf"
+    code = merge_adapter.main(
+        ["--adapter", r["outputs"]["adapter_dir"], "--out", str(tmp_path / "y"), "--gguf", str(gguf)]
+    )
+    assert code == 2 and "--allow-tokenizer-mismatch" in capsys.readouterr().err
+    assert not gguf.exists() and not (tmp_path / "y").exists()  # refused before anything was written
 
 
 def test_dpo_raises_reward_accuracy_on_its_training_pairs(chain):
