@@ -47,6 +47,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--commit-message", help="default: 'Publish <model uri> with jobs.publish'")
     p.add_argument("--dry-run", action="store_true", help="write the folder to --out and upload nothing")
     p.add_argument("--out", type=Path, help="with --dry-run: a new or empty directory for the folder")
+    p.add_argument(
+        "--gguf",
+        action="append",
+        choices=["f16", "bf16", "q8_0"],
+        default=[],
+        help="also upload the model as GGUF in this dtype (repeatable; jobs.export_gguf) with an Ollama Modelfile",
+    )
+    p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="with --gguf: export even when llama.cpp would tokenize differently (docs/gguf.md)",
+    )
     args = p.parse_args(argv)
     if args.dry_run and args.out is None:
         raise ValueError(
@@ -83,10 +95,65 @@ def build_folder(args: argparse.Namespace, settings, out: Path, workdir: Path):
 
     resolved, hf_dir = resolve_export(args.model, settings)
     files = export.export_files(hf_dir, args.model)  # before the card: a missing export is the first error
+    if args.gguf:
+        check_gguf_tokenizer(hf_dir, args.allow_tokenizer_mismatch)  # refused before anything is written
     record = read_record(settings, resolved, hf_dir, workdir)
     text = card.render(record, repo_id=args.repo_id, license=args.license)
-    written = export.write_folder(out, files, text, card.card_assets(record))
-    return record, written
+    if args.gguf:
+        text += gguf_card_section(record.name or hf_dir.name, args.gguf)
+    export.write_folder(out, files, text, card.card_assets(record))
+    for dtype in args.gguf:
+        write_gguf(
+            hf_dir, out / gguf_name(record.name or hf_dir.name, dtype), dtype, args.allow_tokenizer_mismatch
+        )
+    return record, sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def gguf_name(name: str, dtype: str) -> str:
+    return f"{name.replace('/', '-')}-{dtype}.gguf"
+
+
+def check_gguf_tokenizer(hf_dir: Path, allow_mismatch: bool) -> None:
+    from llm_core.export_gguf import llama_cpp_differences
+    from llm_core.tokenizer import Tokenizer
+
+    differences = llama_cpp_differences(Tokenizer.from_dir(hf_dir))
+    if differences and not allow_mismatch:
+        raise ValueError(
+            f"--gguf: llama.cpp would tokenize this model's tokenizer differently ({'; '.join(differences)}): pass "
+            "--allow-tokenizer-mismatch to publish the GGUF anyway, or train with pre_tokenizer: llama-bpe "
+            "(docs/gguf.md), or drop --gguf"
+        )
+
+
+def gguf_card_section(name: str, dtypes: list[str]) -> str:
+    files = ", ".join(f"`{gguf_name(name, d)}`" for d in dtypes)
+    return (
+        "\n## GGUF (llama.cpp, Ollama, LM Studio)\n\n"
+        f"{files}, written by Tulpar's `jobs.export_gguf` (the `llama` architecture, this tokenizer and chat "
+        "template inside), each with an Ollama Modelfile beside it: `ollama create <name> -f <file>.Modelfile`.\n"
+    )
+
+
+def write_gguf(hf_dir: Path, path: Path, dtype: str, allow_mismatch: bool) -> None:
+    import warnings
+
+    from llm_core.export_gguf import export_gguf
+    from llm_core.export_hf import load_hf
+    from llm_core.tokenizer import Tokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gguf(
+            load_hf(hf_dir).eval(),
+            Tokenizer.from_dir(hf_dir),
+            path,
+            dtype=dtype,
+            name=path.stem,
+            allow_tokenizer_mismatch=allow_mismatch,
+        )
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
 
 
 def tag_version(record, repo_id: str, commit_oid: str) -> None:

@@ -368,6 +368,41 @@ def test_dry_run_of_an_unmeasured_directory_says_what_is_missing(env, tmp_path):
     assert "not recorded: the model is a directory" in card.text
 
 
+def test_gguf_is_refused_for_a_tokenizer_llama_cpp_splits_differently_unless_allowed(env, tmp_path):
+    """--gguf checks the tokenizer before anything is written; with the override the folder holds the GGUF, its
+    Ollama Modelfile and a card section naming them."""
+    import gguf
+
+    out = tmp_path / "refused"
+    proc = publish(env, "--model", str(env["hf"]), "--dry-run", "--out", str(out), "--gguf", "q8_0")
+    assert (
+        proc.returncode == 2
+        and "--allow-tokenizer-mismatch" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    assert not out.exists()
+    out = tmp_path / "allowed"
+    proc = publish(
+        env,
+        "--model",
+        str(env["hf"]),
+        "--dry-run",
+        "--out",
+        str(out),
+        "--gguf",
+        "q8_0",
+        "--allow-tokenizer-mismatch",
+        extra_env={"TULPAR_HOME": str(tmp_path / "h")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    [path] = list(out.glob("*-q8_0.gguf"))
+    assert path.with_suffix(".Modelfile").is_file()
+    reader = gguf.GGUFReader(str(path))
+    assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "llama"
+    assert f"`{path.name}`" in (out / "README.md").read_text(encoding="utf-8")
+    assert path.name in proc.stdout  # the dry-run listing names it
+
+
 # ------------------------------------------------------------------------------------------- upload
 
 
