@@ -26,8 +26,6 @@ from pathlib import Path
 
 from llm_core.export_gguf import GGUF_DTYPES
 
-EXIT_USER_ERROR = 2
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -91,14 +89,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.platform.runtime import run_cli
+
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        summary = run(parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0
+    return run_cli(lambda: print(json.dumps(run(parse_args(argv)), ensure_ascii=False)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import torch
 from llm_core.device import DEVICE_HELP, resolve_device
 from llm_core.generate import SamplingParams, generate_stream
 
-EXIT_USER_ERROR = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -276,10 +275,13 @@ def run_chat(session: Session, stdin=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.platform.runtime import run_cli
+
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    try:
+
+    def body() -> None:
         args = parse_args(argv)
         prompts = read_prompts(args)
         sampling(args, [])  # flag errors before the model loads
@@ -288,13 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             run_chat(session)
         else:
             run_prompts(session, prompts)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -145,12 +143,9 @@ def merge(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        merge(parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    from jobs.platform.runtime import run_cli
+
+    return run_cli(lambda: merge(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
 LICENSES_HELP = "an SPDX-style id the Hub knows (apache-2.0, mit, cc-by-4.0, other, ...)"
 
 
@@ -218,18 +217,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.platform.runtime import run_cli
+
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    try:
-        run(parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -183,6 +183,21 @@ def disconnect_ray() -> None:
     sys.stderr.flush()
 
 
+def run_cli(body: Callable[[], Any]) -> int:
+    """The exit status of a command-line tool that is not a pipeline stage (jobs.generate, jobs.publish, ...):
+    0 when `body()` returns; a ValueError (a user error) prints `error: <message>` on stderr and gives 2, no
+    traceback; Ctrl-C gives 130. Anything else propagates (a bug: its traceback is wanted)."""
+    try:
+        body()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def run_job(
     stage: str,
     config_cls: type[C],
