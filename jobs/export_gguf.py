@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from llm_core.export_gguf import GGUF_DTYPES
@@ -54,24 +53,20 @@ def run(args: argparse.Namespace) -> dict:
     from jobs.evaluation.config import ModelSpec
     from jobs.evaluation.models import load_model
     from jobs.platform.runtime import Settings
-    from llm_core.export_gguf import export_gguf
+    from jobs.publishing.gguf import write_gguf
 
     t0 = time.perf_counter()
     spec = ModelSpec(source=args.model, tokenizer=args.tokenizer, device="cpu", dtype="float32")
     loaded = load_model(spec, Settings.from_env())
     name = args.name or loaded.name or loaded.label
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = export_gguf(
-            loaded.model,
-            loaded.tokenizer,
-            args.out,
-            dtype=args.dtype,
-            name=name,
-            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-        )
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    result = write_gguf(
+        loaded.model,
+        loaded.tokenizer,
+        args.out,
+        dtype=args.dtype,
+        name=name,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+    )
     size = result.path.stat().st_size
     print(
         f"{loaded.label}: {loaded.model.num_params() / 1e6:.1f}M parameters -> {result.path} ({args.dtype}, "

@@ -88,6 +88,7 @@ def fetch_adapter(source: str, settings) -> tuple[Path, str | None]:
 def merge(args: argparse.Namespace) -> Path:
     from jobs.platform import registry
     from jobs.platform.runtime import Settings
+    from jobs.publishing.gguf import refuse_tokenizer_mismatch, write_gguf
     from llm_core.export_hf import export_hf, load_hf
     from llm_core.lora import load_peft_adapter, strip_lora
     from llm_core.tokenizer import Tokenizer
@@ -103,39 +104,22 @@ def merge(args: argparse.Namespace) -> Path:
     load_peft_adapter(model, adapter_dir)  # strict: shapes, ranks and tensor names must match the base
     strip_lora(model)
     tokenizer = Tokenizer.from_dir(base.path)
-    if (
-        args.gguf is not None
-    ):  # refuses a tokenizer llama.cpp would split differently before anything is written
-        from llm_core.export_gguf import llama_cpp_differences
-
-        differences = llama_cpp_differences(tokenizer)
-        if differences and not args.allow_tokenizer_mismatch:
-            raise ValueError(
-                f"llama.cpp would tokenize {base.uri}'s tokenizer differently ({'; '.join(differences)}): pass "
-                "--allow-tokenizer-mismatch to export the GGUF anyway, or drop --gguf"
-            )
+    if args.gguf is not None and not args.allow_tokenizer_mismatch:  # refused before anything is written
+        refuse_tokenizer_mismatch(tokenizer, f"{base.uri}'s tokenizer")
     out = export_hf(model.eval(), args.out, tokenizer=tokenizer, dtype=args.dtype)
     print(
         f"merged {args.adapter} into {base.uri}: {model.num_params() / 1e6:.2f}M parameters -> {out}",
         file=sys.stderr,
     )
     if args.gguf is not None:
-        import warnings
-
-        from llm_core.export_gguf import export_gguf
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = export_gguf(
-                model,
-                tokenizer,
-                args.gguf,
-                dtype=args.gguf_dtype,
-                name=args.out.name,
-                allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-            )
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+        result = write_gguf(
+            model,
+            tokenizer,
+            args.gguf,
+            dtype=args.gguf_dtype,
+            name=args.out.name,
+            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+        )
         print(
             f"GGUF ({args.gguf_dtype}): {result.path}, Ollama Modelfile: {result.modelfile}", file=sys.stderr
         )

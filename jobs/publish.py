@@ -101,10 +101,8 @@ def build_folder(args: argparse.Namespace, settings, out: Path, workdir: Path):
     if args.gguf:
         text += gguf_card_section(record.name or hf_dir.name, args.gguf)
     export.write_folder(out, files, text, card.card_assets(record))
-    for dtype in args.gguf:
-        write_gguf(
-            hf_dir, out / gguf_name(record.name or hf_dir.name, dtype), dtype, args.allow_tokenizer_mismatch
-        )
+    if args.gguf:
+        write_ggufs(hf_dir, out, record.name or hf_dir.name, args.gguf, args.allow_tokenizer_mismatch)
     return record, sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
@@ -113,16 +111,11 @@ def gguf_name(name: str, dtype: str) -> str:
 
 
 def check_gguf_tokenizer(hf_dir: Path, allow_mismatch: bool) -> None:
-    from llm_core.export_gguf import llama_cpp_differences
+    from jobs.publishing.gguf import refuse_tokenizer_mismatch
     from llm_core.tokenizer import Tokenizer
 
-    differences = llama_cpp_differences(Tokenizer.from_dir(hf_dir))
-    if differences and not allow_mismatch:
-        raise ValueError(
-            f"--gguf: llama.cpp would tokenize this model's tokenizer differently ({'; '.join(differences)}): pass "
-            "--allow-tokenizer-mismatch to publish the GGUF anyway, or train with pre_tokenizer: llama-bpe "
-            "(docs/gguf.md), or drop --gguf"
-        )
+    if not allow_mismatch:
+        refuse_tokenizer_mismatch(Tokenizer.from_dir(hf_dir), "this model's tokenizer")
 
 
 def gguf_card_section(name: str, dtypes: list[str]) -> str:
@@ -134,25 +127,18 @@ def gguf_card_section(name: str, dtypes: list[str]) -> str:
     )
 
 
-def write_gguf(hf_dir: Path, path: Path, dtype: str, allow_mismatch: bool) -> None:
-    import warnings
-
-    from llm_core.export_gguf import export_gguf
+def write_ggufs(hf_dir: Path, out: Path, name: str, dtypes: list[str], allow_mismatch: bool) -> None:
+    """The export as `<name>-<dtype>.gguf` (+ Modelfile) in `out` for each dtype, the model loaded once."""
+    from jobs.publishing import gguf
     from llm_core.export_hf import load_hf
     from llm_core.tokenizer import Tokenizer
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        export_gguf(
-            load_hf(hf_dir).eval(),
-            Tokenizer.from_dir(hf_dir),
-            path,
-            dtype=dtype,
-            name=path.stem,
-            allow_tokenizer_mismatch=allow_mismatch,
+    model, tokenizer = load_hf(hf_dir).eval(), Tokenizer.from_dir(hf_dir)
+    for dtype in dtypes:
+        path = out / gguf_name(name, dtype)
+        gguf.write_gguf(
+            model, tokenizer, path, dtype=dtype, name=path.stem, allow_tokenizer_mismatch=allow_mismatch
         )
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
 
 
 def tag_version(record, repo_id: str, commit_oid: str) -> None:
@@ -165,7 +151,9 @@ def tag_version(record, repo_id: str, commit_oid: str) -> None:
         client = MlflowClient()
         client.set_model_version_tag(record.name, record.version, HUB_REPO_TAG, repo_id)
         client.set_model_version_tag(record.name, record.version, HUB_COMMIT_TAG, commit_oid)
-    except Exception as exc:
+    except (
+        Exception
+    ) as exc:  # fail closed: the upload landed but the registry did not record it; exit 2 says how
         raise ValueError(
             f"published {record.uri} to {repo_id} (commit {commit_oid}), but could not tag the version in the "
             f"registry ({type(exc).__name__}: {exc}): set tags {HUB_REPO_TAG}={repo_id} and "

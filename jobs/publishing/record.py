@@ -129,7 +129,9 @@ def tokenizer_sha256(hf_dir: Path) -> str | None:
 
     try:
         return Tokenizer.from_dir(hf_dir).sha256
-    except Exception as exc:
+    except (
+        Exception
+    ) as exc:  # fail closed: a missing, corrupt or foreign tokenizer.json stops the publish (exit 2)
         raise ValueError(
             f"the tokenizer in {hf_dir} cannot be loaded ({type(exc).__name__}: {exc}): export the model with its "
             "tokenizer (llm_core.export_hf(..., tokenizer=...))"
