@@ -104,6 +104,10 @@ EDGE_CASES = [
     "repeat repeat repeat repeat " * 20 + "\nline\nline\nline",
     "Call +7 (701) 123-45-67 or 8 777 123 4567, mail aigerim.nurlanova@mail.kz, IBAN KZ86 125K ZT50 0410 0100.",
     "Numbers 2 000 000 000 and 1805 1806 1807 and 555-12-34 are not all phones; ²²²²²²²²²²² neither.",
+    "one space \n two\n\n\nthree\u3000four\u202ffive\u2028six\tseven \n",  # each whitespace rule alone
+    "Line sep\u2028and para sep\u2029stay; private use \ue000 too",  # not printable, nothing to delete
+    "tab\tonly",
+    "printable only, one line",
 ]
 
 
@@ -363,6 +367,19 @@ def test_batch_counts_equal_the_per_document_scans():
         assert {k: int(getattr(got, k)[i]) for k in want} == want, repr(text[:80])
         assert got.script_shares(i) == langid.script_shares(text)
     assert charstats.batch_counts([]).letters.size == 0
+    # each group alone (what the langid and quality stages ask for) equals the same group counted together
+    scripts_only = charstats.batch_counts(texts, head=head, words=False)
+    words_only = charstats.batch_counts(texts, scripts=False)
+    for name in ("letters", "cyrillic", "latin", "head_letters"):
+        assert (
+            np.array_equal(getattr(scripts_only, name), getattr(got, name))
+            and getattr(words_only, name) is None
+        )
+    for name in ("digits", "symbols", "words", "word_chars", "alpha_words", "alnum_words"):
+        assert (
+            np.array_equal(getattr(words_only, name), getattr(got, name))
+            and getattr(scripts_only, name) is None
+        )
 
 
 def test_batch_quality_verdicts_equal_one_by_one():

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 from jobs.prep.charstats import BatchCounts, batch_counts
 from jobs.prep.config import NormalizeConfig, PiiConfig, QualityConfig
+from jobs.prep.regex_prefilter import prefilter
 
 # ------------------------------------------------------------------------------------------ normalise
 
@@ -37,9 +38,10 @@ def char_class(predicate: Callable[[str], bool]) -> str:
 
 
 _KEEP_CONTROL = {"\n", "\t"}
-_SPACE_CHARS = r" \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_ODD_SPACE_CHARS = r"\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"  # space characters other than " "
+_ODD_SPACE = re.compile(f"[{_ODD_SPACE_CHARS}]")
 # only what collapsing changes: runs of 2+ spaces, or one space character other than " "
-_SPACES = re.compile(rf"[{_SPACE_CHARS}]{{2,}}|[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_SPACES = re.compile(rf"[ {_ODD_SPACE_CHARS}]{{2,}}|[{_ODD_SPACE_CHARS}]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _SPACE_AROUND_NEWLINE = re.compile(r" \n ?|\n ")  # a newline with a space beside it
 _CYR = r"\u0400-\u04ff\u0500-\u052f"
@@ -73,6 +75,16 @@ def _invisible_re() -> re.Pattern:
     return re.compile(f"[{char_class(lambda ch: ord(ch) in drop)}]+")
 
 
+def _may_have_invisible(text: str) -> bool:
+    """False only when the text has none of `_invisible_table`'s code points: str.isprintable() is False for
+    every control and format character (and more), so a text that is printable once its newlines and tabs are
+    blanked, and has no U+FFFD, has nothing to delete; one C scan instead of the regex's."""
+    flat = text.replace("\n", " ")
+    if "\t" in flat:
+        flat = flat.replace("\t", " ")
+    return not flat.isprintable() or "\ufffd" in text
+
+
 @lru_cache(maxsize=8)
 def _lookalike_table(items: tuple[tuple[str, str], ...]) -> dict[int, str]:
     return {ord(k): v for k, v in items}
@@ -83,7 +95,7 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> tuple[str, int]:
     if cfg.unescape_html and "&" in text:
         text = html.unescape(text)
     text = unicodedata.normalize(cfg.unicode_form, text)
-    if cfg.remove_invisible:
+    if cfg.remove_invisible and _may_have_invisible(text):
         text = _invisible_re().sub("", text)
     fixes = 0
     if cfg.fix_lookalikes and _LATIN_IN_WORD.search(text) and _HAS_CYR.search(text):
@@ -102,9 +114,13 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> tuple[str, int]:
         if fixes:
             text = unicodedata.normalize(cfg.unicode_form, text)
     if cfg.collapse_whitespace:
-        text = _SPACES.sub(" ", text)
-        text = _SPACE_AROUND_NEWLINE.sub("\n", text)
-        text = _MANY_NEWLINES.sub("\n\n", text)
+        # each regex only where a substring test says it can change something (most texts: none of them)
+        if "  " in text or _ODD_SPACE.search(text):
+            text = _SPACES.sub(" ", text)
+        if " \n" in text or "\n " in text:
+            text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+        if "\n\n\n" in text:
+            text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip(), fixes
 
 
@@ -141,6 +157,8 @@ def _duplicate_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
     if len(words) < 2 * n or not total_chars:
         return 0.0
     grams = list(zip(*(words[i:] for i in range(n))))
+    if len(set(grams)) == len(grams):  # no n-gram occurs twice (most documents): no counting needed
+        return 0.0
     counts = Counter(grams)
     covered = bytearray(len(words))
     for i, g in enumerate(grams):
@@ -222,19 +240,25 @@ def quality_stats(
     )
 
 
+_BOILERPLATE_FLAGS = re.IGNORECASE | re.MULTILINE
+
+
 @lru_cache(maxsize=8)
 def _boilerplate_re(patterns: tuple[str, ...]) -> re.Pattern | None:
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE | re.MULTILINE)
+    return re.compile("|".join(f"(?:{p})" for p in patterns), _BOILERPLATE_FLAGS)
 
 
 def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
-    """(text without boilerplate lines when configured, boilerplate lines, all non-empty lines)."""
-    rx = _boilerplate_re(tuple(cfg.boilerplate_patterns))
+    """(text without boilerplate lines when configured, boilerplate lines, all non-empty lines). A literal
+    prefilter (`regex_prefilter`: the phrases every match must contain) skips the regex scan of texts that
+    cannot match, which are nearly all of them; its "no" is exact."""
+    patterns = tuple(cfg.boilerplate_patterns)
+    rx = _boilerplate_re(patterns)
     lines = text.split("\n")
     n_lines = sum(1 for ln in lines if ln.strip())
-    if rx is None or not rx.search(text):
+    if rx is None or not prefilter(patterns, _BOILERPLATE_FLAGS).may_match(text) or not rx.search(text):
         return text, 0, n_lines
     keep, bad = [], 0
     for ln in lines:
@@ -270,7 +294,7 @@ def quality_verdicts(texts: list[str], cfg: QualityConfig) -> list[tuple[str, st
         else:
             todo.append(i)
             stripped.append(kept)
-    counts = batch_counts(stripped)
+    counts = batch_counts(stripped, scripts=False)
     for j, (i, kept) in enumerate(zip(todo, stripped)):
         reason = _first_failure(quality_stats(kept, cfg.repetition_min_words, (counts, j)), cfg)
         out[i] = (texts[i], reason) if reason else (kept, "")

@@ -79,11 +79,15 @@ def normalize_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     texts = t.column("text").to_pylist()
     reasons, todo = _todo(t)
     fixes = [0] * len(texts)
+    changed = False
     for i in todo:
-        texts[i], fixes[i] = clean.normalize_text(texts[i], cfg.normalize)
-        if not texts[i]:
+        new, fixes[i] = clean.normalize_text(texts[i], cfg.normalize)
+        changed |= new != texts[i]
+        texts[i] = new
+        if not new:
             reasons[i] = "empty"
-    t = _set(t, "text", texts, pa.large_string())
+    if changed:
+        t = _set(t, "text", texts, pa.large_string())
     t = _set(t, "reason", reasons, pa.string())
     return _set(t, "n_fixes", fixes, pa.int32())
 
@@ -97,7 +101,8 @@ def langid_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     confidence = [0.0] * len(texts)
     if cfg.langid.enabled:
         docs = [texts[i] for i in todo]
-        counts = batch_counts(docs, head=2 * cfg.langid.max_chars)  # letters and scripts, the batch at once
+        # letters and scripts of the whole batch at once
+        counts = batch_counts(docs, head=2 * cfg.langid.max_chars, words=False)
         found = langid.detect_many(docs, cfg.langid, head_letters=counts.head_letters)
         for j, (i, (detected[i], confidence[i])) in enumerate(zip(todo, found)):
             langs[i], reasons[i] = langid.decide(
@@ -121,9 +126,12 @@ def quality_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
         return t
     texts = t.column("text").to_pylist()
     reasons, todo = _todo(t)
-    for i, verdict in zip(todo, clean.quality_verdicts([texts[i] for i in todo], cfg.quality)):
-        texts[i], reasons[i] = verdict
-    t = _set(t, "text", texts, pa.large_string())
+    changed = False
+    for i, (new, reason) in zip(todo, clean.quality_verdicts([texts[i] for i in todo], cfg.quality)):
+        changed |= new != texts[i]
+        texts[i], reasons[i] = new, reason
+    if changed:  # boilerplate lines removed somewhere
+        t = _set(t, "text", texts, pa.large_string())
     return _set(t, "reason", reasons, pa.string())
 
 
@@ -132,14 +140,29 @@ def pii_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     texts = t.column("text").to_pylist()
     _, todo = _todo(t)
     counts = {k: [0] * len(texts) for k in ("email", "phone", "iban")}
+    changed = False
     for i in todo:
         texts[i], c = clean.scrub_pii(texts[i], cfg.pii)
         for k, v in c.items():
             counts[k][i] = v
-    t = _set(t, "text", texts, pa.large_string())
+            changed |= v > 0
+    if changed:  # something was replaced
+        t = _set(t, "text", texts, pa.large_string())
     for k, v in counts.items():
         t = _set(t, f"pii_{k}", v, pa.int32())
     return t
+
+
+_WORD_HASHES = dedup.WordHashes()
+WORD_HASHES_MAX = 200_000  # words remembered per process (~30 MB); beyond that the cache starts again
+
+
+def _word_hashes() -> dedup.WordHashes:
+    """The process's word -> CRC-32 cache, shared by its batches (words repeat across batches far more than
+    within one); emptied when it reaches WORD_HASHES_MAX words, so memory stays bounded."""
+    if len(_WORD_HASHES) >= WORD_HASHES_MAX:
+        _WORD_HASHES.clear()
+    return _WORD_HASHES
 
 
 def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
@@ -165,7 +188,7 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     t = _set(t, "exact_key", keys)
     t = _set(t, "snippet", snippets, pa.string())
     if cfg.dedup.near:
-        flat, counts = dedup.batch_shingle_hashes(words, cfg.dedup.ngram, dedup.WordHashes())
+        flat, counts = dedup.batch_shingle_hashes(words, cfg.dedup.ngram, _word_hashes())
         per_doc = np.zeros(n, dtype=np.int64)
         per_doc[todo] = counts
         sig = dedup.batch_minhash_signatures(flat, per_doc, cfg.dedup.num_perm, cfg.dedup.seed)
