@@ -156,9 +156,9 @@ def _duplicate_ngram_ratio(words: list[str], n: int, total_chars: int) -> float:
     """Characters inside word n-grams that occur more than once (each word counted once)."""
     if len(words) < 2 * n or not total_chars:
         return 0.0
+    if len(set(zip(*(words[i:] for i in range(n))))) == len(words) - n + 1:
+        return 0.0  # no n-gram occurs twice (most documents): nothing to count
     grams = list(zip(*(words[i:] for i in range(n))))
-    if len(set(grams)) == len(grams):  # no n-gram occurs twice (most documents): no counting needed
-        return 0.0
     counts = Counter(grams)
     covered = bytearray(len(words))
     for i, g in enumerate(grams):
