@@ -49,7 +49,7 @@ from benchmarks.machine import append_section, cpu_model  # noqa: E402
 from jobs.platform.configfile import load_config  # noqa: E402
 from jobs.platform.runtime import Settings  # noqa: E402
 from jobs.prep import stages  # noqa: E402
-from jobs.prep.blocks import tokenize_kept  # noqa: E402  (the pipeline's tokenize step)
+from jobs.prep.blocks import clean_batch, tokenize_kept  # noqa: E402  (the pipeline's steps)
 from jobs.prep.config import PreprocessConfig  # noqa: E402
 from jobs.prep.encoding import DocEncoder  # noqa: E402
 from jobs.prep.sources import discover, plan_chunks, read_chunk  # noqa: E402
@@ -185,9 +185,7 @@ def run(args: argparse.Namespace) -> str:
     chain = Timing()
     for b in batches:
         with clock(chain):
-            for name in STAGES:
-                b = STAGE_FUNCS[name](b, cfg)
-            tokenize_kept(b, enc, eos_id, cfg.tokenizer.batch_size)
+            clean_batch(b, cfg, enc, eos_id)  # what a worker runs per batch: the stages on one DocBatch
     tok_after = tokenize_alone(tk, batches, cfg.tokenizer.batch_size)
     fast_alone = Timing()
     if enc.fast is not None:

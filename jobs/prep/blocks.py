@@ -95,12 +95,17 @@ def block_range(ordinal: int) -> tuple[int, int]:
 # -------------------------------------------------------------------------------------------- clean pass
 
 
-def tokenize_kept(t: pa.Table, tk, eos_id: int, batch_size: int) -> pa.Table:
+def tokenize_kept(
+    t: pa.Table | stages.DocBatch, tk, eos_id: int, batch_size: int
+) -> pa.Table | stages.DocBatch:
     """Tokens (ending with eos) of the rows without a drop reason; empty lists for the others. `tk` is a
-    `jobs.prep.encoding.DocEncoder` (encode_batch: texts -> id lists)."""
-    reasons = t.column("reason").to_pylist()
+    `jobs.prep.encoding.DocEncoder` (encode_batch: texts -> id lists). Adds columns n_tokens and tokens to a
+    DocBatch (returned), or returns the new table."""
+    if isinstance(t, pa.Table):
+        return tokenize_kept(stages.DocBatch(t), tk, eos_id, batch_size).table()
+    reasons = t.get("reason")
     todo = [i for i, r in enumerate(reasons) if not r]
-    texts = t.column("text").to_pylist()
+    texts = t.get("text")
     lengths = np.zeros(len(reasons), dtype=np.int64)
     pieces: list[np.ndarray] = []
     eos = np.array([eos_id], dtype=np.uint32)
@@ -112,8 +117,24 @@ def tokenize_kept(t: pa.Table, tk, eos_id: int, batch_size: int) -> pa.Table:
             lengths[i] = len(ids) + 1
     values = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    t = t.append_column("n_tokens", pa.array(lengths))
-    return t.append_column("tokens", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)))
+    t.set("n_tokens", pa.array(lengths))
+    t.set("tokens", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)))
+    return t
+
+
+def clean_batch(t: pa.Table, cfg: PreprocessConfig, tk, eos_id: int) -> pa.Table:
+    """The per-document stages and tokenization of one batch read (`stages.read_chunk_docs`), on one DocBatch:
+    the table clean_chunk writes (without the text)."""
+    b = stages.DocBatch(t)
+    for fn in (
+        stages.normalize_docs,
+        stages.langid_docs,
+        stages.quality_docs,
+        stages.pii_docs,
+        stages.signature_docs,
+    ):
+        fn(b, cfg)
+    return tokenize_kept(b, tk, eos_id, cfg.tokenizer.batch_size).table(drop=("text",))
 
 
 def clean_chunk(
@@ -128,15 +149,7 @@ def clean_chunk(
     with store.writing(rel) as tmp:
         writer = None
         for t in stages.read_chunk_docs(chunk, files, cfg, cfg.execution.batch_size):
-            for fn in (
-                stages.normalize_docs,
-                stages.langid_docs,
-                stages.quality_docs,
-                stages.pii_docs,
-                stages.signature_docs,
-            ):
-                t = fn(t, cfg)
-            t = tokenize_kept(t, tk, eos_id, cfg.tokenizer.batch_size).drop_columns(["text"])
+            t = clean_batch(t, cfg, tk, eos_id)
             docs += t.num_rows
             records += int(
                 pc.sum(pc.not_equal(pc.bit_wise_and(t.column("doc_id"), FILE_RECORD), FILE_RECORD)).as_py()

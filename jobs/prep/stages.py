@@ -1,4 +1,5 @@
-"""The preprocessing stages as functions on Arrow tables (one table = one batch of documents).
+"""The preprocessing stages as functions on one batch of documents: a `DocBatch` (what `clean_chunk` chains them
+on: columns stay Python lists between stages, one Arrow table at the end) or an Arrow table.
 
 Each stage keeps every row: a document that fails a stage gets a `reason` and is skipped by the later stages,
 so the driver can account for every input record. `jobs.prep.blocks.clean_chunk` chains them over one input
@@ -11,7 +12,8 @@ split, n_bytes, n_chars, exact_key, signature, snippet (signature); `blocks.toke
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +33,61 @@ def _set(t: pa.Table, name: str, values, type_: pa.DataType | None = None) -> pa
     return t.set_column(i, name, arr) if i >= 0 else t.append_column(name, arr)
 
 
-def _todo(t: pa.Table) -> tuple[list[str], list[int]]:
-    reasons = t.column("reason").to_pylist()
+class DocBatch:
+    """One batch of documents on its way through the stages: the Arrow table read, plus the columns the stages
+    set since, kept as Python lists / numpy / Arrow arrays and turned into the table once, by `table()`. A chain
+    of stages thus converts the text column to Python once, not once per stage and back again."""
+
+    def __init__(self, table: pa.Table):
+        self._table = table
+        self._python: dict[str, list] = {}  # columns of the table read into Python
+        self._new: dict[str, tuple[object, pa.DataType | None]] = {}  # set by stages, in first-set order
+
+    @property
+    def num_rows(self) -> int:
+        return self._table.num_rows
+
+    def get(self, name: str) -> list:
+        """The column as a Python list (a copy the caller may change)."""
+        if name in self._new:
+            values = self._new[name][0]
+            if isinstance(values, pa.Array | pa.ChunkedArray | np.ndarray):
+                return values.tolist() if isinstance(values, np.ndarray) else values.to_pylist()
+            return list(values)
+        if name not in self._python:
+            self._python[name] = self._table.column(name).to_pylist()
+        return list(self._python[name])
+
+    def set(self, name: str, values, type_: pa.DataType | None = None) -> None:
+        self._new[name] = (values, type_)
+
+    def table(self, drop: tuple[str, ...] = ()) -> pa.Table:
+        """The table with every column set so far (a new column goes after the existing ones, in the order it
+        was first set), without the columns in `drop`."""
+        t = self._table
+        for name, (values, type_) in self._new.items():
+            if name not in drop:
+                t = _set(t, name, values, type_)
+        return t.drop_columns([d for d in drop if d in t.column_names])
+
+
+def batch_stage(fn: Callable[[DocBatch, PreprocessConfig], None]):
+    """A stage written on a DocBatch, callable on an Arrow table too (it returns the new table then)."""
+
+    @functools.wraps(fn)
+    def run(t, cfg):
+        if isinstance(t, DocBatch):
+            fn(t, cfg)
+            return t
+        b = DocBatch(t)
+        fn(b, cfg)
+        return b.table()
+
+    return run
+
+
+def _todo(b: DocBatch) -> tuple[list[str], list[int]]:
+    reasons = b.get("reason")
     return reasons, [i for i, r in enumerate(reasons) if not r]
 
 
@@ -74,28 +129,26 @@ def read_chunk_docs(
 # ------------------------------------------------------------------------------------------ per-document
 
 
-def normalize_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
+@batch_stage
+def normalize_docs(t: DocBatch, cfg: PreprocessConfig) -> None:
     """Stage `normalize`: NFC, invisible characters, whitespace, look-alike letters; empty text is dropped."""
-    texts = t.column("text").to_pylist()
+    texts = t.get("text")
     reasons, todo = _todo(t)
     fixes = [0] * len(texts)
-    changed = False
     for i in todo:
-        new, fixes[i] = clean.normalize_text(texts[i], cfg.normalize)
-        changed |= new != texts[i]
-        texts[i] = new
-        if not new:
+        texts[i], fixes[i] = clean.normalize_text(texts[i], cfg.normalize)
+        if not texts[i]:
             reasons[i] = "empty"
-    if changed:
-        t = _set(t, "text", texts, pa.large_string())
-    t = _set(t, "reason", reasons, pa.string())
-    return _set(t, "n_fixes", fixes, pa.int32())
+    t.set("text", texts, pa.large_string())
+    t.set("reason", reasons, pa.string())
+    t.set("n_fixes", fixes, pa.int32())
 
 
-def langid_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
+@batch_stage
+def langid_docs(t: DocBatch, cfg: PreprocessConfig) -> None:
     """Stage `langid`: detect, check the script, route or drop documents in another language."""
-    texts = t.column("text").to_pylist()
-    langs = t.column("lang").to_pylist()
+    texts = t.get("text")
+    langs = t.get("lang")
     reasons, todo = _todo(t)
     detected = [""] * len(texts)
     confidence = [0.0] * len(texts)
@@ -114,43 +167,38 @@ def langid_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
                 cfg.languages,
                 counts.script_shares(j),
             )
-    t = _set(t, "lang", langs, pa.string())
-    t = _set(t, "reason", reasons, pa.string())
-    t = _set(t, "detected", detected, pa.string())
-    return _set(t, "confidence", confidence, pa.float32())
+    t.set("lang", langs, pa.string())
+    t.set("reason", reasons, pa.string())
+    t.set("detected", detected, pa.string())
+    t.set("confidence", confidence, pa.float32())
 
 
-def quality_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
+@batch_stage
+def quality_docs(t: DocBatch, cfg: PreprocessConfig) -> None:
     """Stage `quality`: heuristic filters (thresholds in `quality`), boilerplate lines removed."""
     if not cfg.quality.enabled:
-        return t
-    texts = t.column("text").to_pylist()
+        return
+    texts = t.get("text")
     reasons, todo = _todo(t)
-    changed = False
-    for i, (new, reason) in zip(todo, clean.quality_verdicts([texts[i] for i in todo], cfg.quality)):
-        changed |= new != texts[i]
-        texts[i], reasons[i] = new, reason
-    if changed:  # boilerplate lines removed somewhere
-        t = _set(t, "text", texts, pa.large_string())
-    return _set(t, "reason", reasons, pa.string())
+    for i, verdict in zip(todo, clean.quality_verdicts([texts[i] for i in todo], cfg.quality)):
+        texts[i], reasons[i] = verdict
+    t.set("text", texts, pa.large_string())
+    t.set("reason", reasons, pa.string())
 
 
-def pii_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
+@batch_stage
+def pii_docs(t: DocBatch, cfg: PreprocessConfig) -> None:
     """Stage `pii`: e-mails, phone numbers and IBANs replaced by placeholders, counted."""
-    texts = t.column("text").to_pylist()
+    texts = t.get("text")
     _, todo = _todo(t)
     counts = {k: [0] * len(texts) for k in ("email", "phone", "iban")}
-    changed = False
     for i in todo:
         texts[i], c = clean.scrub_pii(texts[i], cfg.pii)
         for k, v in c.items():
             counts[k][i] = v
-            changed |= v > 0
-    if changed:  # something was replaced
-        t = _set(t, "text", texts, pa.large_string())
+    t.set("text", texts, pa.large_string())
     for k, v in counts.items():
-        t = _set(t, f"pii_{k}", v, pa.int32())
-    return t
+        t.set(f"pii_{k}", v, pa.int32())
 
 
 _WORD_HASHES = dedup.WordHashes()
@@ -165,10 +213,11 @@ def _word_hashes() -> dedup.WordHashes:
     return _WORD_HASHES
 
 
-def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
+@batch_stage
+def signature_docs(t: DocBatch, cfg: PreprocessConfig) -> None:
     """Stage `signature`: split (by content hash), UTF-8 size, exact-duplicate key, MinHash signature and the
     shingle hashes themselves (dedup verifies candidate pairs by their true Jaccard similarity)."""
-    texts = t.column("text").to_pylist()
+    texts = t.get("text")
     reasons, todo = _todo(t)
     n = len(texts)
     keys = np.zeros(n, dtype=np.uint64)
@@ -181,18 +230,17 @@ def signature_docs(t: pa.Table, cfg: PreprocessConfig) -> pa.Table:
         splits[i] = "val" if is_validation(texts[i], cfg.split.val_fraction) else "train"
     snippets = [(x or "")[:SNIPPET_CHARS] for x in texts]
     kept_text = [x if not r else "" for x, r in zip(texts, reasons)]
-    t = _set(t, "text", kept_text, pa.large_string())
-    t = _set(t, "split", splits, pa.string())
-    t = _set(t, "n_bytes", nbytes)
-    t = _set(t, "n_chars", [len(x) if not r else 0 for x, r in zip(texts, reasons)], pa.int64())
-    t = _set(t, "exact_key", keys)
-    t = _set(t, "snippet", snippets, pa.string())
+    t.set("text", kept_text, pa.large_string())
+    t.set("split", splits, pa.string())
+    t.set("n_bytes", nbytes)
+    t.set("n_chars", [len(x) if not r else 0 for x, r in zip(texts, reasons)], pa.int64())
+    t.set("exact_key", keys)
+    t.set("snippet", snippets, pa.string())
     if cfg.dedup.near:
         flat, counts = dedup.batch_shingle_hashes(words, cfg.dedup.ngram, _word_hashes())
         per_doc = np.zeros(n, dtype=np.int64)
         per_doc[todo] = counts
         sig = dedup.batch_minhash_signatures(flat, per_doc, cfg.dedup.num_perm, cfg.dedup.seed)
-        t = _set(t, "signature", pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), cfg.dedup.num_perm))
+        t.set("signature", pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), cfg.dedup.num_perm))
         offsets = pa.array(np.concatenate(([0], np.cumsum(per_doc))).astype(np.int64))  # rows in table order
-        t = _set(t, "shingles", pa.LargeListArray.from_arrays(offsets, pa.array(flat, pa.uint32())))
-    return t
+        t.set("shingles", pa.LargeListArray.from_arrays(offsets, pa.array(flat, pa.uint32())))
