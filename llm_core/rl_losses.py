@@ -177,3 +177,33 @@ def clipped_value_loss(
         v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
         err = torch.maximum(err, (v_clip - returns) ** 2)
     return aggregate(0.5 * err, mask, aggregation)
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef {kl_coef} must not be negative")
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019)'s adaptive KL coefficient: after n_steps samples with mean KL `current_kl`, the
+    coefficient is multiplied by 1 + clip(current_kl / target - 1, -0.2, 0.2) x n_steps / horizon, so the KL is
+    steered towards `target`."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if init_kl_coef < 0 or target <= 0 or horizon <= 0:
+            raise ValueError(
+                f"adaptive KL: init_kl_coef {init_kl_coef} must be >= 0, target {target} and horizon {horizon} > 0"
+            )
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+        return self.value

@@ -146,3 +146,16 @@ def test_bad_settings_name_the_value():
         rl.clipped_policy_loss(x, x, torch.zeros(1), torch.ones(1, 3))
     with pytest.raises(ValueError, match="value clip"):
         rl.clipped_value_loss(x, x, x, torch.ones(1, 2), clip=0.0)
+
+
+def test_kl_controllers_by_hand():
+    fixed = rl.FixedKLController(0.05)
+    assert fixed.update(10.0, 100) == 0.05
+    ada = rl.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    # KL 9 is 50% over target: the error is clipped to +0.2 -> x (1 + 0.2 * 256 / 10000)
+    assert ada.update(9.0, 256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    before = ada.value
+    # KL 5.4 is 10% under target -> x (1 - 0.1 * 512 / 10000)
+    assert ada.update(5.4, 512) == pytest.approx(before * (1 - 0.1 * 512 / 10_000))
+    with pytest.raises(ValueError, match="target 0"):
+        rl.AdaptiveKLController(0.1, target=0, horizon=10)
