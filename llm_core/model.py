@@ -347,16 +347,16 @@ class Transformer(nn.Module):
         # every query sees at least itself, so fully padded rows give finite (ignored) outputs, not NaN
         return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        targets: torch.Tensor | None = None,  # (B, T), -100 = ignored
         *,
-        position_ids: torch.Tensor | None = None,  # (B, T); default start + arange(T)
-        attention_mask: torch.Tensor | None = None,  # (B, S) key padding over cached + new tokens
-        segment_ids: torch.Tensor | None = None,  # (B, T) packed-sample ids, no attention across them
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> ModelOutput:
+    ) -> torch.Tensor:
+        """(B, T, D): the final normed hidden states, what the LM head reads (and a scalar head: reward, value)."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -378,7 +378,26 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, padded V)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        targets: torch.Tensor | None = None,  # (B, T), -100 = ignored
+        *,
+        position_ids: torch.Tensor | None = None,  # (B, T); default start + arange(T)
+        attention_mask: torch.Tensor | None = None,  # (B, S) key padding over cached + new tokens
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed-sample ids, no attention across them
+        kv_cache: KVCache | None = None,
+    ) -> ModelOutput:
+        h = self.hidden_states(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            kv_cache=kv_cache,
+        )
+        logits = self.lm_head(h)  # (B, T, padded V)
         if logits.size(-1) != self.cfg.vocab_size:  # padding rows are never scored: (B, T, V)
             logits = logits[..., : self.cfg.vocab_size]
         aux = None

@@ -207,3 +207,17 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """(loss, pairwise accuracy) of a reward model on preference pairs: -log sigmoid(s_chosen - s_rejected -
+    margin), averaged; accuracy = share of pairs with s_chosen > s_rejected."""
+    if chosen.shape != rejected.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} scores differ in shape"
+        )
+    diff = chosen - rejected
+    loss = -torch.nn.functional.logsigmoid(diff - margin).mean()
+    return loss, float((diff > 0).float().mean())
