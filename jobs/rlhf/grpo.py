@@ -56,26 +56,28 @@ class RolloutBatch:
     completions: list[list[int]]
 
 
-def sample_groups(
+def sample_completions(
     model: Transformer,
     prompts: Sequence[list[int]],
-    cfg: GRPOConfig,
+    per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
     eos_id: int,
     pad_id: int,
     seed: int | None = None,
 ) -> RolloutBatch:
-    """group_size completions per prompt (a prompt's completions next to each other)."""
+    """`per_prompt` completions of each prompt (a prompt's completions next to each other)."""
     if not prompts:
         raise ValueError("the prompt set is empty: nothing to roll out")
-    expanded = [list(p) for p in prompts for _ in range(cfg.group_size)]
+    expanded = [list(p) for p in prompts for _ in range(per_prompt)]
     params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=[eos_id], seed=seed
+        max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=[eos_id], seed=seed
     )
     completions = generate(model, expanded, params, pad_id=pad_id)
     limit = model.cfg.max_seq_len
     # a completion that stopped before its budget ended on the stop token: keep it (the policy learns to stop)
     completions = [
-        c + [eos_id] if len(c) < min(cfg.max_new_tokens, limit - len(p)) else c
+        c + [eos_id] if len(c) < min(max_new_tokens, limit - len(p)) else c
         for p, c in zip(expanded, completions)
     ]
     T = max(len(p) + len(c) for p, c in zip(expanded, completions))
@@ -89,6 +91,20 @@ def sample_groups(
             1  # targets at positions len(p)-1 .. predict the completion
         )
     return RolloutBatch(ids, attn, comp, completions)
+
+
+def sample_groups(
+    model: Transformer,
+    prompts: Sequence[list[int]],
+    cfg: GRPOConfig,
+    eos_id: int,
+    pad_id: int,
+    seed: int | None = None,
+) -> RolloutBatch:
+    """group_size completions per prompt (a prompt's completions next to each other)."""
+    return sample_completions(
+        model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, seed
+    )
 
 
 def completion_logprobs(model: Transformer, batch: RolloutBatch) -> torch.Tensor:
