@@ -54,3 +54,21 @@ def test_bradley_terry_loss_by_hand_and_gradients_reach_the_trunk():
     loss, _ = bradley_terry_loss(scores[:1], scores[1:])
     loss.backward()
     assert m.head.weight.grad.abs().sum() > 0 and m.base.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_reward_model_hf_export_scores_equal_ours(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from llm_core.value_model import export_hf_reward_model
+
+    m = tiny()
+    out = export_hf_reward_model(m, tmp_path / "rm", pad_token_id=0)
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]])
+    mask = (batch != 0).long()
+    with torch.no_grad():
+        theirs = hf(input_ids=batch, attention_mask=mask).logits.squeeze(-1)
+    assert torch.allclose(theirs, m.sequence_scores(batch, mask), atol=1e-5), (
+        theirs,
+        m.sequence_scores(batch, mask),
+    )
