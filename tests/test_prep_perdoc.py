@@ -390,3 +390,54 @@ def test_batch_quality_verdicts_equal_one_by_one():
     ]
     cfg = QualityConfig()
     assert clean.quality_verdicts(texts, cfg) == [clean.quality_verdict(t, cfg) for t in texts]
+
+
+def test_stages_on_one_docbatch_equal_stages_on_tables():
+    """clean_chunk chains the stages on one DocBatch (Python columns, one table at the end); the result equals
+    applying each stage to an Arrow table in turn."""
+    import pyarrow as pa
+
+    from jobs.prep import stages
+    from jobs.prep.config import PreprocessConfig
+
+    cfg = PreprocessConfig.model_validate(
+        {
+            "name": "t",
+            "languages": ["kk", "ru", "en"],
+            "sources": [{"path": "x", "language": "auto"}],
+            "tokenizer": {"path": ""},
+        }
+    )
+    texts = corpus_sample(5) + EDGE_CASES + ["All rights reserved.\nAll rights reserved.\nok"]
+    n = len(texts)
+    t = pa.table(
+        {
+            "doc_id": pa.array(range(n), pa.int64()),
+            "file_id": pa.array([0] * n, pa.int32()),
+            "offset": pa.array(range(n), pa.int64()),
+            "src_lang": pa.array(["auto"] * n, pa.string()),
+            "lang": pa.array(["auto"] * n, pa.string()),
+            "text": pa.array(texts, pa.large_string()),
+            "n_bytes_in": pa.array([len(x.encode()) for x in texts], pa.int64()),
+            "reason": pa.array([""] * n, pa.string()),
+            "repaired": pa.array([""] * n, pa.string()),
+            "detail": pa.array([""] * n, pa.string()),
+        }
+    )
+    chain = (
+        stages.normalize_docs,
+        stages.langid_docs,
+        stages.quality_docs,
+        stages.pii_docs,
+        stages.signature_docs,
+    )
+    one_by_one = t
+    for fn in chain:
+        one_by_one = fn(one_by_one, cfg)
+    batch = stages.DocBatch(t)
+    for fn in chain:
+        assert fn(batch, cfg) is batch
+    together = batch.table()
+    assert together.schema == one_by_one.schema and together.equals(one_by_one)
+    assert set(together.column("reason").to_pylist()) > {""}  # some documents were dropped on the way
+    assert batch.table(drop=("text",)).column_names == [c for c in together.column_names if c != "text"]

@@ -43,10 +43,6 @@ class DocBatch:
         self._python: dict[str, list] = {}  # columns of the table read into Python
         self._new: dict[str, tuple[object, pa.DataType | None]] = {}  # set by stages, in first-set order
 
-    @property
-    def num_rows(self) -> int:
-        return self._table.num_rows
-
     def get(self, name: str) -> list:
         """The column as a Python list (a copy the caller may change)."""
         if name in self._new:
