@@ -439,5 +439,21 @@ def test_stages_on_one_docbatch_equal_stages_on_tables():
         assert fn(batch, cfg) is batch
     together = batch.table()
     assert together.schema == one_by_one.schema and together.equals(one_by_one)
+    assert together.column_names == [  # the columns the stages document, in the order they were added
+        *(
+            "doc_id",
+            "file_id",
+            "offset",
+            "src_lang",
+            "lang",
+            "text",
+            "n_bytes_in",
+            "reason",
+            "repaired",
+            "detail",
+        ),
+        *("n_fixes", "detected", "confidence", "pii_email", "pii_phone", "pii_iban", "split", "n_bytes"),
+        *("n_chars", "exact_key", "snippet", "signature", "shingles"),
+    ]
     assert set(together.column("reason").to_pylist()) > {""}  # some documents were dropped on the way
     assert batch.table(drop=("text",)).column_names == [c for c in together.column_names if c != "text"]
