@@ -198,11 +198,15 @@ def _quality_res() -> tuple[re.Pattern, re.Pattern, re.Pattern, re.Pattern]:
 
 
 def quality_stats(
-    text: str, ngram_min_words: int = 0, counts: tuple[BatchCounts, int] | None = None
+    text: str,
+    ngram_min_words: int = 0,
+    counts: tuple[BatchCounts, int] | None = None,
+    lowered: str | None = None,
 ) -> QualityStats:
     """The statistics the quality filters read; the two n-gram ratios are computed only for documents with at
     least `ngram_min_words` words (0.0 otherwise: the filters ignore them below `repetition_min_words`).
-    `counts`: this text's row of `charstats.batch_counts` (the same character and word counts, for a batch)."""
+    `counts`: this text's row of `charstats.batch_counts` (the same character and word counts, for a batch);
+    `lowered`: text.lower(), when the caller has it already."""
     if counts is None:
         digit_re, symbol_re, alpha_word_re, alnum_word_re = _quality_res()
         words = text.split()  # the same words as _WORD (\S+): both split on str.isspace characters
@@ -224,9 +228,10 @@ def quality_stats(
     dup_lines = len(lines) - len(set(lines))
     top = dup = 0.0
     if n_words >= ngram_min_words:
-        lowered = text.lower().split()  # == [w.lower() for w in words]: lower() adds no whitespace
-        top = _top_repeated_ngram_ratio(lowered, 2, word_chars)
-        dup = _duplicate_ngram_ratio(lowered, 5, word_chars)
+        # == [w.lower() for w in words]: lower() adds no whitespace
+        lowered_words = (text.lower() if lowered is None else lowered).split()
+        top = _top_repeated_ngram_ratio(lowered_words, 2, word_chars)
+        dup = _duplicate_ngram_ratio(lowered_words, 5, word_chars)
     return QualityStats(
         chars=len(text),
         words=n_words,
@@ -250,15 +255,19 @@ def _boilerplate_re(patterns: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns), _BOILERPLATE_FLAGS)
 
 
-def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
+def strip_boilerplate(text: str, cfg: QualityConfig, lowered: str | None = None) -> tuple[str, int, int]:
     """(text without boilerplate lines when configured, boilerplate lines, all non-empty lines). A literal
     prefilter (`regex_prefilter`: the phrases every match must contain) skips the regex scan of texts that
-    cannot match, which are nearly all of them; its "no" is exact."""
+    cannot match, which are nearly all of them; its "no" is exact. `lowered`: text.lower(), if known."""
     patterns = tuple(cfg.boilerplate_patterns)
     rx = _boilerplate_re(patterns)
     lines = text.split("\n")
     n_lines = sum(1 for ln in lines if ln.strip())
-    if rx is None or not prefilter(patterns, _BOILERPLATE_FLAGS).may_match(text) or not rx.search(text):
+    if (
+        rx is None
+        or not prefilter(patterns, _BOILERPLATE_FLAGS).may_match(text, lowered)
+        or not rx.search(text)
+    ):
         return text, 0, n_lines
     keep, bad = [], 0
     for ln in lines:
@@ -287,16 +296,22 @@ def quality_verdicts(texts: list[str], cfg: QualityConfig) -> list[tuple[str, st
     out: list[tuple[str, str]] = [("", "")] * len(texts)
     todo: list[int] = []
     stripped: list[str] = []
+    lows: list[
+        str | None
+    ] = []  # each text lower-cased once: for the boilerplate prefilter and the n-gram rules
     for i, text in enumerate(texts):
-        kept, bad, n_lines = strip_boilerplate(text, cfg)
+        low = text.lower()
+        kept, bad, n_lines = strip_boilerplate(text, cfg, low)
         if n_lines and bad / n_lines > cfg.max_boilerplate_line_ratio:
             out[i] = (text, "boilerplate")
         else:
             todo.append(i)
             stripped.append(kept)
+            lows.append(low if kept is text else None)
     counts = batch_counts(stripped, scripts=False)
     for j, (i, kept) in enumerate(zip(todo, stripped)):
-        reason = _first_failure(quality_stats(kept, cfg.repetition_min_words, (counts, j)), cfg)
+        stats = quality_stats(kept, cfg.repetition_min_words, (counts, j), lows[j])
+        reason = _first_failure(stats, cfg)
         out[i] = (texts[i], reason) if reason else (kept, "")
     return out
 

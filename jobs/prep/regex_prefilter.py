@@ -63,18 +63,19 @@ class Prefilter:
     keys: tuple[str, ...]  # the table's keys, to translate only texts that have one
     flat: tuple[str, ...] | None  # every needle of every pattern; None when a pattern has none (always run)
 
-    def canonical(self, text: str) -> str:
-        low = text.lower()
+    def canonical(self, text: str, lowered: str | None = None) -> str:
+        """`lowered`: text.lower(), when the caller has it already."""
+        low = text.lower() if lowered is None else lowered
         if any(map(low.__contains__, self.keys)):
             low = low.translate(self.table)
         return low
 
-    def may_match(self, text: str) -> bool:
-        """False when no pattern can match `text` (exact), True when one may."""
+    def may_match(self, text: str, lowered: str | None = None) -> bool:
+        """False when no pattern can match `text` (exact), True when one may (`lowered`: text.lower(), if known)."""
         flat = self.flat
         if flat is None:
             return True
-        canon = self.canonical(text)
+        canon = self.canonical(text, lowered)
         return any(map(canon.__contains__, flat))
 
 
