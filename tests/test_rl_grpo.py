@@ -81,7 +81,48 @@ def test_grpo_raises_a_learnable_reward():
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="greater than or equal to 2"):
+    with pytest.raises(ValueError, match="grpo.group_size 1: .* at least 2"):
         GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match="loss_aggregation 'sum'"):
         GRPOConfig(loss_aggregation="sum")
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batched_step_equals_the_whole_batch_step(aggregation):
+    """An update accumulated over micro-batches of at most 12 tokens moves the weights as the one-batch update."""
+    from jobs.rlhf.grpo import micro_batches, policy_step
+
+    batch = sample_groups(
+        tiny(), [[2, 3], [4, 5, 6]], GRPOConfig(group_size=3, max_new_tokens=5), EOS, PAD, seed=3
+    )
+    assert len(micro_batches(batch, 12)) > 2
+    adv = torch.linspace(-1, 1, 6)
+    after = []
+    for tokens in (None, 12):
+        model = tiny(seed=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with torch.no_grad():
+            old = (
+                completion_logprobs(model, batch) - 0.05 * batch.completion_mask
+            )  # ratio != 1: clipping acts
+        stats = policy_step(
+            model,
+            opt,
+            batch,
+            old,
+            adv,
+            clip_low=0.02,
+            clip_high=0.02,
+            aggregation=aggregation,
+            norm_tokens=5,
+            micro_batch_tokens=tokens,
+        )
+        after.append((torch.cat([p.detach().flatten() for p in model.parameters()]), stats))
+    (w_full, s_full), (w_micro, s_micro) = after
+    assert torch.allclose(w_full, w_micro, atol=1e-6)
+    assert s_full.clip_fraction == pytest.approx(s_micro.clip_fraction, abs=1e-6) and s_full.clip_fraction > 0
+    assert s_full.loss == pytest.approx(s_micro.loss, abs=1e-6)
+    assert s_full.entropy == pytest.approx(s_micro.entropy, rel=1e-5)
+    # the micro-batched log-probs equal the whole batch's
+    model = tiny(seed=4)
+    assert torch.allclose(completion_logprobs(model, batch), completion_logprobs(model, batch, 12), atol=1e-6)
