@@ -9,7 +9,7 @@ later. No stage reads another stage's result through dictionary keys or `key=val
 |---|---|---|
 | tokenizer | `TokenizerOutputs` | `tokenizer_dir` -> preprocess |
 | preprocess | `DatasetOutputs` | `dataset_dir` (its manifest records the tokenizer and vocabulary) -> pretrain |
-| pretrain, sft, dpo, distill | `ModelVersionOutputs` | `model_uri` (`models:/<name>/<version>`) -> the next training stage, eval |
+| pretrain, sft, dpo, distill, rl | `ModelVersionOutputs` | `model_uri` (`models:/<name>/<version>`) -> the next training stage, eval |
 | eval | `EvalOutputs` | `gate` (passed, promoted) -> what the pipeline serves |
 | serve | `EndpointOutputs` | `url`, `models` -> the smoke test |
 """
@@ -117,6 +117,7 @@ OUTPUTS_BY_STAGE: dict[str, type[Outputs]] = {
     "pretrain": ModelVersionOutputs,
     "sft": ModelVersionOutputs,
     "dpo": ModelVersionOutputs,
+    "rl": ModelVersionOutputs,
     "distill": ModelVersionOutputs,
     "eval": EvalOutputs,
     "serve": EndpointOutputs,

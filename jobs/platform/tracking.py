@@ -27,6 +27,7 @@ EXPERIMENT = {
     "sft": "tulpar-train",
     "dpo": "tulpar-train",
     "distill": "tulpar-train",
+    "rl": "tulpar-train",
     "eval": "tulpar-eval",
     "serve": "tulpar-serve",
 }

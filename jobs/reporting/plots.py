@@ -82,3 +82,26 @@ def plot_documents_by_reason(rep: dict, reasons: list[str], path: Path) -> Path:
     ax.set_title(f"{rep['name']}: kept and dropped documents per source language")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     return save_png(fig, path)
+
+
+def plot_metric_panels(history: list[dict[str, float]], keys: list[str], path: Path, title: str) -> Path:
+    """One panel per metric of `keys` that was logged (e.g. an RL run's reward, held-out reward, KL, entropy)
+    against the step, as a PNG; held-out (`val_`) metrics get markers."""
+    keys = [k for k in keys if any(k in h for h in history)]
+    if not keys:
+        raise RuntimeError(f"none of the metrics {keys} was logged: nothing to plot")
+    plt = pyplot()
+    cols = 2
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.6 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot(*zip(*pts), marker="o" if key.startswith("val_") else None, ms=3, lw=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_png(fig, path)

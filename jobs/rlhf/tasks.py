@@ -27,7 +27,7 @@ class Problem:
     id: str
     lang: str
     question: str
-    answer: str
+    answer: str | None  # None: a prompt without a verifiable answer (instructions)
 
 
 def ru_plural(n: int, one: str, few: str, many: str) -> str:
@@ -154,4 +154,31 @@ def load_gsm8k(path: Path, lang: str) -> list[Problem]:
             out.append(Problem(str(row.get("id", f"{Path(path).stem}-{no}")), lang, question.strip(), answer))
     if not out:
         raise ValueError(f"{path}: no problems (an empty prompt set cannot be trained on)")
+    return out
+
+
+def load_instructions(path: Path, limit: int | None = None) -> list[Problem]:
+    """User prompts without reference answers from an SFT jsonl (`lang`, `instruction`, optional `input`, as in
+    TULPAR_DATA/sft): the instruction, then the input after a blank line. For rewards that judge the answer
+    itself (language consistency, format, a reward model, a judge)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                lang, instruction = row["lang"], str(row["instruction"]).strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}:{no}: not an instruction row with lang and instruction ({e})"
+                ) from None
+            if lang not in LANGUAGES:
+                raise ValueError(f"{path}:{no}: lang {lang!r} is not one of {list(LANGUAGES)}")
+            extra = str(row.get("input") or "").strip()
+            text = f"{instruction}\n\n{extra}" if extra else instruction
+            if text:
+                out.append(Problem(f"{Path(path).stem}-{no}", lang, text, None))
+            if limit is not None and len(out) >= limit:
+                break
     return out

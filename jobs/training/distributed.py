@@ -268,12 +268,14 @@ def launch(
     mlflow_run_id: str | None = None,
     fault_marker: str | None = None,
     train_loop: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_score: tuple[str, Literal["min", "max"]] = ("val_loss", "min"),
 ):
     """Train `task` on Ray Train with `train_loop` (default: worker_loop; it receives the WorkerSpec's dump) and
     return the ray.train.Result.
 
-    Checkpoints go to <TULPAR_STORAGE>/checkpoints/<run_name>/step-XXXXXX; Ray Train keeps the best one by mean
-    validation loss and the latest one. Raises TrainingError with the message a worker wrote to the error file;
+    Checkpoints go to <TULPAR_STORAGE>/checkpoints/<run_name>/step-XXXXXX; Ray Train keeps the best one by
+    `checkpoint_score` (the reported metric and whether lower or higher is better: mean validation loss by
+    default) and the latest one. Raises TrainingError with the message a worker wrote to the error file;
     every other failure is raised as an internal one."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -299,7 +301,9 @@ def launch(
         storage_path=checkpoint_storage_path(settings),
         failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         checkpoint_config=CheckpointConfig(
-            num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            num_to_keep=2,
+            checkpoint_score_attribute=checkpoint_score[0],
+            checkpoint_score_order=checkpoint_score[1],
         ),
         # Ray Train's own INFO/WARNING records (a line with every reported metric per evaluation, the failure
         # policy's decision with the worker's whole traceback, "graceful shutdown failed" after a crash) stay in
@@ -345,11 +349,14 @@ def launch(
     return result
 
 
-def best_and_last(result) -> tuple[Any, Any]:
-    """(best checkpoint by val_loss, latest checkpoint) of a Ray Train result."""
+def best_and_last(result, score: tuple[str, Literal["min", "max"]] = ("val_loss", "min")) -> tuple[Any, Any]:
+    """(best checkpoint by the `score` metric -- val_loss, lowest, by default --, latest checkpoint) of a Ray
+    Train result."""
+    name, order = score
     latest = result.checkpoint
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m and m.get("val_loss") is not None]
-    best = min(ranked, key=lambda cm: cm[1]["val_loss"])[0] if ranked else latest
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m and m.get(name) is not None]
+    pick = min if order == "min" else max
+    best = pick(ranked, key=lambda cm: cm[1][name])[0] if ranked else latest
     return best, latest
 
 
@@ -362,10 +369,16 @@ def run_dir_for(settings: Settings, run_key: str) -> Path:
     return run_dir
 
 
-def final_checkpoints(result, settings: Settings, run_key: str, run_dir: Path) -> tuple[Any, Any]:
+def final_checkpoints(
+    result,
+    settings: Settings,
+    run_key: str,
+    run_dir: Path,
+    score: tuple[str, Literal["min", "max"]] = ("val_loss", "min"),
+) -> tuple[Any, Any]:
     """(best, last) checkpoints of a finished run (`best_and_last`); with local storage, run_dir's best/ and
     last/ link to them."""
-    best, last = best_and_last(result)
+    best, last = best_and_last(result, score)
     if best is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint for run {run_key}")
     if "://" not in settings.storage:
@@ -392,7 +405,7 @@ def link_best_last(run_dir: Path, best_path: str, last_path: str) -> None:
 # ------------------------------------------------------------------------------------------ worker side
 
 
-def _mlflow_logger(spec: WorkerSpec, rank: int) -> Callable[[int, dict[str, float]], None]:
+def mlflow_logger(spec: WorkerSpec, rank: int) -> Callable[[int, dict[str, float]], None]:
     """Log step metrics to the driver's MLflow run from rank 0 (no-op on other ranks)."""
     run_id, uri = spec.mlflow_run_id, spec.mlflow_tracking_uri
     if rank != 0 or not run_id or not uri:
@@ -467,7 +480,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     ray_cfg, train_cfg = spec.ray, spec.task.train
     torch.set_num_threads(ray_cfg.torch_threads or max(1, int(ray_cfg.cpus_per_worker)))
     device = worker_device(ray_cfg, world)
-    log_metrics = _mlflow_logger(spec, rank)
+    log_metrics = mlflow_logger(spec, rank)
     torch.manual_seed(train_cfg.seed)
     task: TaskSetup = spec.task.build(rank=rank, world_size=world, device=device)
     parallelism = "none" if world == 1 else ray_cfg.parallelism
