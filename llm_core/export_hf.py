@@ -622,6 +622,24 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     Loading is strict: missing or unexpected tensors raise ValueError.
     `dtype` ("float32" | "bfloat16" | "float16") defaults to the checkpoint's embedding dtype.
     """
+    checkpoint = read_hf_checkpoint(path)
+    return transformer_from_hf(checkpoint, dtype=dtype)
+
+
+@dataclass
+class HFCheckpoint:
+    """An HF directory read by `read_hf_checkpoint`: its config.json dict, the llm_core config it maps to, and
+    every tensor of its weight files under HF names (callers may take out tensors of heads llm_core lacks)."""
+
+    path: Path
+    raw: dict[str, Any]
+    cfg: ModelConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_hf_checkpoint(path: str | Path) -> HFCheckpoint:
+    """The config and tensors of an HF Llama or Qwen2-MoE directory, checked as `load_hf` checks them (config.json
+    against tulpar_config.json when present); ValueError naming the directory and the fix otherwise."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(
@@ -659,8 +677,13 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
                 "after export; delete tulpar_config.json to import from config.json alone"
             )
         cfg = tulpar
+    return HFCheckpoint(path, raw, cfg, read_tensors(_weight_files(path)))
 
-    tensors = read_tensors(_weight_files(path))
+
+def transformer_from_hf(checkpoint: HFCheckpoint, *, dtype: str | None = None) -> Transformer:
+    """The llm_core Transformer (eval mode) of a checkpoint read by `read_hf_checkpoint`: strict, as `load_hf`.
+    Consumes `checkpoint.tensors` (entries are removed or replaced while mapping)."""
+    path, raw, cfg, tensors = checkpoint.path, checkpoint.raw, checkpoint.cfg, checkpoint.tensors
     # old checkpoints store RoPE's inv_freq, a buffer both sides recompute from the config
     for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         del tensors[key]

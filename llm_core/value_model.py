@@ -4,6 +4,9 @@ The trunk is an llm_core `Transformer` (its final normed hidden states, `Transfo
 one linear layer dim -> 1. A reward model reads the score at each sequence's last real token (right padding,
 `attention_mask` 1 on real tokens), as Hugging Face's *ForSequenceClassification models do; a critic reads every
 position. The head is initialised on construction (`init_weights`), the trunk keeps its weights.
+
+`export_hf_reward_model` writes a reward model as an HF `LlamaForSequenceClassification` directory (num_labels 1,
+the head as `score.weight`) and `load_hf_reward_model` reads it back with bit-equal scores.
 """
 
 from __future__ import annotations
@@ -82,3 +85,54 @@ def export_hf_reward_model(
         if tokenizer is not None:
             tokenizer.save(tmp)
     return out_dir
+
+
+def load_hf_reward_model(path, *, dtype: str | None = None) -> ScalarHeadModel:
+    """A reward model from an HF 1-label sequence-classification directory (what `export_hf_reward_model` writes),
+    in eval mode: the trunk through llm_core.export_hf's loading (strict: missing or unexpected tensors are
+    errors), the head from `score.weight`. Anything else (a causal LM export, several labels, a head of the wrong
+    shape) is a ValueError naming the directory."""
+    import json
+    from pathlib import Path
+
+    from llm_core.export_hf import read_hf_checkpoint, transformer_from_hf
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(
+            f"reward model {str(path)!r} has no config.json: pass the directory export_hf_reward_model wrote"
+        )
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"reward model {str(path)!r}: config.json is not valid JSON ({exc})") from None
+    architectures = raw.get("architectures") or []
+    labels = raw.get("num_labels", len(raw.get("id2label") or {}))
+    if architectures != ["LlamaForSequenceClassification"] or labels != 1:
+        raise ValueError(
+            f"{str(path)!r} is not a reward model: its config.json has architectures {architectures} and "
+            f"num_labels {labels}, a reward model needs ['LlamaForSequenceClassification'] with num_labels 1; "
+            "pass a directory written by llm_core.value_model.export_hf_reward_model"
+        )
+    checkpoint = read_hf_checkpoint(path)
+    head = checkpoint.tensors.pop("score.weight", None)
+    cfg = checkpoint.cfg
+    if head is None or tuple(head.shape) != (1, cfg.dim):
+        shape = None if head is None else tuple(head.shape)
+        raise ValueError(
+            f"reward model {str(path)!r}: score.weight has shape {shape}, expected (1, {cfg.dim}) "
+            "(one label on hidden_size): re-export it with export_hf_reward_model"
+        )
+    if not cfg.tie_embeddings and "lm_head.weight" not in checkpoint.tensors:
+        # A sequence classifier has no language-model head; the trunk never reads it (scores come from the
+        # hidden states), so an untied one is left all zeros rather than random.
+        embed = checkpoint.tensors.get("model.embed_tokens.weight")  # if absent, the strict load names it
+        if embed is not None:
+            checkpoint.tensors["lm_head.weight"] = torch.zeros_like(embed)
+    base = transformer_from_hf(checkpoint, dtype=dtype)
+    model = ScalarHeadModel(base)
+    weight_dtype = base.embed_tokens.weight.dtype
+    with torch.no_grad():
+        model.head.to(weight_dtype).weight.copy_(head.to(weight_dtype))
+    return model.eval()

@@ -14,19 +14,35 @@ Built in:
   `langid:` in a preprocess config) finds the completion in the prompt's language (`Rollout.lang`); 0 otherwise,
   including completions too short to detect.
 - `length_penalty`: -(tokens beyond `max_tokens`) / `scale`, 0 within the budget.
+- `reward_model`: a Bradley-Terry reward model's score of prompt + completion (jobs/rlhf/model_rewards.py); its
+  tokenizer must be the policy's, so it needs the `RewardContext`.
+- `judge`: an OpenAI-compatible chat endpoint grading the completion 0..max_score, as score / max_score
+  (jobs/rlhf/model_rewards.py).
+
+Model rewards score a whole rollout batch at once: a reward object may have `score_batch(rollouts) -> list[float]`
+(`BatchReward`), which `score` calls once per batch instead of calling the object per rollout. Rewards that need
+the run's context (the policy's tokenizer, Settings for the registry, the torch device) declare a `context`
+parameter; `build_rewards(specs, context)` passes it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import Field
 
 from llm_core.config import StrictModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from jobs.platform.runtime import Settings
+    from llm_core.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,25 @@ class Rollout:
 RewardFn = Callable[[Rollout], float]
 
 
+@runtime_checkable
+class BatchReward(Protocol):
+    """A reward that scores a whole rollout batch in one go (a model forward, parallel judge requests). A failure
+    on one rollout is a RewardError naming the reward and that rollout's prompt id."""
+
+    def score_batch(self, rollouts: Sequence[Rollout]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What rewards that load models need from the run: the policy's tokenizer (a reward model must share it),
+    Settings (to resolve registered models; None reads the environment) and the torch device to score on."""
+
+    tokenizer: Tokenizer
+    settings: Settings | None = None
+    device: str | torch.device = "cpu"
+    policy: str = "the policy"  # how error messages name the policy model (e.g. its models:/ reference)
+
+
 class RewardSpec(StrictModel):
     """One reward of the weighted sum."""
 
@@ -55,6 +90,11 @@ class RewardSpec(StrictModel):
 
 class RewardError(RuntimeError):
     """A reward function failed on a rollout (its name and the prompt id are in the message)."""
+
+
+def rollout_error(reward: str, rollout: Rollout, problem: str) -> RewardError:
+    """The RewardError a batch reward raises for one rollout: `reward <name> failed on prompt <id>: <problem>`."""
+    return RewardError(f"reward {reward} failed on prompt {rollout.prompt_id}: {problem}")
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -162,16 +202,38 @@ def length_penalty(max_tokens: int = 256, scale: float = 256.0) -> RewardFn:
     return score
 
 
+# ------------------------------------------------------------------------------------------- models
+
+
+def reward_model(context: RewardContext | None = None, **params: Any) -> RewardFn:
+    """A registered (or local HF) reward model; see jobs.rlhf.model_rewards.reward_model."""
+    from jobs.rlhf.model_rewards import reward_model as build
+
+    return build(context, **params)
+
+
+def judge(**params: Any) -> RewardFn:
+    """An OpenAI-compatible judge endpoint; see jobs.rlhf.model_rewards.judge."""
+    from jobs.rlhf.model_rewards import judge as build
+
+    return build(**params)
+
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "exact_answer": exact_answer,
     "think_format": think_format,
     "language_consistency": language_consistency,
     "length_penalty": length_penalty,
+    "reward_model": reward_model,
+    "judge": judge,
 }
 
 
-def build_rewards(specs: Sequence[RewardSpec]) -> list[tuple[RewardSpec, RewardFn]]:
-    """Each spec's function; an unknown name or bad parameters is a ValueError naming the reward."""
+def build_rewards(
+    specs: Sequence[RewardSpec], context: RewardContext | None = None
+) -> list[tuple[RewardSpec, RewardFn]]:
+    """Each spec's function; an unknown name or bad parameters is a ValueError naming the reward. Factories with
+    a `context` parameter get `context` (the run's RewardContext; None where the caller has none)."""
     if not specs:
         raise ValueError("rewards: configure at least one reward (e.g. - {name: think_format})")
     names = [s.name for s in specs]
@@ -182,30 +244,60 @@ def build_rewards(specs: Sequence[RewardSpec]) -> list[tuple[RewardSpec, RewardF
         factory = REWARDS.get(spec.name)
         if factory is None:
             raise ValueError(f"rewards: {spec.name!r} is not one of {sorted(REWARDS)}")
+        params = dict(spec.params)
+        if "context" in params:
+            raise ValueError(f"rewards: {spec.name}: `context` is not a parameter (the run passes it)")
+        if "context" in inspect.signature(factory).parameters:
+            params["context"] = context
         try:
-            out.append((spec, factory(**spec.params)))
+            out.append((spec, factory(**params)))
         except TypeError as e:
             raise ValueError(f"rewards: {spec.name} does not take params {spec.params} ({e})") from None
     return out
 
 
+def _score_each(name: str, fn: RewardFn, rollouts: Sequence[Rollout]) -> list[float]:
+    values = []
+    for r in rollouts:
+        try:
+            values.append(float(fn(r)))
+        except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompt that failed
+            raise RewardError(f"reward {name} failed on prompt {r.prompt_id}: {type(e).__name__}: {e}") from e
+    return values
+
+
+def _score_batch(name: str, fn: BatchReward, rollouts: Sequence[Rollout]) -> list[float]:
+    try:
+        values = [float(v) for v in fn.score_batch(rollouts)]
+    except RewardError:  # already names the reward and the prompt
+        raise
+    except Exception as e:  # noqa: BLE001 - no single rollout to blame: name the batch's prompts
+        ids = [r.prompt_id for r in rollouts]
+        shown = ", ".join(ids[:8]) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
+        raise RewardError(
+            f"reward {name} failed on the batch of prompts {shown}: {type(e).__name__}: {e}"
+        ) from e
+    if len(values) != len(rollouts):
+        raise RewardError(f"reward {name} returned {len(values)} values for {len(rollouts)} rollouts")
+    return values
+
+
 def score(
     rollouts: Sequence[Rollout], rewards: Sequence[tuple[RewardSpec, RewardFn]]
 ) -> tuple[list[float], dict[str, list[float]]]:
-    """(weighted total per rollout, each reward's values per rollout)."""
+    """(weighted total per rollout, each reward's values per rollout). A `BatchReward` scores the whole batch in
+    one call, any other reward one rollout at a time; a failure or a non-finite value names the prompt id."""
     per: dict[str, list[float]] = {}
     for spec, fn in rewards:
-        values = []
-        for r in rollouts:
-            try:
-                v = float(fn(r))
-            except Exception as e:  # noqa: BLE001 - re-raised with the reward and the prompt that failed
-                raise RewardError(
-                    f"reward {spec.name} failed on prompt {r.prompt_id}: {type(e).__name__}: {e}"
-                ) from e
+        if not rollouts:
+            values: list[float] = []
+        elif isinstance(fn, BatchReward):
+            values = _score_batch(spec.name, fn, rollouts)
+        else:
+            values = _score_each(spec.name, fn, rollouts)
+        for r, v in zip(rollouts, values):
             if not math.isfinite(v):
                 raise RewardError(f"reward {spec.name} gave {v} on prompt {r.prompt_id}")
-            values.append(v)
         per[spec.name] = values
     total = [sum(spec.weight * per[spec.name][i] for spec, _ in rewards) for i in range(len(rollouts))]
     return total, per
