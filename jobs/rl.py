@@ -236,21 +236,11 @@ def engine_cpus_left(cfg: RLConfig, settings: Settings) -> RayTrainConfig:
 
 
 def check_rewards(cfg: RLConfig, settings: Settings, tokenizer) -> None:
-    """Build the rewards once on the driver, so a bad reward setting (an unknown name, a reward model with another
-    tokenizer) fails before any worker starts."""
-    from jobs.rlhf import rewards as rewards_module
+    """Build the rewards once on the driver, so a bad reward setting (an unknown name, a reward model whose
+    tokenizer is not the policy's, a judge without its key) fails before any worker starts."""
+    from jobs.rlhf.rewards import RewardContext, build_rewards
 
-    context_cls = getattr(rewards_module, "RewardContext", None)
-    context = context_cls(tokenizer=tokenizer, settings=settings, device="cpu") if context_cls else None
-    built = (
-        rewards_module.build_rewards(cfg.rewards, context)
-        if context_cls
-        else rewards_module.build_rewards(cfg.rewards)
-    )
-    for _, fn in built:
-        close = getattr(fn, "close", None)
-        if callable(close):
-            close()
+    build_rewards(cfg.rewards, RewardContext(tokenizer, settings, "cpu", policy=cfg.init))
 
 
 def main(cfg: RLConfig, settings: Settings) -> JobResult:

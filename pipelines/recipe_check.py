@@ -88,6 +88,7 @@ def stage_classes() -> dict[str, type[BaseModel]]:
     from jobs.eval import EvalConfig
     from jobs.preprocess import PreprocessConfig
     from jobs.pretrain import PretrainConfig
+    from jobs.rl import RLConfig
     from jobs.sft import SFTConfig
     from jobs.tokenizer import TokenizerJobConfig
     from services.llm_serve.config import ServeConfig
@@ -98,6 +99,7 @@ def stage_classes() -> dict[str, type[BaseModel]]:
         "pretrain": PretrainConfig,
         "sft": SFTConfig,
         "dpo": DPOConfig,
+        "rl": RLConfig,
         "distill": DistillConfig,
         "eval": EvalConfig,
         "serve": ServeConfig,
@@ -253,6 +255,9 @@ class RecipeChecker:
         if stage in ("sft", "dpo"):
             prev = "pretrain" if stage == "sft" or r.sft is None else "sft"
             return [f"init=models:/{r.model_name}@{prev}-latest", f"name={r.model_name}"]
+        if stage == "rl":
+            prev = next(s for s in ("dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled)
+            return [f"init=models:/{r.model_name}@{prev}-latest", f"name={r.model_name}"]
         if stage == "distill":
             return [
                 f"init=models:/{r.model_name}@pretrain-latest",
@@ -260,7 +265,7 @@ class RecipeChecker:
             ]
         if stage == "eval":
             last = next(
-                s for s in ("dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled
+                s for s in ("rl", "dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled
             )
             return [f"model.source=models:/{r.model_name}@{last}-latest", "promote=true"]
         if stage == "serve":
@@ -693,6 +698,8 @@ def input_paths(stage: str, cfg: Any, settings: Settings) -> list[tuple[str, str
         out += [(f"sources.{i}.path", s.path, [data]) for i, s in enumerate(cfg.sources)]
     elif stage in ("sft", "dpo", "distill"):
         out += [(f"data.files.{i}", f, [data, Path.cwd()]) for i, f in enumerate(cfg.data.files)]
+    elif stage == "rl":
+        out += [(f"prompts.files.{i}", f, [data, Path.cwd()]) for i, f in enumerate(cfg.prompts.files)]
     elif stage == "eval":
         bases = [data, Path.cwd(), repo]  # jobs.evaluation.text.resolve_path
         for i, t in enumerate(cfg.text):

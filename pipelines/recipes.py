@@ -22,7 +22,7 @@ from jobs.platform.runtime import REPO_ROOT
 from llm_core.config import ConfigError, StrictModel
 
 RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
-STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "distill", "eval", "serve")
+STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "rl", "distill", "eval", "serve")
 
 
 class StageSpec(StrictModel):
@@ -71,13 +71,15 @@ class Rehearsal(StrictModel):
     pretrain: list[str] = Field(default_factory=list)
     sft: list[str] = Field(default_factory=list)
     dpo: list[str] = Field(default_factory=list)
+    rl: list[str] = Field(default_factory=list)
     distill: list[str] = Field(default_factory=list)
     eval: list[str] = Field(default_factory=list)
     serve: list[str] = Field(default_factory=list)
 
 
 class RecipeConfig(StrictModel):
-    """A whole chain for one model: tokenizer -> preprocess -> pretrain -> sft -> dpo -> (distill) -> eval -> serve."""
+    """A whole chain for one model: tokenizer -> preprocess -> pretrain -> sft -> dpo -> (rl) -> (distill) -> eval ->
+    serve."""
 
     name: str = Field(description="the recipe's name (pipeline state, logs and the MLflow parent run)")
     model_name: str = Field(description="registered model name the training stages produce")
@@ -89,6 +91,7 @@ class RecipeConfig(StrictModel):
     pretrain: StageSpec
     sft: StageSpec | None = None
     dpo: StageSpec | None = None
+    rl: StageSpec | None = Field(None, description="RL fine-tuning (jobs.rl) after SFT/DPO")
     distill: StageSpec | None = None
     eval: StageSpec | None = None
     serve: ServeSpec = Field(default_factory=ServeSpec)

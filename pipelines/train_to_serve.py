@@ -54,7 +54,7 @@ from pipelines.recipes import (
     split_serve_overrides,
 )
 
-TRAINING = ("pretrain", "sft", "dpo")
+TRAINING = ("pretrain", "sft", "dpo", "rl")
 
 
 class StageFailed(RuntimeError):
@@ -242,7 +242,7 @@ class Pipeline:
             step("preprocess", {"tokenizer": file("tokenizer")})
             step("pretrain", {"dataset": file("preprocess")})
             last = "pretrain"
-            for stage in ("sft", "dpo"):
+            for stage in ("sft", "dpo", "rl"):
                 if stage in order:
                     step(stage, {"init": file(last)})
                     last = stage
@@ -446,6 +446,12 @@ def summarize(stage: str, result: StageResult) -> str:
     if stage == "dpo":
         acc = m.get("best_val_rewards/accuracy/pairs")
         head = f"reward accuracy {acc:.2f} " if acc is not None else ""
+        return f"{head}-> {o.model_uri}"  # type: ignore[attr-defined]
+    if stage == "rl":
+        gain = m.get("val_reward_gain")
+        head = f"held-out reward {m.get('best_val_reward', float('nan')):.3f}" + (
+            f" ({gain:+.3f} vs the start) " if gain is not None else " "
+        )
         return f"{head}-> {o.model_uri}"  # type: ignore[attr-defined]
     if stage == "eval":
         gate = o.gate  # type: ignore[attr-defined]

@@ -36,3 +36,41 @@ def train_tiny_hf(
             trainer.train_step(sampler.next_step())
     export_hf(model.eval(), out_dir, tokenizer=tok)
     return out_dir
+
+
+def sft_tiny_hf(
+    base_dir: Path, out_dir: Path, data_dir: Path, *, steps: int = 150, per_file: int = 200, seed: int = 0
+) -> Path:
+    """Fine-tune an HF directory (e.g. `train_tiny_hf`'s) on the kk/ru/en SFT data through the chat template,
+    in-process, and export it: the tiny SFT model the RL tests start from."""
+    from llm_core.chat_data import (
+        RowSampler,
+        Stats,
+        encode_examples,
+        pack_rows,
+        read_jsonl,
+        record_to_messages,
+    )
+    from llm_core.export_hf import load_hf
+    from llm_core.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(base_dir)
+    files = sorted((data_dir / "sft").glob("*.jsonl"))
+    by_file: dict[str, int] = {}
+    convs = []
+    for where, rec in read_jsonl(files):
+        name = where.split(":")[0]
+        by_file[name] = by_file.get(name, 0) + 1
+        if by_file[name] <= per_file:
+            convs.append((where, record_to_messages(rec, where)))
+    examples = encode_examples(convs, tok, 129, "truncate", Stats())
+    rows = pack_rows(examples, 128, tok.pad_id)
+    torch.manual_seed(seed)
+    model = load_hf(base_dir)
+    tcfg = TrainConfig(steps=steps, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, eval_every=10**6)
+    trainer = Trainer(model, tcfg)
+    sampler = RowSampler(rows, 16, seed=seed)
+    for _ in range(steps):
+        trainer.train_step(sampler.next_step())
+    export_hf(model.eval(), out_dir, tokenizer=tok)
+    return out_dir

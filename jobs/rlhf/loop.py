@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from jobs.platform.runtime import Settings
 from jobs.rlhf.grpo import (
     RolloutBatch,
     completion_logprobs,
@@ -41,7 +42,7 @@ from jobs.rlhf.grpo import (
     policy_step,
 )
 from jobs.rlhf.ppo import advantages_and_returns, critic_values, value_step
-from jobs.rlhf.rewards import RewardSpec, Rollout, build_rewards, score
+from jobs.rlhf.rewards import RewardContext, RewardSpec, Rollout, build_rewards, score
 from jobs.training.storage import get_object
 from jobs.training.tasks import TrainingTask, register_task
 from llm_core.config import StrictModel
@@ -129,6 +130,9 @@ class RLTrainConfig(StrictModel):
     eval_every: int = Field(10, gt=0)
     log_every: int = Field(1, gt=0)
     seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (weights and optimizer stay fp32)"
+    )
 
 
 @register_task
@@ -266,10 +270,8 @@ class RLWorker:
         data = get_object(task.prompts)
         self.train_prompts, self.val_prompts = data["train"], data["val"]
         self.languages = sorted({p.get("lang") or "" for p in self.train_prompts + self.val_prompts} - {""})
-        context = self._reward_context()
-        self.rewards = (
-            build_rewards(task.rewards, context) if context is not None else build_rewards(task.rewards)
-        )
+        context = RewardContext(self.tokenizer, Settings.from_env(), device, policy=task.init)
+        self.rewards = build_rewards(task.rewards, context)
         if task.rollout.engine == "vllm":
             from jobs.rlhf.rollout import VLLMEngines
 
@@ -278,18 +280,6 @@ class RLWorker:
             self.engine = VLLMEngines.connect(task.engine_name, task.rollout.num_engines)
         else:
             self.engine = LLMCoreEngine(self.policy, self.tokenizer.pad_id)
-
-    def _reward_context(self):
-        """What model-based rewards need (the policy's tokenizer, the device); None when rewards.py has no
-        context type (rule rewards only)."""
-        from jobs.rlhf import rewards as rewards_module
-
-        context_cls = getattr(rewards_module, "RewardContext", None)
-        if context_cls is None:
-            return None
-        from jobs.platform.runtime import Settings
-
-        return context_cls(tokenizer=self.tokenizer, settings=Settings.from_env(), device=self.device)
 
     # -- rollouts
 
@@ -312,6 +302,10 @@ class RLWorker:
 
     def evaluate(self) -> dict[str, float]:
         """val_reward (mean total reward of the held-out prompts) and its parts, over all workers."""
+        with self.autocast():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         ev = self.task.evaluation
         mine = self.val_prompts[self.rank :: self.world]
         sums: dict[str, tuple[float, float]] = {}
@@ -334,7 +328,18 @@ class RLWorker:
 
     # -- one step
 
+    def autocast(self):
+        """bf16 autocast on CUDA with precision auto/bf16; a no-op context otherwise."""
+        import contextlib
+
+        use = self.device.type == "cuda" and self.task.rl_train.precision in ("auto", "bf16")
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
     def step(self, step: int) -> dict[str, float]:
+        with self.autocast():
+            return self._step(step)
+
+    def _step(self, step: int) -> dict[str, float]:
         task, t = self.task, self.task.rl_train
         n = task.samples_per_prompt
         idx = step_prompts(len(self.train_prompts), task.rollout.prompts_per_step, step, t.seed)
