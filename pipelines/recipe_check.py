@@ -256,7 +256,9 @@ class RecipeChecker:
             prev = "pretrain" if stage == "sft" or r.sft is None else "sft"
             return [f"init=models:/{r.model_name}@{prev}-latest", f"name={r.model_name}"]
         if stage == "rl":
-            prev = next(s for s in ("dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled)
+            prev = next(
+                s for s in ("dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled
+            )
             return [f"init=models:/{r.model_name}@{prev}-latest", f"name={r.model_name}"]
         if stage == "distill":
             return [
@@ -265,7 +267,9 @@ class RecipeChecker:
             ]
         if stage == "eval":
             last = next(
-                s for s in ("rl", "dpo", "sft", "pretrain") if getattr(r, s) is not None and getattr(r, s).enabled
+                s
+                for s in ("rl", "dpo", "sft", "pretrain")
+                if getattr(r, s) is not None and getattr(r, s).enabled
             )
             return [f"model.source=models:/{r.model_name}@{last}-latest", "promote=true"]
         if stage == "serve":
