@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import os
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -152,7 +153,7 @@ def render(results: list[dict], args, load_start: str, load_end: str) -> str:
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, device CPU; 1/5/15-min load average {load_start} at "
         f"start, {load_end} at end (the machine is shared with other jobs)",
         "- command: `python "
-        + " ".join([Path(sys.argv[0]).resolve().relative_to(REPO).as_posix(), *sys.argv[1:]])
+        + shlex.join([Path(sys.argv[0]).resolve().relative_to(REPO).as_posix(), *sys.argv[1:]])
         + "`",
         f"- setup: {args.prompts} prompts (random ids, 16-48 tokens) x n={args.n} completions x {args.max_new_tokens} "
         f"new tokens, temperature 1, seeded, no stop token; float32; random-init models, vocabulary {VOCAB}; one "
