@@ -270,12 +270,23 @@ def test_vllm_seeded_sampling_reproducible_whatever_the_engine_count(engines, pr
     assert len({tuple(x.token_ids) for x in a[:3]}) > 1
 
 
-@pytest.mark.slow
-def test_vllm_connect_by_name(engines, prompts):
+def connect_and_generate(prompts, kw):
+    """What a Ray Train worker does: find the driver's engines by name and roll out."""
     handle = VLLMEngines.connect("test-rollout", 2)
+    try:
+        return handle.generate(prompts, **kw), handle.context
+    finally:
+        handle.close()
+
+
+@pytest.mark.slow
+def test_vllm_connect_by_name_from_another_ray_process(engines, prompts):
+    import ray
+
     kw = dict(n=1, max_new_tokens=6, temperature=0.0, stop_token_ids=[], seed=None)
-    assert handle.generate(prompts, **kw) == engines.generate(prompts, **kw)
-    handle.close()
+    got, context = ray.get(ray.remote(num_cpus=0)(connect_and_generate).remote(prompts, kw))
+    assert got == engines.generate(prompts, **kw)
+    assert context == VLLM_CONTEXT
     with pytest.raises(ValueError, match="no rollout engine named 'test-rollout-2'"):
         VLLMEngines.connect("test-rollout", 3)
 

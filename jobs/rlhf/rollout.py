@@ -201,9 +201,11 @@ class VLLMEngineActor:
         kwargs.update(extra or {})
         self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.dtype = dtype
 
-    def context(self) -> int:
-        return self.max_model_len
+    def describe(self) -> dict[str, Any]:
+        """What a handle needs to know: the context (max_model_len) and the dtype pushed weights are cast to."""
+        return {"max_model_len": self.max_model_len, "dtype": self.dtype}
 
     def generate(
         self,
@@ -332,17 +334,17 @@ class VLLMEngines:
                 actors.append(
                     actor_cls.options(**options).remote(str(hf_dir), dtype, max_model_len, seed, extra)
                 )
-            contexts = ray.get([a.context.remote() for a in actors])
+            infos = ray.get([a.describe.remote() for a in actors])
         except BaseException:
             for a in actors:
                 ray.kill(a)
             raise
-        return cls(actors, min(contexts), names=names, owned=True, dtype=dtype)
+        return cls(actors, min(i["max_model_len"] for i in infos), names=names, owned=True, dtype=dtype)
 
     @classmethod
-    def connect(cls, name: str, num_engines: int, *, dtype: str = "float32") -> VLLMEngines:
+    def connect(cls, name: str, num_engines: int) -> VLLMEngines:
         """The engines `start` created under `name` (from a Ray Train worker or any process in the same Ray
-        namespace). `dtype`: the engines' dtype, which pushed weights are cast to."""
+        namespace)."""
         import ray
 
         names = [f"{name}-{i}" for i in range(num_engines)]
@@ -355,8 +357,10 @@ class VLLMEngines:
                     f"no rollout engine named {actor_name!r} in this Ray namespace: start the engines with "
                     f"VLLMEngines.start(name={name!r}, num_engines={num_engines}) before connecting ({exc})"
                 ) from exc
-        contexts = ray.get([a.context.remote() for a in actors])
-        return cls(actors, min(contexts), names=names, owned=False, dtype=dtype)
+        infos = ray.get([a.describe.remote() for a in actors])
+        return cls(
+            actors, min(i["max_model_len"] for i in infos), names=names, owned=False, dtype=infos[0]["dtype"]
+        )
 
     def generate(
         self,
