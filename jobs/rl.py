@@ -313,7 +313,10 @@ def main(cfg: RLConfig, settings: Settings) -> JobResult:
         ray_cfg = engine_cpus_left(cfg, settings)
         try:
             if cfg.rollout.engine == "vllm":
+                from jobs.platform.raycluster import init_ray
                 from jobs.rlhf.rollout import VLLMEngines
+
+                init_ray(settings)
 
                 engines = VLLMEngines.start(
                     str(init_dir),

@@ -198,6 +198,12 @@ class VLLMEngineActor:
             "skip_tokenizer_init": True,  # token ids in and out; no EOS other than the caller's stop tokens
             "generation_config": "vllm",  # the export's sampling defaults never apply: the caller's params do
         }
+        if not torch.cuda.is_available():
+            # a prompt prefilled in chunks over several steps makes vLLM rewind its seeded generator
+            # (`set_offset`), which CPU generators do not support ("CPU Generator does not use offset"): on CPU,
+            # prefill each prompt in one step
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         kwargs.update(extra or {})
         self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
