@@ -622,6 +622,23 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     Loading is strict: missing or unexpected tensors raise ValueError.
     `dtype` ("float32" | "bfloat16" | "float16") defaults to the checkpoint's embedding dtype.
     """
+    return _load_hf(path, dtype=dtype, head=None)[0]
+
+
+def load_hf_with_head(
+    path: str | Path, head: str, *, dtype: str | None = None
+) -> tuple[Transformer, torch.Tensor]:
+    """(the trunk as a Transformer, the `head` tensor) of an HF directory whose head is `head` instead of an LM
+    head, e.g. `score.weight` of a *ForSequenceClassification export. Loading is as strict as `load_hf`'s; an
+    untied LM head, absent from such a checkpoint, is zeros (nothing that scores with `head` reads it)."""
+    model, head_tensor = _load_hf(path, dtype=dtype, head=head)
+    assert head_tensor is not None
+    return model, head_tensor
+
+
+def _load_hf(
+    path: str | Path, *, dtype: str | None, head: str | None
+) -> tuple[Transformer, torch.Tensor | None]:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(
@@ -664,6 +681,16 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     # old checkpoints store RoPE's inv_freq, a buffer both sides recompute from the config
     for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         del tensors[key]
+    head_tensor = None
+    if head is not None:
+        if head not in tensors:
+            raise ValueError(
+                f"checkpoint {str(path)!r} has no {head} tensor: it is not a model with that head"
+            )
+        head_tensor = tensors.pop(head)
+        embed = tensors.get("model.embed_tokens.weight")
+        if not cfg.tie_embeddings and "lm_head.weight" not in tensors and embed is not None:
+            tensors["lm_head.weight"] = embed.new_zeros(embed.shape)
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
         head = tensors.pop("lm_head.weight")
         embed = tensors.get("model.embed_tokens.weight")
@@ -712,4 +739,6 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.to(target)
-    return model.eval()
+        if head_tensor is not None:
+            head_tensor = head_tensor.to(target)
+    return model.eval(), head_tensor
