@@ -68,6 +68,9 @@ sft: setup ## supervised fine-tuning: make sft CONFIG=tiny (or tiny-lora)
 dpo: setup ## preference optimisation: make dpo CONFIG=tiny
 	$(PY) -m jobs.dpo --config configs/dpo/$(CONFIG).yaml $(ARGS)
 
+reward-model: setup ## Bradley-Terry reward model on preference pairs: make reward-model CONFIG=tiny
+	$(PY) -m jobs.reward_model --config configs/reward_model/$(CONFIG).yaml $(ARGS)
+
 rl: setup ## RL fine-tuning (GRPO/PPO): make rl CONFIG=tiny-grpo (or tiny-ppo, arithmetic-grpo)
 	$(PY) -m jobs.rl --config configs/rl/$(CONFIG).yaml $(ARGS)
 
@@ -80,7 +83,7 @@ serve: setup ## OpenAI-compatible endpoint (Ray Serve + vLLM) on :8000: make ser
 mlflow-ui: setup ## MLflow tracking UI for $(TULPAR_HOME) on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(TULPAR_HOME)/mlflow.db --default-artifact-root $(TULPAR_HOME)/mlartifacts --host 127.0.0.1 --port 5000
 
-.PHONY: sft dpo rl distill serve mlflow-ui
+.PHONY: sft dpo reward-model rl distill serve mlflow-ui
 
 clean: ## remove run outputs (.tulpar: checkpoints, MLflow db, artifacts)
 	rm -rf .tulpar

@@ -47,6 +47,13 @@ def batch_weight(b: Batch) -> int:
     return int(w) if w is not None else int((b["targets"] != -100).sum())
 
 
+def batch_tokens(b: Batch) -> int:
+    """Tokens a batch trains on, for tokens/s: its real tokens ("attention_mask") when it has a mask (e.g. reward
+    model pairs, weighted per pair), else its target tokens."""
+    mask = b.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int((b["targets"] != -100).sum())
+
+
 class TrainingError(ValueError):
     """Training cannot go on because of a setting (e.g. the loss diverged); the message says what to change."""
 
@@ -246,7 +253,9 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
-        self.flops_per_token = model.cfg.flops_per_token(cfg.seq_len)
+        # a model that is not a plain Transformer (e.g. a ScalarHeadModel) counts its own FLOPs
+        count = getattr(model, "flops_per_token", None) or model.cfg.flops_per_token
+        self.flops_per_token = count(cfg.seq_len)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -262,7 +271,9 @@ class Trainer:
         self.engine.train()
         micro_batches = [as_batch(b) for b in micro_batches]
         counts = [batch_weight(b) for b in micro_batches]
-        total = int(_all_reduce_sum([float(sum(counts))], self.device)[0])
+        local_tokens = sum(batch_tokens(b) for b in micro_batches)
+        total_f, tokens = _all_reduce_sum([float(sum(counts)), float(local_tokens)], self.device)
+        total = int(total_f)
         if total == 0:
             raise TrainingError(
                 "a training batch has no target tokens (all labels are -100): check the loss mask"
@@ -304,7 +315,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": float(total), **extras}
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens, **extras}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

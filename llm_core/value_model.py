@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_core.config import ModelConfig
 from llm_core.model import Transformer
 
 
@@ -32,6 +33,30 @@ class ScalarHeadModel(nn.Module):
         scores have about unit scale."""
         nn.init.normal_(self.head.weight, std=1.0 / (self.base.cfg.dim + 1) ** 0.5)
 
+    @property
+    def cfg(self) -> ModelConfig:
+        """The trunk's config (what the Trainer reads for checkpoints and logging)."""
+        return self.base.cfg
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.base.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.base.gradient_checkpointing = value  # the trunk's blocks are what is recomputed
+
+    def num_params(self) -> int:
+        """Parameters used to score: the trunk's (embedding padding rows excluded) without an untied LM head, plus
+        the head's dim weights."""
+        lm_head = 0 if self.cfg.tie_embeddings else self.cfg.require_vocab_size() * self.cfg.dim
+        return self.base.num_params() - lm_head + self.head.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: the trunk's without the LM head (never computed here), plus the scalar head."""
+        lm_head = 6.0 * self.cfg.padded_vocab_size * self.cfg.dim
+        return self.cfg.flops_per_token(seq_len) - lm_head + 6.0 * self.cfg.dim
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T) scalar per position."""
         h = self.base.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)
@@ -43,11 +68,22 @@ class ScalarHeadModel(nn.Module):
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
             )
-        lengths = attention_mask.long().sum(dim=1)
-        if bool((lengths == 0).any()):
-            raise ValueError("a sequence without any real token cannot be scored")
-        values = self(input_ids, attention_mask=attention_mask)  # (B, T)
-        return values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        last_token_index(attention_mask)  # checks every sequence has a real token before the forward
+        return last_token_values(self(input_ids, attention_mask=attention_mask), attention_mask)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the position of each right-padded sequence's last real token (attention_mask: (B, T), 1 = real)."""
+    lengths = attention_mask.long().sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a sequence without any real token cannot be scored")
+    return lengths - 1
+
+
+def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the per-position values (B, T) of a ScalarHeadModel read at each sequence's last real token: its
+    score. For a loss that must call the model itself (e.g. wrapped in DistributedDataParallel)."""
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 
 def export_hf_reward_model(

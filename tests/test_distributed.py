@@ -78,6 +78,7 @@ def _every_registered_task():
     from jobs.training.tasks import (
         DPOTask,
         PretrainWindowsTask,
+        RewardModelTask,
         SFTTask,
         WhiteboxDistillTask,
     )
@@ -91,6 +92,7 @@ def _every_registered_task():
         SFTTask(**rows, lora=LoRAConfig(rank=4, alpha=8)),
         DPOTask(**rows, reference="/models/ref", beta=0.25, label_smoothing=0.1),
         WhiteboxDistillTask(**rows, teacher="/models/teacher", temperature=1.5, alpha=0.3),
+        RewardModelTask(**rows),
     ]
 
 

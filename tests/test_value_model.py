@@ -72,3 +72,33 @@ def test_reward_model_hf_export_scores_equal_ours(tmp_path):
         theirs,
         m.sequence_scores(batch, mask),
     )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_hf_reward_model_reads_back_the_export(tmp_path, tied):
+    from llm_core.export_hf import export_hf, load_hf
+    from llm_core.value_model import export_hf_reward_model, load_hf_reward_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=32,
+        ffn_hidden_dim=64,
+        tie_embeddings=tied,
+    )
+    m = ScalarHeadModel(Transformer(cfg)).eval()
+    out = export_hf_reward_model(m, tmp_path / "rm", pad_token_id=0)
+    back = load_hf_reward_model(out)
+    batch = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]])
+    mask = (batch != 0).long()
+    assert torch.equal(back.sequence_scores(batch, mask), m.sequence_scores(batch, mask))
+    assert back.num_params() == m.num_params() == cfg.num_params() - (0 if tied else 50 * 32) + 32
+    with pytest.raises(ValueError, match=r"unexpected tensors \[score.weight\]"):
+        load_hf(out)  # a reward model is not a language model
+    export_hf(m.base, tmp_path / "lm")
+    with pytest.raises(ValueError, match="is not a reward model"):
+        load_hf_reward_model(tmp_path / "lm")

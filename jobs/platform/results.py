@@ -10,6 +10,7 @@ later. No stage reads another stage's result through dictionary keys or `key=val
 | tokenizer | `TokenizerOutputs` | `tokenizer_dir` -> preprocess |
 | preprocess | `DatasetOutputs` | `dataset_dir` (its manifest records the tokenizer and vocabulary) -> pretrain |
 | pretrain, sft, dpo, distill, rl | `ModelVersionOutputs` | `model_uri` (`models:/<name>/<version>`) -> the next training stage, eval |
+| reward_model | `RewardModelOutputs` | `model_uri` of the reward model -> the RL stage's reward |
 | eval | `EvalOutputs` | `gate` (passed, promoted) -> what the pipeline serves |
 | serve | `EndpointOutputs` | `url`, `models` -> the smoke test |
 """
@@ -72,6 +73,29 @@ class ModelVersionOutputs(Outputs):
     data: dict[str, Any] | None = None
 
 
+class RewardModelOutputs(Outputs):
+    """A registered reward model (jobs.reward_model): an HF sequence-classification export, not a language model,
+    so no training stage takes it as `init` (a sibling of ModelVersionOutputs, not a subclass)."""
+
+    model_uri: str | None = Field(
+        description="models:/<name>/<version>; None when registration was turned off"
+    )
+    hf_dir: str = Field(description="the HF LlamaForSequenceClassification export (num_labels 1) + tokenizer")
+    checkpoint_dir: str
+    best_checkpoint: str
+    last_checkpoint: str | None = None
+    parent_model_uri: str = Field(description="the model whose trunk the reward model started from")
+    tokenizer_sha256: str
+    loss_curve: str | None = None
+    heldout_accuracy: float = Field(
+        description="pairwise accuracy on the held-out pairs (chosen scored higher)"
+    )
+    heldout_accuracy_ci95: tuple[float, float] = Field(description="its Wilson 95% interval")
+    heldout_margin: float = Field(description="mean score(chosen) - score(rejected) on the held-out pairs")
+    heldout_pairs: int
+    data: dict[str, Any] | None = None
+
+
 class GateCheck(Outputs):
     metric: str
     value: float | None
@@ -119,6 +143,7 @@ OUTPUTS_BY_STAGE: dict[str, type[Outputs]] = {
     "dpo": ModelVersionOutputs,
     "rl": ModelVersionOutputs,
     "distill": ModelVersionOutputs,
+    "reward_model": RewardModelOutputs,
     "eval": EvalOutputs,
     "serve": EndpointOutputs,
 }

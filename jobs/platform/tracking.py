@@ -28,6 +28,7 @@ EXPERIMENT = {
     "dpo": "tulpar-train",
     "distill": "tulpar-train",
     "rl": "tulpar-train",
+    "reward_model": "tulpar-train",
     "eval": "tulpar-eval",
     "serve": "tulpar-serve",
 }
@@ -208,10 +209,12 @@ def publish_hf_model(
     stage: str,
     alias: str,
     tags: dict[str, str] | None = None,
+    export: Any = None,
 ) -> tuple[str | None, Path]:
     """Export `model` (with `tokenizer`) in HF format and, with `register`, register it as a new version of `name`
     (`register_hf_model`), moving the export to $TULPAR_HOME/models/<name>/<version>. Returns (models:/ URI or None,
-    the export directory: the version's, or the staging directory when not registered)."""
+    the export directory: the version's, or the staging directory when not registered). `export(model, out_dir,
+    tokenizer)` writes the HF directory; default `llm_core.export_hf.export_hf` (a causal LM)."""
     import shutil
 
     import mlflow
@@ -222,7 +225,7 @@ def publish_hf_model(
     if run is None:
         raise RuntimeError("publish_hf_model needs an active MLflow run")
     staging = settings.path("models", name, f".staging-{run.info.run_id[:8]}")
-    export_hf(model, staging, tokenizer=tokenizer)
+    (export or export_hf)(model, staging, tokenizer=tokenizer)
     if not register:
         return None, staging
     model_uri, version = register_hf_model(staging, name, stage=stage, alias=alias, tags=tags)

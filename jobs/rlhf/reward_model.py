@@ -45,6 +45,65 @@ def encode_pairs(records: Iterable[dict], tokenizer, seq_len: int) -> list[Pair]
     return pairs
 
 
+def preference_pair_rows(
+    records: Iterable[tuple[str, dict]], tokenizer, seq_len: int, stats
+) -> list[dict[str, torch.Tensor]]:
+    """Training rows of a reward model from (where, record) preference records (`llm_core.chat_data.read_jsonl`):
+    one row per pair, "input_ids" and "attention_mask" (2, seq_len) = chosen then rejected, right-padded with the
+    tokenizer's pad id. Each sequence is the whole chat (prompt + answer) through the chat template; a longer one
+    keeps its last seq_len tokens (counted in stats.truncated), so the score is always read at the end of the
+    answer and only the start of a long prompt is lost. A pair is skipped (counted by reason) when an answer is
+    empty, the answers are equal, or both sequences are equal once cut. A record without prompt, chosen and
+    rejected is a DataError naming it."""
+    from llm_core.chat_data import prompt_to_messages
+    from llm_core.data import DataError
+
+    rows = []
+    for where, rec in records:
+        stats.read += 1
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+        if missing:
+            raise DataError(
+                f"{where}: missing {missing}: preference records need prompt, chosen and rejected"
+            )
+        chosen, rejected = str(rec["chosen"]).strip(), str(rec["rejected"]).strip()
+        if not chosen or not rejected:
+            stats.skipped["empty chosen or rejected"] += 1
+            continue
+        if chosen == rejected:
+            stats.skipped["chosen equals rejected"] += 1
+            continue
+        prompt = prompt_to_messages(rec["prompt"], where)
+        seqs = []
+        for text in (chosen, rejected):
+            ids = tokenizer.encode_chat(prompt + [{"role": "assistant", "content": text}])[0]
+            if len(ids) > seq_len:
+                ids = ids[-seq_len:]
+                stats.truncated += 1
+            seqs.append(ids)
+        if seqs[0] == seqs[1]:
+            stats.skipped["equal once cut to seq_len"] += 1
+            continue
+        ids, mask = pair_batch([(seqs[0], seqs[1])], tokenizer.pad_id)
+        pad = seq_len - ids.size(1)
+        rows.append(
+            {
+                "input_ids": torch.nn.functional.pad(ids, (0, pad), value=tokenizer.pad_id),
+                "attention_mask": torch.nn.functional.pad(mask, (0, pad), value=0),
+            }
+        )
+        stats.kept += 1
+    return rows
+
+
+def rows_to_pairs(rows: Sequence[dict[str, torch.Tensor]]) -> list[Pair]:
+    """The (chosen ids, rejected ids) pairs of `preference_pair_rows` rows, padding removed."""
+    return [
+        tuple(row["input_ids"][i][row["attention_mask"][i].bool()].tolist() for i in (0, 1))  # type: ignore[misc]
+        for row in rows
+    ]
+
+
 def pair_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (2B, T), right-padded: all chosen sequences, then all rejected."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]

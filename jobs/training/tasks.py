@@ -12,6 +12,7 @@ builds the task. Registered tasks:
 | `sft` | `jobs.sft`, black-box `jobs.distill` | prepared chat rows | CE on assistant tokens |
 | `dpo` | `jobs.dpo` | prepared preference pairs + reference log-probs | sigmoid DPO |
 | `whitebox-distill` | white-box `jobs.distill` | prepared chat rows + the teacher | KL to the teacher + CE |
+| `reward-model` | `jobs.reward_model` | prepared preference pairs (token ids + attention mask) | Bradley-Terry |
 
 New tasks subclass `TrainingTask` with a `kind: Literal["<name>"] = "<name>"` field and register with
 `@register_task`. This module imports only llm_core and jobs.training/jobs.platform, never a stage module.
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 class TaskSetup:
     """What a built training task hands the shared worker loop: the model, its data and its loss."""
 
-    model: Any  # llm_core Transformer (possibly with LoRA adapters)
+    model: Any  # llm_core Transformer (possibly with LoRA adapters), or a ScalarHeadModel (reward model)
     sampler: StepSampler  # RandomWindows or RowSampler
     eval_sets: list[Any]  # EvalSet / EvalBatches
     loss_fn: Callable | None = None  # None: next-token cross-entropy
@@ -277,3 +278,53 @@ class WhiteboxDistillTask(SFTTask):
             p.requires_grad_(False)
         task.loss_fn = make_distill_loss(teacher, self.temperature, self.alpha)
         return task
+
+
+# ------------------------------------------------------------------------------------------ reward model
+
+
+def make_bradley_terry_loss():
+    from llm_core.rl_losses import bradley_terry_loss
+    from llm_core.value_model import last_token_values
+
+    def loss_fn(model, batch):
+        """batch: input_ids/attention_mask (2B, T) with chosen rows first (`collate` of pair rows)."""
+        mask = batch["attention_mask"]
+        scores = last_token_values(model(batch["input_ids"], attention_mask=mask), mask)  # (2B,)
+        pairs = scores.size(0) // 2
+        loss, accuracy = bradley_terry_loss(scores[:pairs], scores[pairs:])
+        margin = float((scores[:pairs] - scores[pairs:]).detach().mean())
+        return loss, {"accuracy": accuracy, "margin": margin}
+
+    return loss_fn
+
+
+@register_task
+class RewardModelTask(ChatRowsTask):
+    """A Bradley-Terry reward model: a ScalarHeadModel on the starting model's trunk, trained on prepared preference
+    pairs; the held-out pairs are the evaluation set, so val_loss is the held-out Bradley-Terry loss."""
+
+    kind: Literal["reward-model"] = "reward-model"
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
+        from llm_core.chat_data import batches_of
+        from llm_core.value_model import ScalarHeadModel
+
+        if self.lora is not None:
+            raise ValueError("the reward model trains all weights: drop lora")
+        model = ScalarHeadModel(
+            load_hf(self.init)
+        )  # the head's init draws from the seeded RNG: equal on all ranks
+        base = model.base
+        if base.lm_head.weight is not base.embed_tokens.weight:
+            base.lm_head.weight.requires_grad_(
+                False
+            )  # never read by the scalar head; DDP needs every trained
+            # parameter to receive a gradient
+        model.train()
+        data = self.rows()
+        sampler = self.row_sampler(data["train"], rank, world_size)
+        val = batches_of(data["val"], self.train.batch_size)
+        return TaskSetup(
+            model, sampler, [EvalBatches("pairs", val)] if val else [], make_bradley_terry_loss()
+        )
