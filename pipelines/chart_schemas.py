@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 CHARTS_DIR = Path(__file__).resolve().parent.parent / "charts"
-STAGES = ["preprocess", "tokenizer", "tokenizer_report", "pretrain", "sft", "dpo", "rl", "distill", "eval"]
+STAGES = [
+    "preprocess",
+    "tokenizer",
+    "tokenizer_report",
+    "pretrain",
+    "sft",
+    "dpo",
+    "reward_model",
+    "rl",
+    "distill",
+    "eval",
+]
 DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 

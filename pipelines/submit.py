@@ -39,7 +39,18 @@ from pipelines import charts
 
 REPO = charts.REPO
 CONFIG_ROOT = REPO / "configs"
-STAGES = ("preprocess", "tokenizer", "tokenizer_report", "pretrain", "sft", "dpo", "rl", "distill", "eval")
+STAGES = (
+    "preprocess",
+    "tokenizer",
+    "tokenizer_report",
+    "pretrain",
+    "sft",
+    "dpo",
+    "reward_model",
+    "rl",
+    "distill",
+    "eval",
+)
 # Uploaded with the job to a Ray cluster: the code and configs, never environments, outputs or VCS data.
 WORKING_DIR_EXCLUDES = [
     ".git",
