@@ -59,13 +59,36 @@ STAGE = "reward_model"
 ALIAS = "rm-latest"
 
 
+class RewardDataSpec(PreferenceDataSpec):
+    """Preference pairs: DPO-format jsonl files, and/or pairs generated from SFT instruction files."""
+
+    files: list[str] = Field(
+        default_factory=list,
+        description="jsonl with prompt/chosen/rejected; relative paths are under TULPAR_DATA",
+    )
+    language_pairs_from: list[str] = Field(
+        default_factory=list,
+        description="SFT jsonl (lang, instruction, input, output) to generate pairs from: chosen = the record's "
+        "answer, rejected = an answer in another language (jobs.rlhf.tasks.language_preference_pairs); "
+        "max_records_per_file applies per file",
+    )
+
+    @model_validator(mode="after")
+    def _some_data(self) -> RewardDataSpec:
+        if not self.files and not self.language_pairs_from:
+            raise ValueError(
+                "data: give preference files (data.files) or SFT files (data.language_pairs_from)"
+            )
+        return self
+
+
 class RewardModelConfig(StrictModel):
     name: str = Field(description="registered model name of the reward model (e.g. tulpar-tiny-rm)")
     init: str = Field(
         description="the model whose trunk starts the reward model: models:/<name>@<alias>, models:/<name>/<version> "
         "or an HF directory (usually models:/<name>@sft-latest)"
     )
-    data: PreferenceDataSpec
+    data: RewardDataSpec
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=10, seq_len=512))
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     register_model: bool = True
@@ -95,13 +118,23 @@ def prepare_pairs(
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], dict]:
     """(training rows, held-out rows, data stats): the pairs of `preference_pair_rows`, split by train.seed."""
     stats = Stats()
-    records = limited(read_jsonl(data_paths(cfg.data.files, settings)), cfg.data.max_records_per_file)
+    records = list(limited(read_jsonl(data_paths(cfg.data.files, settings)), cfg.data.max_records_per_file))
+    if cfg.data.language_pairs_from:
+        from jobs.rlhf.tasks import language_preference_pairs
+
+        generated = language_preference_pairs(
+            [Path(p) for p in data_paths(cfg.data.language_pairs_from, settings)],
+            cfg.data.max_records_per_file,
+            seed=cfg.train.seed,
+        )
+        records += [(f"language_pairs:{i}", rec) for i, rec in enumerate(generated, 1)]
     rows = preference_pair_rows(records, tokenizer, cfg.train.seq_len, stats)
     train, val = split_holdout(rows, cfg.data.val_fraction, cfg.train.seed)
     if not train or not val:
         raise DataError(
             f"no preference pairs left for {'training' if not train else 'held-out evaluation'} ({len(rows)} pairs "
-            f"from {', '.join(cfg.data.files)}; {json.dumps(stats.to_dict())}): check data.files, "
+            f"from {', '.join(cfg.data.files + cfg.data.language_pairs_from)}; {json.dumps(stats.to_dict())}): "
+            "check data.files, "
             "data.max_records_per_file and train.seq_len"
         )
     return train, val, {**stats.to_dict(), "train_pairs": len(train), "val_pairs": len(val)}

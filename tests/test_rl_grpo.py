@@ -44,7 +44,10 @@ def test_first_update_has_ratio_exactly_one():
     cfg = GRPOConfig(group_size=4, max_new_tokens=4, updates_per_batch=3)
     rewards, stats = grpo_iteration(model, opt, [[2, 3]], lambda i, c: float(c[0]), cfg, EOS, PAD, seed=1)
     assert len(rewards) == 4 and len(stats) == 3
-    assert stats[0].ratio_mean == 1.0 and stats[0].clip_fraction == 0.0
+    assert (
+        stats[0].ratio_mean == 1.0 and stats[0].clip_fraction == 0.0 and stats[0].ratio_max_deviation == 0.0
+    )
+    assert stats[1].ratio_max_deviation > 0
     assert stats[1].ratio_mean != 1.0  # later updates move away from the sampling policy
 
 

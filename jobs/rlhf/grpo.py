@@ -204,6 +204,9 @@ class UpdateStats:
     ratio_mean: float
     entropy: float  # mean per-token entropy of the policy on the completions (before the step)
     grad_norm: float
+    ratio_max_deviation: (
+        float  # max |ratio - 1| over the completion tokens (0.0 exactly on a batch's first step)
+    )
 
 
 def _weights(batch: RolloutBatch, parts: list[list[int]], aggregation: str) -> list[float]:
@@ -252,7 +255,7 @@ def policy_step(
     optimizer.zero_grad(set_to_none=True)
     totals = dict.fromkeys(("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean"), 0.0)
     tokens = float(batch.completion_mask.sum().clamp(min=1))
-    entropy_sum = 0.0
+    entropy_sum, deviation = 0.0, 0.0
     for idx, w in zip(parts, weights):
         part = batch.rows(idx)
         T = part.completion_mask.shape[1]
@@ -271,6 +274,9 @@ def policy_step(
             norm_tokens=norm_tokens,
         )
         (out.loss * w).backward()
+        with torch.no_grad():
+            ratio = torch.exp(logp.detach() - old_logp[idx, :T])
+            deviation = max(deviation, float(((ratio - 1).abs() * part.completion_mask).max()))
         share = float(part.completion_mask.sum()) / tokens  # token-weighted statistics
         totals["loss"] += float(out.loss.detach()) * w
         totals["policy_loss"] += out.policy_loss * w
@@ -289,7 +295,9 @@ def policy_step(
         )
     )
     optimizer.step()
-    return UpdateStats(**totals, entropy=entropy_sum / tokens, grad_norm=grad_norm)
+    return UpdateStats(
+        **totals, entropy=entropy_sum / tokens, grad_norm=grad_norm, ratio_max_deviation=deviation
+    )
 
 
 def grpo_iteration(

@@ -429,6 +429,7 @@ class RLWorker:
                 "entropy": (first.entropy * tokens, tokens),
                 "clip_fraction": (last.clip_fraction * tokens, tokens),
                 "ratio_mean_first_update": (first.ratio_mean, 1.0),
+                "ratio_max_deviation_first_update": (first.ratio_max_deviation, 1.0),
                 "policy_loss": (last.policy_loss, 1.0),
                 "grad_norm": (first.grad_norm, 1.0),
                 "response_length": (float(sum(r.n_tokens for r in rollouts)), float(len(rollouts))),

@@ -182,3 +182,45 @@ def load_instructions(path: Path, limit: int | None = None) -> list[Problem]:
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+def language_preference_pairs(paths: list[Path], per_file: int | None = None, seed: int = 0) -> list[dict]:
+    """DPO-format preference records generated from SFT jsonl (`lang`, `instruction`, `input`, `output`): for each
+    record, `chosen` is its own answer and `rejected` the answer of a random record in another language. A reward
+    model trained on them learns to prefer an answer in the question's language (a learned counterpart of the
+    `language_consistency` reward) -- a preference a small model can learn, unlike HH harmlessness."""
+    rows: list[tuple[str, str, str]] = []  # (lang, prompt, answer)
+    for path in paths:
+        kept = 0
+        with open(path, encoding="utf-8") as f:
+            for no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    lang, instruction, output = (
+                        rec["lang"],
+                        str(rec["instruction"]).strip(),
+                        str(rec["output"]),
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}:{no}: not an SFT row with lang, instruction, output ({e})"
+                    ) from None
+                extra = str(rec.get("input") or "").strip()
+                if lang in LANGUAGES and instruction and output.strip():
+                    rows.append((lang, f"{instruction}\n\n{extra}" if extra else instruction, output.strip()))
+                    kept += 1
+                if per_file is not None and kept >= per_file:
+                    break
+    by_lang: dict[str, list[str]] = {}
+    for lang, _, answer in rows:
+        by_lang.setdefault(lang, []).append(answer)
+    if len(by_lang) < 2:
+        raise ValueError(f"language pairs need SFT rows in at least two languages, got {sorted(by_lang)}")
+    rng = random.Random(seed)
+    out = []
+    for lang, prompt, answer in rows:
+        other = rng.choice(sorted(set(by_lang) - {lang}))
+        out.append({"prompt": prompt, "chosen": answer, "rejected": rng.choice(by_lang[other]), "lang": lang})
+    return out
