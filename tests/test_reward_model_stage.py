@@ -34,6 +34,16 @@ SMALL = [
 ]
 
 
+# the fixture's run: pairs generated from the SFT data (an answer in the question's language vs one in another
+# language), a preference the tiny model learns, unlike HH harmlessness (see docs/rl.md)
+LANGUAGE_PAIRS = [
+    "data.files=[]",
+    "data.language_pairs_from=[sft/kk_kazqad_rc_validation.jsonl, sft/ru_en_selfinstruct_seed_tasks.jsonl, "
+    "sft/en_selfinstruct_user_oriented_252.jsonl]",
+    "data.max_records_per_file=40",
+]
+
+
 def env_for(home: Path, data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -82,7 +92,7 @@ def stage(tmp_path_factory, data_dir):
     sft_dir = train_tiny_hf(root / "tiny-sft", data_dir)
     with mlflow.start_run(experiment_id=tracking.setup(settings, "tulpar-train")):
         sft_uri, _ = tracking.register_hf_model(sft_dir, "tulpar-tiny", stage="sft", alias="sft-latest")
-    result = result_of(run_stage(home, data_dir, *SMALL))
+    result = result_of(run_stage(home, data_dir, *SMALL, *LANGUAGE_PAIRS))
     return {"home": home, "data": data_dir, "settings": settings, "sft_uri": sft_uri, "result": result}
 
 
@@ -156,9 +166,9 @@ def test_registers_a_child_version_with_lineage_and_reports_heldout_accuracy(sta
         f"{out['heldout_accuracy_ci95'][1]:.3f}, {n} pairs; untrained {metrics['initial_heldout_accuracy']:.3f}), "
         f"training pairs {metrics['initial_train_accuracy']:.3f} -> {metrics['train_accuracy']:.3f}"
     )
-    # on its own training pairs, the reward model clearly learns the preference
-    assert metrics["train_accuracy"] >= metrics["initial_train_accuracy"] + 0.15
-    assert metrics["train_accuracy_ci95_low"] > 0.5
+    # held-out pairs: above chance with 95% confidence, and the margin the training opened
+    assert metrics["heldout_accuracy_ci95_low"] > 0.5
+    assert metrics["heldout_margin"] > metrics["initial_heldout_margin"] + 0.5
 
     assert Path(out["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
     assert "plots/loss_curve.png" in [a.path for a in c.list_artifacts(r["mlflow_run_id"], "plots")]
