@@ -606,18 +606,3 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
             )  # a real worker crash: Ray Train restarts from the checkpoint
         if step % task.rl_train.eval_every == 0 or step == steps:
             report(step, worker.evaluate())
-
-
-def history_keys(metrics: dict[str, list]) -> list[str]:
-    """The curves the stage plots, in order, among the logged metric names."""
-    wanted = [
-        "reward",
-        "val_reward",
-        "kl",
-        "entropy",
-        "clip_fraction",
-        "value_loss",
-        "response_length",
-        "rollout_tokens_per_s",
-    ]
-    return [k for k in wanted if k in metrics]
