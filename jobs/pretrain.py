@@ -30,6 +30,7 @@ from jobs.training.tasks import PretrainWindowsTask
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
 from llm_core.data import DataError
+from llm_core.export_hf import check_exportable
 from llm_core.io import atomic_write_json
 from llm_core.shards import TokenDataset, file_sha256
 from llm_core.tokenizer import Tokenizer
@@ -79,6 +80,13 @@ class PretrainConfig(StrictModel):
                 "tokenizer's (the embedding is padded to a multiple of model.vocab_multiple); remove "
                 "model.vocab_size, or preprocess the data with the tokenizer you want"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _model_is_exportable(self) -> PretrainConfig:
+        # The trained model is exported to HF (registry, eval, serving): refuse an architecture with no exact HF
+        # export now, before any training, rather than after hours of it.
+        check_exportable(self.model)
         return self
 
     def with_vocabulary(self, vocab_size: int) -> PretrainConfig:

@@ -65,7 +65,8 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # MoE (num_experts == 0 means dense). Routed experts use softmax top-k routing; the shared experts are
     # always active and fused into one SwiGLU of width num_shared_experts * moe_ffn_hidden_dim behind a
-    # sigmoid gate, which maps exactly onto Qwen2-MoE's `shared_expert` + `shared_expert_gate`.
+    # sigmoid gate, which maps exactly onto Qwen2-MoE's `shared_expert` + `shared_expert_gate`. Without shared
+    # experts the model exports as Mixtral (which needs norm_topk_prob: true; see export_hf.check_exportable).
     num_experts: int = Field(0, ge=0)
     num_experts_per_token: int = Field(2, gt=0)
     num_shared_experts: int = Field(0, ge=0)

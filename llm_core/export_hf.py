@@ -1,7 +1,9 @@
 """Export llm_core models to Hugging Face format, and import Hugging Face checkpoints back.
 
-A dense model becomes a `LlamaForCausalLM` directory, an MoE model a `Qwen2MoeForCausalLM` directory; both load with
+A dense model becomes a `LlamaForCausalLM` directory, an MoE model with shared experts a `Qwen2MoeForCausalLM`
+directory and an MoE model without them a `MixtralForCausalLM` directory; all load with
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and serve with vLLM, giving the same logits as llm_core.
+`check_exportable` says which configs export at all (run at config validation, before training).
 
 Layout written by `export_hf`:
 
@@ -12,10 +14,10 @@ Layout written by `export_hf`:
     tulpar_config.json       the exact llm_core ModelConfig, so `load_hf` restores it field for field
     tokenizer.json, ...      when a tokenizer is given (written by `tokenizer.save(dir)`)
 
-`load_hf` reads such a directory, or any HF Llama / Qwen2-MoE checkpoint whose architecture llm_core can represent
-exactly, and raises ValueError naming the offending value and the fix otherwise.
+`load_hf` reads such a directory, or any HF Llama / Qwen2-MoE / Mixtral checkpoint whose architecture llm_core can
+represent exactly, and raises ValueError naming the offending value and the fix otherwise.
 
-Key mapping (i = layer, e = expert):
+Key mapping (i = layer, e = expert; Qwen2-MoE names, Mixtral's below):
 
     model.embed_tokens.weight                          embed_tokens.weight
     model.layers.i.input_layernorm.weight              layers.i.attn_norm.weight
@@ -31,6 +33,17 @@ Key mapping (i = layer, e = expert):
     model.layers.i.mlp.shared_expert_gate.weight       layers.i.mlp.shared_gate.weight             (MoE)
     model.norm.weight                                  norm.weight
     lm_head.weight                                     lm_head.weight     (absent when embeddings are tied)
+
+Mixtral (no shared experts, no attention biases) names its MoE tensors as the original Mixtral checkpoints do,
+which transformers (converting to its fused layout on load) and vLLM both read:
+
+    model.layers.i.block_sparse_moe.gate.weight        layers.i.mlp.router.weight
+    model.layers.i.block_sparse_moe.experts.e.w1.weight  layers.i.mlp.w_gate[e]
+    model.layers.i.block_sparse_moe.experts.e.w3.weight  layers.i.mlp.w_up[e]
+    model.layers.i.block_sparse_moe.experts.e.w2.weight  layers.i.mlp.w_down[e]
+
+Routing is the same computation on both sides: softmax over all experts (fp32), top-k, and the k weights
+renormalised to sum to 1 (Mixtral always renormalises, so norm_topk_prob must be true to export as Mixtral).
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm_core.checkpoint import unwrap_model
-from llm_core.config import ModelConfig, RopeScaling
+from llm_core.config import ConfigError, ModelConfig, RopeScaling
 from llm_core.io import atomic_dir
 from llm_core.model import Transformer
 
@@ -119,12 +132,26 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
-    if cfg.is_moe and cfg.num_shared_experts < 1:
-        raise ValueError(
-            f"MoE export needs num_shared_experts >= 1 (got num_shared_experts = {cfg.num_shared_experts}): "
-            "Qwen2-MoE, the HF architecture MoE models export to, always adds a gated shared expert. "
-            "Train the model with model.num_shared_experts=1 (or more) to export it."
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The HF `model_type` `cfg` exports to: "llama" (dense), "qwen2_moe" (MoE with shared experts) or
+    "mixtral" (MoE without shared experts)."""
+    if not cfg.is_moe:
+        return "llama"
+    return "qwen2_moe" if cfg.num_shared_experts else "mixtral"
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ConfigError (a ValueError) naming the `model.*` key and the fix if `cfg` has no exact HF export.
+
+    Needs no vocabulary, so training jobs call it when their config is validated, before any training starts.
+    """
+    if hf_architecture(cfg) == "mixtral" and not cfg.norm_topk_prob:
+        raise ConfigError(
+            f"model.norm_topk_prob = false with model.num_shared_experts = 0 cannot be exported: an MoE without "
+            f"shared experts exports as Mixtral, whose router always renormalises the top-{cfg.num_experts_per_token} "
+            "softmax weights to sum to 1 (llm_core would weight the experts by the raw softmax probabilities, "
+            "giving different logits). Set model.norm_topk_prob: true, or add a shared expert "
+            "(model.num_shared_experts: 1, exported as Qwen2-MoE, which honours norm_topk_prob)"
         )
 
 
@@ -136,11 +163,12 @@ def hf_config(
     pad_token_id: int | None = None,
     dtype: str = "float32",
 ) -> dict[str, Any]:
-    """The HF `config.json` dict for `cfg`: LlamaForCausalLM when dense, Qwen2MoeForCausalLM when MoE.
+    """The HF `config.json` dict for `cfg`: LlamaForCausalLM when dense, Qwen2MoeForCausalLM for an MoE with shared
+    experts, MixtralForCausalLM for one without.
 
     Token ids are always written (None as null) so transformers' class defaults (Llama's bos 1 / eos 2) never apply.
     MoE configs say qkv_bias: true, matching the all-zero bias tensors `to_hf_state_dict` writes (see
-    QWEN2_MOE_ZERO_QKV_BIAS). Raises ValueError for an MoE config without shared experts.
+    QWEN2_MOE_ZERO_QKV_BIAS). Raises ValueError for a config `check_exportable` refuses.
     """
     dtype = _dtype_name(dtype)
     for field, value in (
@@ -183,7 +211,21 @@ def hf_config(
             "mlp_bias": False,
             "pretraining_tp": 1,
         }
-    _check_exportable(cfg)
+    check_exportable(cfg)
+    if hf_architecture(cfg) == "mixtral":
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **common,
+            "intermediate_size": cfg.expert_hidden_dim,  # Mixtral's intermediate_size is the per-expert width
+            "head_dim": cfg.head_dim,
+            "sliding_window": None,
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_token,
+            "router_aux_loss_coef": cfg.aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+        }
     return {
         "architectures": ["Qwen2MoeForCausalLM"],
         "model_type": "qwen2_moe",
@@ -229,6 +271,13 @@ def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
         if not cfg.is_moe:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 plan.append(_KeyMap(f"{hf}mlp.{proj}.weight", f"{ours}mlp.{proj}.weight"))
+            continue
+        if hf_architecture(cfg) == "mixtral":
+            moe = hf + "block_sparse_moe."
+            plan.append(_KeyMap(moe + "gate.weight", ours + "mlp.router.weight"))
+            for e in range(cfg.num_experts):
+                for w, param in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
+                    plan.append(_KeyMap(f"{moe}experts.{e}.{w}.weight", f"{ours}mlp.{param}", e))
             continue
         plan.append(_KeyMap(hf + "mlp.gate.weight", ours + "mlp.router.weight"))
         for e in range(cfg.num_experts):
@@ -277,12 +326,12 @@ _VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # (padded vocab, dim) i
 def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under HF key names, as independent contiguous CPU tensors (optionally cast to `dtype`).
 
-    MoE experts use the legacy per-expert layout, and MoE models get all-zero q/k/v biases when
+    MoE experts use the legacy per-expert layout, and Qwen2-MoE models get all-zero q/k/v biases when
     QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
     """
     model = unwrap_model(model)
     cfg = model.cfg
-    _check_exportable(cfg)
+    check_exportable(cfg)
     target = DTYPES[_dtype_name(dtype)] if dtype is not None else None
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -292,7 +341,7 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
             t = t[: cfg.vocab_size]
         t = t.detach().to(device="cpu", dtype=target or t.dtype)
         out[m.hf] = t.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
-    if cfg.is_moe and QWEN2_MOE_ZERO_QKV_BIAS:
+    if hf_architecture(cfg) == "qwen2_moe" and QWEN2_MOE_ZERO_QKV_BIAS:
         bias_dtype = target or model.embed_tokens.weight.dtype
         for name, n in _qkv_bias_sizes(cfg).items():
             out[name] = torch.zeros(n, dtype=bias_dtype)
@@ -426,19 +475,20 @@ def _rope_scaling_from_hf(rope: dict[str, Any], max_pos: int) -> RopeScaling | N
 
 
 def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
-    """A ModelConfig equivalent to an HF Llama or Qwen2-MoE `config.json` dict; ValueError if none is exact.
+    """A ModelConfig equivalent to an HF Llama, Qwen2-MoE or Mixtral `config.json` dict; ValueError if none is exact.
 
     The dict goes through transformers' own config class first, so its defaults and legacy fields (`rope_scaling`,
     top-level `rope_theta`, `torch_dtype`) are read exactly as transformers reads them.
     """
-    from transformers import LlamaConfig, Qwen2MoeConfig  # heavy import, only needed to import checkpoints
+    # heavy import, only needed to import checkpoints
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
     model_type = raw.get("model_type")
-    classes = {"llama": LlamaConfig, "qwen2_moe": Qwen2MoeConfig}
+    classes = {"llama": LlamaConfig, "qwen2_moe": Qwen2MoeConfig, "mixtral": MixtralConfig}
     if model_type not in classes:
         raise _unsupported(
             f"model_type = {model_type!r}",
-            "load_hf imports 'llama' (dense) and 'qwen2_moe' (MoE) checkpoints only",
+            "load_hf imports 'llama' (dense), 'qwen2_moe' and 'mixtral' (MoE) checkpoints only",
         )
     try:
         hf = classes[model_type].from_dict(dict(raw))
@@ -480,6 +530,25 @@ def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConf
             raise _unsupported("attention_bias = true", "llm_core's attention projections have no bias")
         if hf.mlp_bias:
             raise _unsupported("mlp_bias = true", "llm_core's MLP projections have no bias")
+    elif model_type == "mixtral":
+        if hf.sliding_window is not None:
+            raise _unsupported(
+                f"sliding_window = {hf.sliding_window}", "llm_core uses full attention (sliding_window: null)"
+            )
+        if hf.num_local_experts < 1:
+            raise _unsupported(
+                f"num_local_experts = {hf.num_local_experts}",
+                "a mixtral checkpoint needs num_local_experts >= 1",
+            )
+        # router_jitter_noise only perturbs training inputs in transformers: inference logits do not depend on it
+        fields.update(
+            num_experts=hf.num_local_experts,
+            num_experts_per_token=hf.num_experts_per_tok,
+            num_shared_experts=0,
+            moe_ffn_hidden_dim=hf.intermediate_size,
+            norm_topk_prob=True,  # Mixtral always renormalises the top-k weights
+            aux_loss_coef=hf.router_aux_loss_coef,
+        )
     else:
         if hf.use_sliding_window or any(t != "full_attention" for t in hf.layer_types or []):
             raise _unsupported("sliding-window attention", "llm_core uses full attention in every layer")
@@ -517,10 +586,12 @@ def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConf
 
 
 def _arch_signature(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields that determine the forward pass (MoE-only fields dropped for dense models)."""
+    """The fields that determine the forward pass (MoE-only fields dropped for dense models, the dense MLP width
+    for MoE models: Mixtral's config.json has no place for it)."""
     sig = cfg.model_dump(mode="json", exclude=set(_NON_ARCH_FIELDS) | {"moe_ffn_hidden_dim"})
     if cfg.is_moe:
         sig["expert_hidden_dim"] = cfg.expert_hidden_dim
+        sig.pop("ffn_hidden_dim")
     else:
         for key in ("num_experts_per_token", "num_shared_experts", "norm_topk_prob"):
             sig.pop(key)
@@ -560,16 +631,24 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _split_fused_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Rewrite transformers 5's fused expert tensors into the per-expert keys, in place.
+    """Rewrite transformers 5's fused expert tensors into the per-expert keys of `_key_plan`, in place.
 
-    `experts.gate_up_proj` is (E, 2h, D) with gate rows first, `experts.down_proj` is (E, D, h).
+    `mlp.experts.gate_up_proj` is (E, 2h, D) with gate rows first, `mlp.experts.down_proj` is (E, D, h). Mixtral's
+    in-memory router `mlp.gate.weight` becomes `block_sparse_moe.gate.weight`, its experts w1 (gate), w3 (up), w2.
     """
     E, h, D = cfg.num_experts, cfg.expert_hidden_dim, cfg.dim
+    mixtral = hf_architecture(cfg) == "mixtral"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}.mlp.experts."
+        target = f"model.layers.{i}.block_sparse_moe.experts." if mixtral else prefix
+        if mixtral and f"model.layers.{i}.mlp.gate.weight" in tensors:
+            tensors[f"model.layers.{i}.block_sparse_moe.gate.weight"] = tensors.pop(
+                f"model.layers.{i}.mlp.gate.weight"
+            )
         for fused, want, parts in (
-            ("gate_up_proj", (E, 2 * h, D), (("gate_proj", 0), ("up_proj", h))),
-            ("down_proj", (E, D, h), (("down_proj", 0),)),
+            ("gate_up_proj", (E, 2 * h, D), ((gate, 0), (up, h))),
+            ("down_proj", (E, D, h), ((down, 0),)),
         ):
             t = tensors.pop(prefix + fused, None)
             if t is None:
@@ -581,7 +660,7 @@ def _split_fused_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> 
             rows = t.shape[1] // len(parts)
             for e in range(E):
                 for name, start in parts:
-                    tensors[f"{prefix}{e}.{name}.weight"] = t[e, start : start + rows]
+                    tensors[f"{target}{e}.{name}.weight"] = t[e, start : start + rows]
 
 
 def _check_qkv_bias(tensors: dict[str, torch.Tensor], cfg: ModelConfig, *, qkv_bias: bool) -> None:
@@ -614,7 +693,7 @@ def _listing(keys: list[str], limit: int = 20) -> str:
 
 
 def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
-    """Import an HF Llama or Qwen2-MoE directory as an llm_core Transformer (in eval mode).
+    """Import an HF Llama, Qwen2-MoE or Mixtral directory as an llm_core Transformer (in eval mode).
 
     Reads config.json (or tulpar_config.json, checked against it, when the directory was written by `export_hf`)
     and model.safetensors or sharded model-*.safetensors. MoE experts may be per-expert (legacy) or fused
@@ -638,7 +717,7 @@ class HFCheckpoint:
 
 
 def read_hf_checkpoint(path: str | Path) -> HFCheckpoint:
-    """The config and tensors of an HF Llama or Qwen2-MoE directory, checked as `load_hf` checks them (config.json
+    """The config and tensors of an HF Llama, Qwen2-MoE or Mixtral directory, checked as `load_hf` checks them (config.json
     against tulpar_config.json when present); ValueError naming the directory and the fix otherwise."""
     path = Path(path)
     if not path.is_dir():
@@ -697,6 +776,7 @@ def transformer_from_hf(checkpoint: HFCheckpoint, *, dtype: str | None = None) -
             )
     if raw.get("model_type") == "qwen2_moe":
         _check_qkv_bias(tensors, cfg, qkv_bias=raw.get("qkv_bias", True))  # Qwen2MoeConfig's default is true
+    if cfg.is_moe:
         _split_fused_experts(tensors, cfg)
 
     plan = _key_plan(cfg)

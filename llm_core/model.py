@@ -6,7 +6,8 @@ Notation used in shape comments:
   N = B * T tokens.
 
 Dense layers map 1:1 onto Hugging Face `LlamaForCausalLM`, MoE layers onto `Qwen2MoeForCausalLM`
-(softmax top-k router, fused shared experts behind a sigmoid gate); see export_hf.py.
+(softmax top-k router, fused shared experts behind a sigmoid gate) or, without shared experts, onto
+`MixtralForCausalLM`; see export_hf.py.
 """
 
 from __future__ import annotations

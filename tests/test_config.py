@@ -25,7 +25,7 @@ def analytic_params(c: dict) -> int:
     return L * (attn + mlp + 2 * d) + d + embed
 
 
-EXPECTED_PRESETS = {"tiny", "minimind-26m", "gpt-130m", "kk-350m", "moe-small"}
+EXPECTED_PRESETS = {"tiny", "minimind-26m", "gpt-130m", "kk-350m", "moe-small", "mixtral-small"}
 
 
 def test_presets_exist():
@@ -33,7 +33,14 @@ def test_presets_exist():
 
 
 # The vocabulary each preset is trained with in its recipe: the tokenizer's size, never the preset's.
-RECIPE_VOCAB = {"tiny": 4096, "minimind-26m": 32000, "gpt-130m": 32000, "kk-350m": 32000, "moe-small": 32000}
+RECIPE_VOCAB = {
+    "tiny": 4096,
+    "minimind-26m": 32000,
+    "gpt-130m": 32000,
+    "kk-350m": 32000,
+    "moe-small": 32000,
+    "mixtral-small": 32000,
+}
 
 
 def preset(name: str, vocab_size: int | None = None) -> ModelConfig:
@@ -56,7 +63,7 @@ def test_preset_param_count_and_servable(name):
     cfg = preset(name)
     assert cfg.num_params() == analytic_params(raw)
     assert cfg.head_dim in VLLM_CPU_HEAD_DIMS, "every preset must be servable by vLLM's CPU attention"
-    if name in ("tiny", "minimind-26m", "moe-small"):  # small enough to build here
+    if name in ("tiny", "minimind-26m", "moe-small", "mixtral-small"):  # small enough to build here
         assert Transformer(cfg).num_params() == cfg.num_params()
 
 
@@ -69,6 +76,9 @@ def test_preset_sizes_match_their_names():
     moe = preset("moe-small")
     assert moe.num_experts > 1 and moe.num_shared_experts >= 1
     assert moe.num_active_params() < moe.num_params()
+    mixtral = preset("mixtral-small")
+    assert mixtral.num_experts > 1 and mixtral.num_shared_experts == 0 and mixtral.norm_topk_prob
+    assert 85e6 < mixtral.num_params() < 95e6 and mixtral.num_active_params() < 45e6
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_64_and_padding_is_never_scored():
@@ -151,3 +161,19 @@ def test_every_yaml_recipe_loads():
             load_config(cls, path)
             found += 1
     assert found >= 1
+
+
+def test_unexportable_model_fails_at_config_validation():
+    """A model with no exact HF export is refused when the pretraining config loads, naming the key and the fix."""
+    from jobs.pretrain import PretrainConfig
+
+    path = REPO / "configs" / "pretrain" / "moe-small.yaml"
+    mixtral = load_config(PretrainConfig, path, ["model=mixtral-small"])
+    assert mixtral.model.num_shared_experts == 0 and mixtral.model.norm_topk_prob
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.norm_topk_prob = false .*Set model\.norm_topk_prob: true.*num_shared_experts: 1",
+    ):
+        load_config(PretrainConfig, path, ["model=mixtral-small", "model.norm_topk_prob=false"])
+    # a shared expert makes the same router a Qwen2-MoE export, which honours norm_topk_prob
+    load_config(PretrainConfig, path, ["model.norm_topk_prob=false"])

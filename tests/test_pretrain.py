@@ -238,6 +238,21 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path, dataset, data_dir):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "error"
 
 
+def test_unexportable_model_is_refused_before_anything_else(tmp_path, data_dir):
+    """An MoE without shared experts and without top-k renormalisation has no exact HF (Mixtral) export: the job
+    exits 2 at config validation, before it even looks for the (missing) dataset."""
+    proc = run_pretrain(
+        tmp_path / "home",
+        tmp_path / "nope",
+        "model.num_experts=4",
+        "model.norm_topk_prob=false",
+        data_dir=data_dir,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.norm_topk_prob = false with model.num_shared_experts = 0 cannot be exported" in proc.stderr
+    assert "make preprocess" not in proc.stderr and not (tmp_path / "home").exists()
+
+
 def test_missing_dataset_and_vocab_mismatch_are_user_errors(tmp_path, dataset, data_dir):
     proc = run_pretrain(tmp_path / "home", tmp_path / "nope", data_dir=data_dir)
     assert proc.returncode == 2 and "make preprocess" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,6 +15,14 @@ from typing import Any
 from jobs.evaluation.report import md_table
 from jobs.publishing.export import ASSETS
 from jobs.publishing.record import REFERENCE_TOKENIZERS, EvalRecord, ModelRecord
+from llm_core.export_hf import hf_architecture
+
+# the transformers class of each HF model_type export_hf writes
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 
 LANGUAGES = ["kk", "ru", "en"]
 LANGUAGE_NAMES = {"kk": "Kazakh", "ru": "Russian", "en": "English"}
@@ -262,7 +270,7 @@ def _architecture_section(record: ModelRecord) -> list[str]:
                 f"expert hidden size {c.expert_hidden_dim}",
             ]
         )
-    arch = "Qwen2MoeForCausalLM" if c.is_moe else "LlamaForCausalLM"
+    arch = HF_CLASSES[hf_architecture(c)]
     return [
         "## Architecture",
         "",
@@ -306,7 +314,7 @@ def render(record: ModelRecord, *, repo_id: str | None, license: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     model_name = repo_id.split("/")[-1] if repo_id else (record.name or record.hf_dir.name)
-    tags = ["tulpar", "llama" if not record.config.is_moe else "qwen2_moe", "kazakh", "russian", "english"]
+    tags = ["tulpar", hf_architecture(record.config), "kazakh", "russian", "english"]
     if record.versions and record.versions[0].stage:
         tags.append(record.versions[0].stage)
     results = eval_results(record, model_name)
