@@ -250,6 +250,7 @@ def test_two_workers_train_the_same_steps_and_resume_after_a_worker_dies(stage):
         home,
         stage["data"],
         *SMALL,
+        *LANGUAGE_PAIRS,  # the fixture's data: the same global batches
         "train.batch_size=4",
         "ray.num_workers=2",
         "ray.fault_injection_kill_at_step=14",
