@@ -157,9 +157,9 @@ def tiny(tmp_path_factory, data_dir):
 
 
 def test_real_tiny_model_passkey_answers_are_its_greedy_continuations(tiny):
-    spec = PasskeySpec(lengths=[48, 505, 600], depths=[0.0, 1.0], samples=1, max_new_tokens=4)
+    spec = PasskeySpec(lengths=[128, 509, 600], depths=[0.0, 1.0], samples=1, max_new_tokens=4)
     res = evaluate_passkey(tiny.model, tiny.tokenizer, spec)
-    assert res.lengths == [48] and len(res.notes) == 2  # 505 + 4 and 600 + 4 > 512: skipped
+    assert res.lengths == [128] and len(res.notes) == 2  # 509 + 4 and 600 + 4 > 512: skipped
     prompts, _ = build_passkey_prompts(spec, tiny.tokenizer, tiny.model.cfg.max_seq_len)
     for p, r in zip(prompts, res.records):
         ids = list(p.ids)
@@ -171,7 +171,7 @@ def test_real_tiny_model_passkey_answers_are_its_greedy_continuations(tiny):
                 ids.append(nxt)
         assert r["answer"] == tiny.tokenizer.decode(ids[len(p.ids) :])
         assert r["correct"] == answer_matches(r["answer"], p.key)
-    assert 0.0 <= res.metrics()["passkey/48/acc"] <= 1.0
+    assert 0.0 <= res.metrics()["passkey/128/acc"] <= 1.0
 
 
 # ---------------------------------------------------------------------------------------- bpb by position
@@ -250,7 +250,7 @@ def test_eval_stage_writes_the_long_context_table_heatmap_and_metrics(tiny, data
             "name": "lc",
             "model": {"source": str(tiny.dir), "device": "cpu"},
             "long_context": {
-                "passkey": {"lengths": [64, 128, 1024], "depths": [0.0, 0.5, 1.0], "samples": 1},
+                "passkey": {"lengths": [128, 160, 1024], "depths": [0.0, 0.5, 1.0], "samples": 1},
                 "bpb_by_position": {
                     "files": {"en": "corpus/en/war_and_peace_en_gutenberg2600.txt"},
                     "length": 256,
@@ -270,7 +270,7 @@ def test_eval_stage_writes_the_long_context_table_heatmap_and_metrics(tiny, data
     settings = settings_for(tmp_path, data_dir)
     out = evaluate(load_model(cfg.model, settings), cfg, settings, tmp_path / "out")
     m = out.metrics
-    assert {"passkey/64/acc", "passkey/128/depth50/acc", "passkey/all/acc"} <= set(m)
+    assert {"passkey/128/acc", "passkey/160/depth50/acc", "passkey/all/acc"} <= set(m)
     assert "passkey/1024/acc" not in m
     assert [k for k in m if k.startswith("bpb_by_position/")] == [
         f"bpb_by_position/en/{lo}-{lo + 64}" for lo in (0, 64, 128, 192)
@@ -279,9 +279,9 @@ def test_eval_stage_writes_the_long_context_table_heatmap_and_metrics(tiny, data
     assert {"long_context.md", "long_context.json", "passkey_heatmap.png", "bpb_by_position.png"} <= files
     assert (tmp_path / "out" / "passkey_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "long_context.md").read_text()
-    assert "passkey length 1024 skipped" in md and "| 128 |" in md and "192-256" in md
+    assert "passkey length 1024 skipped" in md and "| 160 |" in md and "192-256" in md
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["long_context"]["passkey"]["lengths"] == [64, 128]
+    assert saved["long_context"]["passkey"]["lengths"] == [128, 160]
     assert (
         metric_direction("passkey/64/acc") == "higher"
         and metric_direction("bpb_by_position/en/0-64") == "lower"
