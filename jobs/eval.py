@@ -42,6 +42,7 @@ from jobs.evaluation.long_context import (
     evaluate_passkey,
     long_context_markdown,
     passkey_heatmap,
+    position_length,
     position_metrics,
     position_plot,
 )
@@ -196,6 +197,8 @@ def run_long_context(
     """Passkey retrieval and bpb by position: metrics into `out`, plus long_context.md/.json, passkey_records.jsonl
     and the PNGs (passkey_heatmap.png, bpb_by_position.png) in out_dir."""
     lc = cfg.long_context
+    if lc.bpb_by_position is not None:  # a length the model cannot take fails before the passkey grid runs
+        position_length(lc.bpb_by_position, loaded.model.cfg.max_seq_len)
     passkey, positions, notes = None, [], []
     if lc.passkey is not None:
         passkey = evaluate_passkey(loaded.model, loaded.tokenizer, lc.passkey, settings)
@@ -525,6 +528,15 @@ def eval_identity(cfg: EvalConfig, loaded: LoadedModel, settings: Settings) -> d
         identity["model_files"] = stat_fingerprint(Path(loaded.uri))
     identity["eval_data"] = stat_fingerprint(settings.data / "eval")
     identity["suites"] = {s.name: stat_fingerprint(Path(s.path)) for s in cfg.multiple_choice if s.path}
+    lc = cfg.long_context
+    if lc.bpb_by_position is not None:  # long texts usually live outside TULPAR_DATA/eval (e.g. corpus/)
+        identity["bpb_by_position"] = {
+            lang: stat_fingerprint(resolve_path(f, settings)) for lang, f in lc.bpb_by_position.files.items()
+        }
+    if lc.passkey is not None and lc.passkey.filler == "corpus":
+        identity["passkey_corpus"] = {
+            lang: stat_fingerprint(settings.data / "corpus" / lang) for lang in lc.passkey.languages
+        }
     return identity
 
 

@@ -289,16 +289,21 @@ def sequences_for(spec: PositionBpbSpec, tokenizer: Tokenizer, path: Path, lengt
     return out
 
 
+def position_length(spec: PositionBpbSpec, max_seq_len: int) -> int:
+    """The sequence length bpb by position uses; longer than the model's context is a ValueError."""
+    length = spec.length or max_seq_len
+    if length > max_seq_len:
+        raise ValueError(
+            f"bpb_by_position.length {length} > the model's max_seq_len {max_seq_len}: lower bpb_by_position.length"
+        )
+    return length
+
+
 def evaluate_bpb_by_position(
     model, tokenizer: Tokenizer, spec: PositionBpbSpec, settings: Settings
 ) -> tuple[list[PositionBpb], list[str]]:
     """(results per language, notes). A file with no sequence of `length` tokens is a ValueError naming it."""
-    max_len = model.cfg.max_seq_len
-    length = spec.length or max_len
-    if length > max_len:
-        raise ValueError(
-            f"bpb_by_position.length {length} > the model's max_seq_len {max_len}: lower bpb_by_position.length"
-        )
+    length = position_length(spec, model.cfg.max_seq_len)
     results, notes = [], []
     was_training = model.training
     model.eval()
