@@ -53,6 +53,18 @@ def settings_for(home: Path, data: Path) -> Settings:
     )
 
 
+class BigramLM(torch.nn.Module):
+    """logits[t] = table[token t]: log-likelihoods computable by hand."""
+
+    def __init__(self, table: torch.Tensor, max_seq_len: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone(), requires_grad=False)
+        self.cfg = types.SimpleNamespace(max_seq_len=max_seq_len, vocab_size=table.shape[0])
+
+    def forward(self, ids):
+        return types.SimpleNamespace(logits=self.table[ids])
+
+
 # ---------------------------------------------------------------------------------------- the prompts
 
 
@@ -159,7 +171,9 @@ def tiny(tmp_path_factory, data_dir):
 def test_real_tiny_model_passkey_answers_are_its_greedy_continuations(tiny):
     spec = PasskeySpec(lengths=[128, 509, 600], depths=[0.0, 1.0], samples=1, max_new_tokens=4)
     res = evaluate_passkey(tiny.model, tiny.tokenizer, spec)
-    assert res.lengths == [128] and len(res.notes) == 2  # 509 + 4 and 600 + 4 > 512: skipped
+    assert (
+        res.lengths == [128] and len(res.notes) == 2
+    )  # 509 + 6 and 600 + 6 > 512: skipped (the key: 6 tokens)
     prompts, _ = build_passkey_prompts(spec, tiny.tokenizer, tiny.model.cfg.max_seq_len)
     for p, r in zip(prompts, res.records):
         ids = list(p.ids)
@@ -172,21 +186,33 @@ def test_real_tiny_model_passkey_answers_are_its_greedy_continuations(tiny):
         assert r["answer"] == tiny.tokenizer.decode(ids[len(p.ids) :])
         assert r["correct"] == answer_matches(r["answer"], p.key)
     assert 0.0 <= res.metrics()["passkey/128/acc"] <= 1.0
+    assert res.metrics()["passkey/128/nll"] == pytest.approx(sum(r["key_nll"] for r in res.records) / 2)
+
+
+def bigram_nll(table: torch.Tensor, tokens: list[int], first: int) -> float:
+    """-sum_{p >= first} ln softmax(table[tokens[p-1]])[tokens[p]], in Python floats."""
+    total = 0.0
+    for p in range(first, len(tokens)):
+        row = [float(x) for x in table[tokens[p - 1]]]
+        m = max(row)
+        total += m + math.log(sum(math.exp(x - m) for x in row)) - row[tokens[p]]
+    return total
+
+
+def test_key_nll_is_the_teacher_forced_key_likelihood(tokenizer):
+    from jobs.evaluation.long_context import key_nll
+
+    torch.manual_seed(1)
+    table = torch.randn(tokenizer.vocab_size, tokenizer.vocab_size)
+    model = BigramLM(table, max_seq_len=128)
+    prompts, _ = build_passkey_prompts(PasskeySpec(lengths=[100], depths=[0.5], samples=3), tokenizer, 128)
+    got = key_nll(model, tokenizer, prompts)
+    for p, nll in zip(prompts, got):
+        key = tokenizer.encode(" " + p.key)
+        assert nll == pytest.approx(bigram_nll(table, [*p.ids, *key], len(p.ids)) / len(key), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- bpb by position
-
-
-class BigramLM(torch.nn.Module):
-    """logits[t] = table[token t]: log-likelihoods computable by hand."""
-
-    def __init__(self, table: torch.Tensor, max_seq_len: int):
-        super().__init__()
-        self.table = torch.nn.Parameter(table.clone(), requires_grad=False)
-        self.cfg = types.SimpleNamespace(max_seq_len=max_seq_len, vocab_size=table.shape[0])
-
-    def forward(self, ids):
-        return types.SimpleNamespace(logits=self.table[ids])
 
 
 def test_bpb_by_position_equals_the_hand_computation(tokenizer, tmp_path):
@@ -270,7 +296,7 @@ def test_eval_stage_writes_the_long_context_table_heatmap_and_metrics(tiny, data
     settings = settings_for(tmp_path, data_dir)
     out = evaluate(load_model(cfg.model, settings), cfg, settings, tmp_path / "out")
     m = out.metrics
-    assert {"passkey/128/acc", "passkey/160/depth50/acc", "passkey/all/acc"} <= set(m)
+    assert {"passkey/128/acc", "passkey/160/depth50/acc", "passkey/all/acc", "passkey/all/nll"} <= set(m)
     assert "passkey/1024/acc" not in m
     assert [k for k in m if k.startswith("bpb_by_position/")] == [
         f"bpb_by_position/en/{lo}-{lo + 64}" for lo in (0, 64, 128, 192)

@@ -574,9 +574,9 @@ class EvalConfig(StrictModel):
         lc = self.long_context
         if lc.passkey is not None:
             pk = lc.passkey
-            out.add("passkey/all/acc")
+            out |= {"passkey/all/acc", "passkey/all/nll"}
             for n in pk.lengths:
-                out.add(f"passkey/{n}/acc")
+                out |= {f"passkey/{n}/acc", f"passkey/{n}/nll"}
                 out |= {f"passkey/{n}/{depth_label(d)}/acc" for d in pk.depths}
         if lc.bpb_by_position is not None and lc.bpb_by_position.length is not None:
             pb = lc.bpb_by_position

@@ -8,7 +8,8 @@ exactly L tokens are built offline from the seed:
 The key sentence holds a random `digits`-digit number (first digit non-zero) twice; the filler is neutral sentences
 repeated, or corpus sentences shuffled by the seed. The model continues the question greedily (llm_core.generate,
 temperature 0); a prompt is answered when the continuation, stripped, starts with exactly the key (its leading run
-of digits equals it). Accuracy is reported per (length, depth) cell, per length (over depths) and overall. A
+of digits equals it). Accuracy is reported per (length, depth) cell, per length (over depths) and overall, beside
+the key's teacher-forced NLL per token, -ln P(" <key>" | prompt) / key tokens, a soft score (per length, overall). A
 length whose prompt plus answer does not fit the model's max_seq_len is skipped with a note, never truncated.
 
 Bits-per-byte by position. Texts (e.g. a long book, or a text set's lines joined) are tokenized and cut into
@@ -96,10 +97,11 @@ def build_passkey_prompts(
     prompts: list[PasskeyPrompt] = []
     notes: list[str] = []
     lengths = []
+    room = max(spec.answer_tokens, spec.digits + 1)  # the answer, and the key scored after the prompt
     for n in spec.lengths:
-        if n + spec.answer_tokens > max_seq_len:
+        if n + room > max_seq_len:
             notes.append(
-                f"passkey length {n} skipped: {n} prompt + {spec.answer_tokens} answer tokens exceed the model's "
+                f"passkey length {n} skipped: {n} prompt + {room} answer tokens exceed the model's "
                 f"max_seq_len {max_seq_len}"
             )
         else:
@@ -162,8 +164,12 @@ class PasskeyResult:
                 out[f"passkey/{n}/{depth_label(d)}/acc"] = self.cell(n, d)
             rs = [r for r in self.records if r["length"] == n]
             out[f"passkey/{n}/acc"] = sum(r["correct"] for r in rs) / len(rs)
+            if all("key_nll" in r for r in rs):
+                out[f"passkey/{n}/nll"] = sum(r["key_nll"] for r in rs) / len(rs)
         if self.records:
             out["passkey/all/acc"] = sum(r["correct"] for r in self.records) / len(self.records)
+            if all("key_nll" in r for r in self.records):
+                out["passkey/all/nll"] = sum(r["key_nll"] for r in self.records) / len(self.records)
         return out
 
     def to_dict(self) -> dict:
@@ -223,6 +229,17 @@ def greedy_continuation(
     return run
 
 
+def key_nll(model, tokenizer: Tokenizer, prompts: Sequence[PasskeyPrompt]) -> list[float]:
+    """Per prompt, -ln P(" <key>" | prompt) per key token (nats), teacher-forced: a soft score that moves before
+    exact-match accuracy does (a model that half-remembers the key gets a lower NLL, not a higher accuracy)."""
+    from llm_core.scoring import Scorer, ScoreRequest
+
+    keys = tokenizer.encode_batch([" " + p.key for p in prompts])
+    scorer = Scorer(model, window=model.cfg.max_seq_len, batch_tokens=16384)
+    scores = scorer.score([ScoreRequest([*p.ids, *k], len(p.ids)) for p, k in zip(prompts, keys)])
+    return [-s.logprob / s.tokens for s in scores]
+
+
 def evaluate_passkey(
     model,
     tokenizer: Tokenizer,
@@ -235,6 +252,8 @@ def evaluate_passkey(
     # one length per batch: no padding, and the longest prompts do not hold the short ones back
     batch = max(1, 16384 // max(spec.lengths))
     records = score_passkey(prompts, fn, batch_size=batch)
+    for r, nll in zip(records, key_nll(model, tokenizer, prompts)):
+        r["key_nll"] = nll
     lengths = sorted({p.length for p in prompts})
     return PasskeyResult(records=records, notes=notes, lengths=lengths, depths=list(spec.depths))
 
@@ -370,12 +389,13 @@ def long_context_markdown(
         if passkey.lengths:
             parts.append(
                 md_table(
-                    ["length", *[f"{d:.0%}" for d in passkey.depths], "all depths"],
+                    ["length", *[f"{d:.0%}" for d in passkey.depths], "all depths", "key NLL/token"],
                     [
                         [
                             n,
                             *[passkey.cell(n, d) for d in passkey.depths],
                             passkey.metrics()[f"passkey/{n}/acc"],
+                            passkey.metrics().get(f"passkey/{n}/nll"),
                         ]
                         for n in passkey.lengths
                     ],

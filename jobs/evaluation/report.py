@@ -188,7 +188,9 @@ def default_columns(metric_names: list[str]) -> list[str]:
     bpb = [m for m in metric_names if m.startswith("bpb/") and not m.endswith("/avg")]
     acc = [m for m in metric_names if m.startswith("mc/") and m.endswith("/acc")]
     gen = [m for m in ("gen/all/lang_consistency", "gen/all/refusal_rate") if m in metric_names]
-    passkey = [m for m in metric_names if m.startswith("passkey/") and m.count("/") == 2]  # per length, all
+    passkey = [
+        m for m in metric_names if m.startswith("passkey/") and m.count("/") == 2 and m.endswith("/acc")
+    ]
     return bpb + acc + gen + passkey
 
 
