@@ -4,7 +4,8 @@
         --config configs/eval/<suite>.yaml [--promote] [key=value ...]
 
 Scores the model on the suite (bits-per-byte and perplexity per language on held-out text, multiple-choice suites
-by log-likelihood, generation checks, optionally lm-evaluation-harness), logs a run to MLflow (experiment
+by log-likelihood, generation checks, long-context checks: passkey retrieval and bits-per-byte by position,
+optionally lm-evaluation-harness), logs a run to MLflow (experiment
 tulpar-eval) with params, metrics and artifacts (report.md, results.json, predictions, the comparison table and
 chart), tags the model version with the results (tulpar.eval.<suite>.<metric>), checks the gate against the current
 @champion (tags tulpar.gate.<alias> = pass|fail with the reasons, either way) and, with --promote, moves the alias
@@ -36,6 +37,15 @@ from jobs.evaluation.harness import (
     write_text_task,
 )
 from jobs.evaluation.lm import LMEvaluator
+from jobs.evaluation.long_context import (
+    evaluate_bpb_by_position,
+    evaluate_passkey,
+    long_context_markdown,
+    passkey_heatmap,
+    position_length,
+    position_metrics,
+    position_plot,
+)
 from jobs.evaluation.models import LoadedModel, load_model
 from jobs.evaluation.multiple_choice import (
     MCResult,
@@ -77,6 +87,8 @@ class EvalOutput:
     lm_eval: dict[str, float] = field(default_factory=dict)
     lm_eval_cmd: list[str] | None = None
     scoring: dict = field(default_factory=dict)
+    long_context: dict = field(default_factory=dict)  # passkey grid, bpb by position, notes
+    long_context_md: str = ""
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -143,6 +155,8 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, settings: Settings, out_dir: 
             f"[{loaded.label}] generation ({'chat' if chat else 'plain'}): consistency {out.gen_metrics.get('gen/all/lang_consistency', 0):.2f}, refusal {out.gen_metrics.get('gen/all/refusal_rate', 0):.2f}",
             flush=True,
         )
+    if cfg.long_context.enabled:
+        run_long_context(loaded, cfg, settings, out_dir, out)
     if cfg.lm_eval.enabled:
         out.lm_eval, out.lm_eval_cmd = run_harness(loaded, cfg, settings, out_dir, ev)
         out.metrics.update(out.lm_eval)
@@ -157,6 +171,7 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, settings: Settings, out_dir: 
             "metrics": out.metrics,
             "text": [r.to_dict() for r in out.text],
             "multiple_choice": [r.summary() for r in out.mc],
+            **({"long_context": out.long_context} if out.long_context else {}),
         },
     )
     if out.mc:
@@ -174,6 +189,54 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, settings: Settings, out_dir: 
             "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in out.generations),
         )
     return out
+
+
+def run_long_context(
+    loaded: LoadedModel, cfg: EvalConfig, settings: Settings, out_dir: Path, out: EvalOutput
+) -> None:
+    """Passkey retrieval and bpb by position: metrics into `out`, plus long_context.md/.json, passkey_records.jsonl
+    and the PNGs (passkey_heatmap.png, bpb_by_position.png) in out_dir."""
+    lc = cfg.long_context
+    if lc.bpb_by_position is not None:  # a length the model cannot take fails before the passkey grid runs
+        position_length(lc.bpb_by_position, loaded.model.cfg.max_seq_len)
+    passkey, positions, notes = None, [], []
+    if lc.passkey is not None:
+        passkey = evaluate_passkey(loaded.model, loaded.tokenizer, lc.passkey, settings)
+        notes += passkey.notes
+        out.metrics.update(passkey.metrics())
+        out.long_context["passkey"] = passkey.to_dict()
+        atomic_write_text(
+            out_dir / "passkey_records.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in passkey.records),
+        )
+        if passkey.lengths:
+            passkey_heatmap(passkey, out_dir / "passkey_heatmap.png", f"{loaded.label}: passkey accuracy")
+        for n in passkey.lengths:
+            print(
+                f"[{loaded.label}] passkey {n} tokens: acc {out.metrics[f'passkey/{n}/acc']:.2f}", flush=True
+            )
+    if lc.bpb_by_position is not None:
+        positions, pos_notes = evaluate_bpb_by_position(
+            loaded.model, loaded.tokenizer, lc.bpb_by_position, settings
+        )
+        notes += pos_notes
+        out.metrics.update(position_metrics(positions))
+        out.long_context["bpb_by_position"] = [r.to_dict() for r in positions]
+        position_plot(
+            positions, out_dir / "bpb_by_position.png", f"{loaded.label}: bits-per-byte by position"
+        )
+        for r in positions:
+            print(
+                f"[{loaded.label}] bpb by position {r.language}: "
+                + " ".join(f"{b['lo']}-{b['hi']}:{b['bpb']:.3f}" for b in r.buckets),
+                flush=True,
+            )
+    for n in notes:
+        print(f"[{loaded.label}] note: {n}", flush=True)
+    out.long_context["notes"] = notes
+    out.long_context_md = long_context_markdown(passkey, positions, notes)
+    atomic_write_text(out_dir / "long_context.md", out.long_context_md)
+    atomic_write_json(out_dir / "long_context.json", out.long_context)
 
 
 def run_harness(
@@ -339,8 +402,16 @@ def check_config(cfg: EvalConfig) -> None:
             "no model to evaluate: pass --model models:/<name>/<version> | models:/<name>@<alias> | <HF dir> | "
             "<checkpoint dir> (or model.source=...)"
         )
-    if not (cfg.text or cfg.multiple_choice or cfg.generation.enabled or cfg.lm_eval.enabled):
-        raise ValueError(f"suite {cfg.name!r} evaluates nothing: add text, multiple_choice or generation")
+    if not (
+        cfg.text
+        or cfg.multiple_choice
+        or cfg.generation.enabled
+        or cfg.lm_eval.enabled
+        or cfg.long_context.enabled
+    ):
+        raise ValueError(
+            f"suite {cfg.name!r} evaluates nothing: add text, multiple_choice, generation or long_context"
+        )
     if cfg.promote:
         if not registry.is_registered(cfg.model.source):
             raise ValueError(
@@ -352,8 +423,13 @@ def check_config(cfg: EvalConfig) -> None:
                 "--promote needs gate.rules in the config: the alias moves only when they all hold"
             )
     expected = cfg.expected_metrics()
+    pb = cfg.long_context.bpb_by_position
+    # bucket names depend on the model's max_seq_len when bpb_by_position.length is not set
+    open_prefixes = (
+        ("lm_eval/", "bpb_by_position/") if pb is not None and pb.length is None else ("lm_eval/",)
+    )
     for rule in cfg.gate.rules:
-        if rule.metric not in expected and not rule.metric.startswith("lm_eval/"):
+        if rule.metric not in expected and not rule.metric.startswith(open_prefixes):
             raise ValueError(
                 f"gate rule metric {rule.metric!r} is not produced by suite {cfg.name!r}: use one of "
                 f"{sorted(expected)[:30]}"
@@ -412,6 +488,8 @@ def main(cfg: EvalConfig, settings: Settings) -> JobResult:
             decision.to_dict() if decision else None,
             res.scoring,
         )
+        if res.long_context_md:
+            report += "\n" + res.long_context_md
         if comparison.get("markdown"):
             report += "\n## Comparison across versions\n\n" + comparison["markdown"] + "\n"
         atomic_write_text(out_dir / "report.md", report)
@@ -450,6 +528,15 @@ def eval_identity(cfg: EvalConfig, loaded: LoadedModel, settings: Settings) -> d
         identity["model_files"] = stat_fingerprint(Path(loaded.uri))
     identity["eval_data"] = stat_fingerprint(settings.data / "eval")
     identity["suites"] = {s.name: stat_fingerprint(Path(s.path)) for s in cfg.multiple_choice if s.path}
+    lc = cfg.long_context
+    if lc.bpb_by_position is not None:  # long texts usually live outside TULPAR_DATA/eval (e.g. corpus/)
+        identity["bpb_by_position"] = {
+            lang: stat_fingerprint(resolve_path(f, settings)) for lang, f in lc.bpb_by_position.files.items()
+        }
+    if lc.passkey is not None and lc.passkey.filler == "corpus":
+        identity["passkey_corpus"] = {
+            lang: stat_fingerprint(settings.data / "corpus" / lang) for lang in lc.passkey.languages
+        }
     return identity
 
 

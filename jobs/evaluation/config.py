@@ -238,7 +238,142 @@ class GenerationSpec(StrictModel):
         return v
 
 
-LOWER_IS_BETTER = ("bpb", "ppl", "nll", "loss", "refusal_rate", "undetected_rate", "truncated_rate")
+PASSKEY_TEXT: dict[str, dict[str, str]] = {
+    # per language: the instruction before the filler, the sentence holding the key ({key}), the question after
+    # it, and the neutral sentences of the `repeat` filler
+    "en": {
+        "intro": "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.",
+        "needle": " The pass key is {key}. Remember it. {key} is the pass key.",
+        "question": " What is the pass key? The pass key is",
+        "filler": "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+    },
+    "ru": {
+        "intro": "В длинном тексте ниже спрятан код доступа. Найдите и запомните его.",
+        "needle": " Код доступа: {key}. Запомните его. {key} — это код доступа.",
+        "question": " Какой код доступа? Код доступа:",
+        "filler": "Трава зелёная. Небо голубое. Солнце жёлтое. Вот и всё. Туда и обратно.",
+    },
+    "kk": {
+        "intro": "Төмендегі ұзын мәтінде құпия код жасырылған. Оны тауып, есте сақтаңыз.",
+        "needle": " Құпия код: {key}. Оны есте сақтаңыз. {key} — құпия код.",
+        "question": " Құпия код қандай? Құпия код:",
+        "filler": "Шөп жасыл. Аспан көк. Күн сары. Міне, осылай. Барып, қайтамыз.",
+    },
+}
+
+
+class PasskeySpec(StrictModel):
+    """Passkey retrieval: a `digits`-digit number hidden at each depth of filler text of each length; the model's
+    greedy continuation of the question must start with exactly that number (jobs.evaluation.long_context)."""
+
+    lengths: list[int] = Field(
+        default_factory=lambda: [256, 512, 1024],
+        description="prompt lengths in tokens (start token, instruction, filler, key sentence, question); "
+        "lengths that leave no room for the answer in the model's max_seq_len are skipped with a note",
+    )
+    depths: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="where the key sentence sits in the filler: 0 = right after the instruction, 1 = right "
+        "before the question",
+    )
+    digits: int = Field(5, ge=1, le=18)
+    samples: int = Field(
+        2, gt=0, description="prompts (different keys and filler) per language, length and depth"
+    )
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="of kk, ru, en")
+    filler: Literal["repeat", "corpus"] = Field(
+        "repeat",
+        description="repeat: the language's neutral sentences over and over; corpus: sentences of "
+        "TULPAR_DATA/corpus/<lang> shuffled by the seed",
+    )
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="tokens generated per answer; default digits + 3"
+    )
+    seed: int = 0
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 8 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"passkey.lengths {v} must be distinct token counts >= 8")
+        return sorted(v)
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= d <= 1.0 for d in v) or len(set(v)) != len(v):
+            raise ValueError(f"passkey.depths {v} must be distinct fractions in [0, 1]")
+        return sorted(v)
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, v: list[str]) -> list[str]:
+        bad = [lang for lang in v if lang not in PASSKEY_TEXT]
+        if not v or bad:
+            raise ValueError(f"passkey.languages {v}: each must be one of {sorted(PASSKEY_TEXT)}")
+        return v
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.max_new_tokens or self.digits + 3
+
+
+class PositionBpbSpec(StrictModel):
+    """Bits-per-byte by position bucket: long texts cut into sequences of `length` tokens, each scored in one
+    forward pass, bpb reported per bucket of positions (jobs.evaluation.long_context)."""
+
+    files: dict[str, str] = Field(
+        description="language -> text file (.txt or .jsonl); relative paths are under TULPAR_DATA, else the "
+        "working directory"
+    )
+    unit: Literal["line", "paragraph", "file"] = Field(
+        "file", description="what one document is (as in text sets)"
+    )
+    text_field: str = "text"
+    concatenate: bool = Field(
+        True,
+        description="join the documents with line breaks into one stream before cutting it into sequences "
+        "(short documents, e.g. lines, would otherwise be too short for any sequence)",
+    )
+    length: int | None = Field(
+        None, gt=1, description="tokens per scored sequence; default the model's max_seq_len"
+    )
+    bucket: int = Field(128, gt=0, description="positions per bucket: 0-128, 128-256, ...")
+    max_sequences: int = Field(8, gt=0, description="sequences scored per language")
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("bpb_by_position.files needs at least one language -> file")
+        return v
+
+    def buckets(self, length: int) -> list[tuple[int, int]]:
+        """[lo, hi) position ranges covering 0..length."""
+        return [(lo, min(lo + self.bucket, length)) for lo in range(0, length, self.bucket)]
+
+
+class LongContextSpec(StrictModel):
+    """Long-context checks; each part runs only when its section is given."""
+
+    passkey: PasskeySpec | None = None
+    bpb_by_position: PositionBpbSpec | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.passkey is not None or self.bpb_by_position is not None
+
+
+LOWER_IS_BETTER = (
+    "bpb",
+    "bpb_by_position",
+    "ppl",
+    "nll",
+    "loss",
+    "refusal_rate",
+    "undetected_rate",
+    "truncated_rate",
+)
 HIGHER_IS_BETTER = ("acc", "acc_norm", "lang_consistency")
 
 
@@ -277,8 +412,13 @@ class GateRule(StrictModel):
         return self.direction if self.direction != "auto" else (metric_direction(self.metric) or "lower")
 
 
+def depth_label(depth: float) -> str:
+    """The metric-name form of a passkey depth: 0.25 -> depth25, 0.125 -> depth12.5."""
+    return f"depth{depth * 100:g}"
+
+
 def metric_direction(metric: str) -> str | None:
-    kind = metric.split("/")[-1] if metric.startswith(("mc/", "gen/")) else metric.split("/")[0]
+    kind = metric.split("/")[-1] if metric.startswith(("mc/", "gen/", "passkey/")) else metric.split("/")[0]
     if metric.startswith("lm_eval/"):
         kind = metric.split("/")[-1].split(",")[0]
     if kind in LOWER_IS_BETTER or kind in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
@@ -344,6 +484,9 @@ class EvalConfig(StrictModel):
         description="off when the section is absent; on (enabled: true) when it is given",
     )
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    long_context: LongContextSpec = Field(
+        default_factory=LongContextSpec, description="passkey retrieval and bits-per-byte by position"
+    )
     gate: GateSpec = Field(default_factory=GateSpec)
     lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec)
     compare: CompareSpec = Field(default_factory=CompareSpec)
@@ -403,6 +546,8 @@ class EvalConfig(StrictModel):
             "scoring": self.scoring.model_dump(mode="json", exclude={"batch_tokens"}),
             "dtype": self.model.dtype,
         }
+        if self.long_context.enabled:  # absent from older suites' hashes, so their results stay comparable
+            keep["long_context"] = self.long_context.model_dump(mode="json")
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
     def expected_metrics(self) -> set[str]:
@@ -426,6 +571,17 @@ class EvalConfig(StrictModel):
                         "truncated_rate",
                     )
                 }
+        lc = self.long_context
+        if lc.passkey is not None:
+            pk = lc.passkey
+            out |= {"passkey/all/acc", "passkey/all/nll"}
+            for n in pk.lengths:
+                out |= {f"passkey/{n}/acc", f"passkey/{n}/nll"}
+                out |= {f"passkey/{n}/{depth_label(d)}/acc" for d in pk.depths}
+        if lc.bpb_by_position is not None and lc.bpb_by_position.length is not None:
+            pb = lc.bpb_by_position
+            for lang in pb.files:
+                out |= {f"bpb_by_position/{lang}/{lo}-{hi}" for lo, hi in pb.buckets(pb.length)}
         return out
 
     def with_inputs(self, inputs: dict[str, StageResult]) -> EvalConfig:

@@ -184,11 +184,14 @@ def model_report(
 
 
 def default_columns(metric_names: list[str]) -> list[str]:
-    """bpb per set and language, MC accuracies, then generation rates, in the suite's order."""
+    """bpb per set and language, MC accuracies, generation rates, then passkey accuracy, in the suite's order."""
     bpb = [m for m in metric_names if m.startswith("bpb/") and not m.endswith("/avg")]
     acc = [m for m in metric_names if m.startswith("mc/") and m.endswith("/acc")]
     gen = [m for m in ("gen/all/lang_consistency", "gen/all/refusal_rate") if m in metric_names]
-    return bpb + acc + gen
+    passkey = [
+        m for m in metric_names if m.startswith("passkey/") and m.count("/") == 2 and m.endswith("/acc")
+    ]
+    return bpb + acc + gen + passkey
 
 
 def version_rows(name: str, suite: str, suite_sha: str, max_versions: int) -> list[dict]:

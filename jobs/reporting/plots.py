@@ -105,3 +105,60 @@ def plot_metric_panels(history: list[dict[str, float]], keys: list[str], path: P
     fig.suptitle(title)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def plot_heatmap(
+    values: list[list[float]],
+    row_labels: list[str],
+    col_labels: list[str],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
+    """A matrix as a heat-map with each cell's value written in it (e.g. passkey accuracy, length x depth)."""
+    plt = pyplot()
+    data = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.5, 0.55 * len(row_labels) + 1.8), dpi=110)
+    im = ax.imshow(data, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    lo = np.nanmin(data) if vmin is None else vmin
+    hi = np.nanmax(data) if vmax is None else vmax
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            mid = abs(data[i, j] - (lo + hi) / 2) < 0.3 * max(hi - lo, 1e-9)
+            ax.text(
+                j,
+                i,
+                f"{data[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if mid else "white",
+            )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax)
+    return save_png(fig, path)
+
+
+def plot_lines(
+    curves: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str, ylabel: str
+) -> Path:
+    """One marked line per label (e.g. bits-per-byte by position bucket, one line per language)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for label, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_png(fig, path)
