@@ -271,7 +271,7 @@ def check_inputs(cfg: PretrainConfig, dataset: TokenDataset) -> Tokenizer:
 
 
 def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
-    init_dir, init_identity = None, {}
+    init_dir, init_identity, init_max_seq_len = None, {}, 0
     if (
         cfg.init is not None
     ):  # continue from a model: its architecture (plus the context extension) and weights
@@ -279,6 +279,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
         assert start.path is not None  # hf_model returns the files local
         init_dir = start.path
         init_cfg = read_hf_checkpoint(init_dir).cfg
+        init_max_seq_len = init_cfg.max_seq_len
         model_cfg = merged_model_config(init_cfg, cfg.model, cfg.init)
         # the resolved version (an alias moves): in the config, so the run directory and cache key follow it
         cfg = cfg.model_copy(update={"init": start.uri}).with_model(model_cfg)
@@ -294,7 +295,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     dataset_path = resolve_dataset(cfg.data.dataset, settings)
     dataset = TokenDataset.open(dataset_path, verify=cfg.data.verify)
     if init_dir is not None:
-        check_init_vocabulary(init_dir, cfg.model, cfg.init or "", dataset)
+        check_init_vocabulary(init_dir, cfg.model, str(cfg.init), dataset)
     else:
         cfg = cfg.with_vocabulary(dataset.vocab_size)  # the model's vocabulary is the dataset's tokenizer's
     tokenizer = check_inputs(cfg, dataset)
@@ -324,7 +325,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     if cfg.init is not None:
         extension = cfg.model.rope_scaling
         print(
-            f"continuing from {cfg.init}: max_seq_len {init_cfg.max_seq_len} -> {cfg.model.max_seq_len}, rope "
+            f"continuing from {cfg.init}: max_seq_len {init_max_seq_len} -> {cfg.model.max_seq_len}, rope "
             f"scaling {extension.type + ' x' + format(extension.factor, 'g') if extension else 'none'}, training "
             f"at seq_len {cfg.train.seq_len}",
             flush=True,

@@ -393,3 +393,39 @@ def test_context_extension_continues_from_the_registered_model(tmp_path, dataset
     moved = result_of(run_pretrain(home, dataset, *extend_args, data_dir=data_dir, config=EXTEND))
     assert moved["reused"] is False and moved["cache_key"] != extended["cache_key"]
     assert moved["outputs"]["parent_model_uri"] == "models:/tulpar-tiny/2"
+
+
+def test_pretrain_task_builds_the_extended_model_with_the_init_weights(foreign_init, dataset):
+    """What a worker builds from `init`: the init's weights exactly, in the extended model (RoPE tables for the new
+    max_seq_len with YaRN scaling); an init of another shape fails the strict load."""
+    import torch
+
+    from jobs.training.tasks import PretrainWindowsTask
+    from llm_core.config import RopeScaling
+    from llm_core.export_hf import load_hf
+    from llm_core.model import rope_inv_freq
+    from llm_core.trainer import TrainConfig
+
+    start = load_hf(foreign_init)
+    extended = start.cfg.model_copy(
+        update={
+            "max_seq_len": 1024,
+            "rope_scaling": RopeScaling(type="yarn", factor=8.0, original_max_seq_len=128),
+        }
+    )
+    task = PretrainWindowsTask(
+        model=extended, init=str(foreign_init), train=TrainConfig(), dataset=str(dataset)
+    )
+    model = task.build_model()
+    assert model.training and model.cfg == extended
+    ours, theirs = model.state_dict(), start.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)
+    inv_freq, scale = rope_inv_freq(extended)
+    assert model.rope.cos.shape[0] == 1024 and scale > 1.0
+    torch.testing.assert_close(model.rope.cos[1000, : inv_freq.numel()], torch.cos(1000 * inv_freq) * scale)
+
+    wider = task.model_copy(update={"model": extended.model_copy(update={"ffn_hidden_dim": 512})})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wider.build_model()
