@@ -429,3 +429,19 @@ def test_pretrain_task_builds_the_extended_model_with_the_init_weights(foreign_i
     wider = task.model_copy(update={"model": extended.model_copy(update={"ffn_hidden_dim": 512})})
     with pytest.raises(RuntimeError, match="size mismatch"):
         wider.build_model()
+
+
+def test_input_init_continues_from_the_version_a_training_result_registered():
+    from jobs.platform.configfile import load_config
+    from jobs.platform.results import ModelVersionOutputs, StageResult
+    from jobs.pretrain import PretrainConfig
+
+    def result(model_uri):
+        dirs = {"hf_dir": "/m", "checkpoint_dir": "/c", "best_checkpoint": "/c/best"}
+        return StageResult(stage="pretrain", outputs=ModelVersionOutputs(model_uri=model_uri, **dirs))
+
+    cfg = load_config(PretrainConfig, REPO / EXTEND)
+    assert cfg.with_inputs({"init": result("models:/tulpar-tiny/3")}).init == "models:/tulpar-tiny/3"
+    unregistered = result(None)
+    with pytest.raises(ValueError, match="registered no model version"):
+        cfg.with_inputs({"init": unregistered})
