@@ -346,7 +346,7 @@ def test_context_extension_continues_from_the_registered_model(tmp_path, dataset
     from llm_core.checkpoint import load_model_from_checkpoint
 
     home = tmp_path / "home"
-    scratch_args = ("train.steps=40", "train.eval_every=40", "train.log_every=1")
+    scratch_args = ("train.steps=80", "train.eval_every=80", "train.log_every=1")
     scratch = result_of(run_pretrain(home, dataset, *scratch_args, data_dir=data_dir))
     extend_args = ("train.steps=6", "train.seq_len=256", "train.eval_every=6", "train.log_every=1")
     proc = run_pretrain(home, dataset, *extend_args, data_dir=data_dir, config=EXTEND)
@@ -362,7 +362,7 @@ def test_context_extension_continues_from_the_registered_model(tmp_path, dataset
         return {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
 
     first_scratch, first_extended = losses(scratch["mlflow_run_id"])[1], losses(extended["mlflow_run_id"])[1]
-    # from scratch: ~ln(1024) = 6.9; the loaded weights start where 40 steps of training left off
+    # from scratch: ~ln(1024) = 6.9; the loaded weights start where 80 steps of training left off
     assert first_scratch > 6.5 and first_extended < first_scratch - 1.0, (first_scratch, first_extended)
 
     out = extended["outputs"]
