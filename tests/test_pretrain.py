@@ -374,7 +374,7 @@ def test_context_extension_continues_from_the_registered_model(tmp_path, dataset
         client.get_run(extended["mlflow_run_id"]).data.tags["tulpar.parent_model_uri"]
         == "models:/tulpar-tiny/1"
     )
-    assert client.get_model_version_by_alias("tulpar-tiny", "pretrain-latest").version == "1"
+    assert str(client.get_model_version_by_alias("tulpar-tiny", "pretrain-latest").version) == "1"
 
     local = mlflow.artifacts.download_artifacts(out["model_uri"], dst_path=str(tmp_path / "dl"))
     hf = AutoModelForCausalLM.from_pretrained(local).eval()
