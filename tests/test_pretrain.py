@@ -1,4 +1,5 @@
-"""Distributed pretraining on Ray Train: the job end to end, 1 vs 2 workers, and recovery from a killed worker."""
+"""Distributed pretraining on Ray Train: the job end to end, 1 vs 2 workers, recovery from a killed worker, and
+continued pretraining from a model (`init`) with context extension."""
 
 import datetime as dt
 import json
@@ -65,7 +66,9 @@ def dataset(tmp_path_factory, data_dir) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data"), data_dir)
 
 
-def run_pretrain(home: Path, dataset: Path, *overrides: str, data_dir: Path) -> subprocess.CompletedProcess:
+def run_pretrain(
+    home: Path, dataset: Path, *overrides: str, data_dir: Path, config: str = "configs/pretrain/tiny.yaml"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
@@ -74,7 +77,7 @@ def run_pretrain(home: Path, dataset: Path, *overrides: str, data_dir: Path) -> 
         "-m",
         "jobs.pretrain",
         "--config",
-        "configs/pretrain/tiny.yaml",
+        config,
         f"data.dataset={dataset}",
         "train.batch_size=8",
         "train.seq_len=64",
@@ -259,3 +262,186 @@ def test_missing_dataset_and_vocab_mismatch_are_user_errors(tmp_path, dataset, d
     proc = run_pretrain(tmp_path / "home", dataset, "model.vocab_size=512", data_dir=data_dir)
     assert proc.returncode == 2 and "model.vocab_size (512) cannot be set" in proc.stderr
     assert "the dataset's tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ continued pretraining (init)
+
+EXTEND = "configs/pretrain/tiny-extend.yaml"
+
+
+def tiny_init_config(**changes):
+    from jobs.platform.configfile import model_config_from_preset
+
+    return model_config_from_preset("tiny", ["vocab_size=1024"]).model_copy(update=changes)
+
+
+def test_init_fixes_the_architecture_except_the_context():
+    from jobs.platform.configfile import load_config
+    from jobs.pretrain import PretrainConfig, merged_model_config
+
+    init = tiny_init_config()
+    recipe = load_config(PretrainConfig, REPO / EXTEND)
+    extended = merged_model_config(init, recipe.model, "models:/tulpar-tiny/1")
+    assert extended.rope_scaling.type == "yarn" and extended.rope_scaling.factor == 4.0
+    assert extended.model_dump(exclude={"rope_scaling"}) == init.model_dump(exclude={"rope_scaling"})
+    # a full preset equal to the init's is accepted as given (no change)
+    same = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", ["init=/models/x"])
+    assert merged_model_config(init, same.model, "x") == init.model_copy(update={"name": same.model.name})
+    longer = load_config(PretrainConfig, REPO / EXTEND, ["model.max_seq_len=2048", "model.rope_scaling=null"])
+    assert merged_model_config(init, longer.model, "x").max_seq_len == 2048
+
+    for override, message in [
+        ("model.dim=256", r"model\.dim = 256 differs from the init model's 128 \(models:/tulpar-tiny/1\)"),
+        ("model.num_kv_heads=4", r"model\.num_kv_heads = 4 differs from the init model's 2"),
+        ("model.max_seq_len=256", r"model\.max_seq_len = 256 is below the init model's 512"),
+        ("model.rope_scaling.factor=2", r"rope_scaling\.factor \(2\.0\) must equal max_seq_len"),
+    ]:
+        cfg = load_config(PretrainConfig, REPO / EXTEND, [override])
+        with pytest.raises(ValueError, match=message):
+            merged_model_config(init, cfg.model, "models:/tulpar-tiny/1")
+    # without init, a partial model is incomplete, and the message says so
+    with pytest.raises(ValueError, match=r"model\.dim: Field required.*Without init"):
+        load_config(PretrainConfig, REPO / EXTEND, ["init=null"])
+
+
+@pytest.fixture(scope="module")
+def foreign_init(tmp_path_factory, data_dir) -> Path:
+    """An HF model whose tokenizer is not the `dataset` fixture's (same vocabulary size, different merges)."""
+    from tests.factory import train_tiny_hf
+
+    return train_tiny_hf(tmp_path_factory.mktemp("init") / "hf", data_dir, steps=0)
+
+
+def test_bad_init_exits_2_before_training(tmp_path, dataset, foreign_init, data_dir):
+    """Changed dims and a vocabulary that is not the dataset's are user errors naming the key, found before
+    anything trains (no MLflow run, no checkpoint)."""
+    home = tmp_path / "home"
+    proc = run_pretrain(
+        home, dataset, f"init={foreign_init}", "model.num_layers=8", data_dir=data_dir, config=EXTEND
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "model.num_layers = 8 differs from the init model's 4" in proc.stderr
+
+    from llm_core.shards import TokenDataset
+    from llm_core.tokenizer import Tokenizer
+
+    ours, theirs = TokenDataset.open(dataset).tokenizer_sha256, Tokenizer.from_dir(foreign_init).sha256
+    assert ours != theirs
+    proc = run_pretrain(home, dataset, f"init={foreign_init}", data_dir=data_dir, config=EXTEND)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"init {str(foreign_init)!r} has a different vocabulary from the dataset" in proc.stderr
+    assert f"tokenizer sha256 {theirs[:12]}" in proc.stderr and f"tokenizer sha256 {ours[:12]}" in proc.stderr
+    assert not (home / "mlflow.db").exists() and not (home / "runs").exists()
+
+
+@pytest.mark.slow
+def test_context_extension_continues_from_the_registered_model(tmp_path, dataset, data_dir):
+    """tiny-extend.yaml on a registered tiny model: the weights are the init's (first-step loss far below a
+    from-scratch run's), the context is longer with YaRN, lineage names the init version, the HF export matches
+    transformers beyond the original context, and the stage cache follows the init's version."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_core.checkpoint import load_model_from_checkpoint
+
+    home = tmp_path / "home"
+    scratch_args = ("train.steps=80", "train.eval_every=80", "train.log_every=1")
+    scratch = result_of(run_pretrain(home, dataset, *scratch_args, data_dir=data_dir))
+    extend_args = ("train.steps=6", "train.seq_len=256", "train.eval_every=6", "train.log_every=1")
+    proc = run_pretrain(home, dataset, *extend_args, data_dir=data_dir, config=EXTEND)
+    extended = result_of(proc)
+    assert (
+        "continuing from models:/tulpar-tiny/1: max_seq_len 512 -> 512, rope scaling yarn x4" in proc.stdout
+    )
+
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+
+    def losses(run_id):
+        return {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
+
+    first_scratch, first_extended = losses(scratch["mlflow_run_id"])[1], losses(extended["mlflow_run_id"])[1]
+    # from scratch: ~ln(1024) = 6.9; the loaded weights start where 80 steps of training left off
+    assert first_scratch > 6.5 and first_extended < first_scratch - 1.0, (first_scratch, first_extended)
+
+    out = extended["outputs"]
+    assert out["parent_model_uri"] == "models:/tulpar-tiny/1"
+    mv = client.get_model_version_by_alias("tulpar-tiny-long", "pretrain-latest")
+    assert out["model_uri"] == f"models:/tulpar-tiny-long/{mv.version}"
+    assert mv.tags["tulpar.parent_model_uri"] == "models:/tulpar-tiny/1"
+    assert (
+        client.get_run(extended["mlflow_run_id"]).data.tags["tulpar.parent_model_uri"]
+        == "models:/tulpar-tiny/1"
+    )
+    assert str(client.get_model_version_by_alias("tulpar-tiny", "pretrain-latest").version) == "1"
+
+    local = mlflow.artifacts.download_artifacts(out["model_uri"], dst_path=str(tmp_path / "dl"))
+    hf = AutoModelForCausalLM.from_pretrained(local).eval()
+    assert hf.config.max_position_embeddings == 512
+    assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["factor"] == 4.0
+    ours = load_model_from_checkpoint(Path(out["checkpoint_dir"]) / "best").eval()
+    assert ours.cfg.rope_scaling.original_max_seq_len == 128
+    ids = torch.randint(0, 1024, (1, 400))  # far beyond the 128 positions RoPE is scaled from
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+    # the stage cache identity includes the init: the same command is reused, until the alias moves
+    again = result_of(run_pretrain(home, dataset, *extend_args, data_dir=data_dir, config=EXTEND))
+    assert again["reused"] is True and again["outputs"] == out
+    result_of(run_pretrain(home, dataset, "--rerun", *scratch_args, data_dir=data_dir))  # tulpar-tiny v2
+    moved = result_of(run_pretrain(home, dataset, *extend_args, data_dir=data_dir, config=EXTEND))
+    assert moved["reused"] is False and moved["cache_key"] != extended["cache_key"]
+    assert moved["outputs"]["parent_model_uri"] == "models:/tulpar-tiny/2"
+
+
+def test_pretrain_task_builds_the_extended_model_with_the_init_weights(foreign_init, dataset):
+    """What a worker builds from `init`: the init's weights exactly, in the extended model (RoPE tables for the new
+    max_seq_len with YaRN scaling); an init of another shape fails the strict load."""
+    import torch
+
+    from jobs.training.tasks import PretrainWindowsTask
+    from llm_core.config import RopeScaling
+    from llm_core.export_hf import load_hf
+    from llm_core.model import rope_inv_freq
+    from llm_core.trainer import TrainConfig
+
+    start = load_hf(foreign_init)
+    extended = start.cfg.model_copy(
+        update={
+            "max_seq_len": 1024,
+            "rope_scaling": RopeScaling(type="yarn", factor=8.0, original_max_seq_len=128),
+        }
+    )
+    task = PretrainWindowsTask(
+        model=extended, init=str(foreign_init), train=TrainConfig(), dataset=str(dataset)
+    )
+    model = task.build_model()
+    assert model.training and model.cfg == extended
+    ours, theirs = model.state_dict(), start.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)
+    inv_freq, scale = rope_inv_freq(extended)
+    assert model.rope.cos.shape[0] == 1024 and scale > 1.0
+    torch.testing.assert_close(model.rope.cos[1000, : inv_freq.numel()], torch.cos(1000 * inv_freq) * scale)
+
+    wider = task.model_copy(update={"model": extended.model_copy(update={"ffn_hidden_dim": 512})})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wider.build_model()
+
+
+def test_input_init_continues_from_the_version_a_training_result_registered():
+    from jobs.platform.configfile import load_config
+    from jobs.platform.results import ModelVersionOutputs, StageResult
+    from jobs.pretrain import PretrainConfig
+
+    def result(model_uri):
+        dirs = {"hf_dir": "/m", "checkpoint_dir": "/c", "best_checkpoint": "/c/best"}
+        return StageResult(stage="pretrain", outputs=ModelVersionOutputs(model_uri=model_uri, **dirs))
+
+    cfg = load_config(PretrainConfig, REPO / EXTEND)
+    assert cfg.with_inputs({"init": result("models:/tulpar-tiny/3")}).init == "models:/tulpar-tiny/3"
+    unregistered = result(None)
+    with pytest.raises(ValueError, match="registered no model version"):
+        cfg.with_inputs({"init": unregistered})

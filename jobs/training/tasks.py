@@ -8,7 +8,7 @@ builds the task. Registered tasks:
 
 | kind | stage | data | loss |
 |---|---|---|---|
-| `pretrain-windows` | `jobs.pretrain` | random windows of the token shards, per-language validation | next-token CE |
+| `pretrain-windows` | `jobs.pretrain` (from scratch or `init`) | random windows of the token shards, per-language validation | next-token CE |
 | `sft` | `jobs.sft`, black-box `jobs.distill` | prepared chat rows | CE on assistant tokens |
 | `dpo` | `jobs.dpo` | prepared preference pairs + reference log-probs | sigmoid DPO |
 | `whitebox-distill` | white-box `jobs.distill` | prepared chat rows + the teacher | KL to the teacher + CE |
@@ -102,8 +102,22 @@ class PretrainWindowsTask(TrainingTask):
 
     kind: Literal["pretrain-windows"] = "pretrain-windows"
     model: ModelConfig
+    init: str | None = Field(
+        None,
+        description="start from these weights (a local HF directory) instead of random ones; `model` is the init's "
+        "config, possibly with a longer max_seq_len and RoPE scaling (neither changes a weight's shape)",
+    )
     dataset: str = Field(description="the jobs.preprocess output directory or URI")
     languages: list[str] | None = Field(None, description="validation languages; default: all in the dataset")
+
+    def build_model(self) -> Transformer:
+        """The model to train: `model` with random weights, or with the init's weights (RoPE tables are buffers
+        computed from `model`, not weights, so the extended max_seq_len / rope_scaling apply)."""
+        model = Transformer(self.model)
+        if self.init is not None:
+            # strict: a shape or key mismatch (an init that is not this architecture) fails loudly
+            model.load_state_dict(load_hf(self.init).state_dict(), strict=True)
+        return model.train()
 
     def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
         from llm_core.data import RandomWindows
@@ -122,7 +136,7 @@ class PretrainWindowsTask(TrainingTask):
             EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
             for lang in self.languages or dataset.languages
         ]
-        return TaskSetup(Transformer(self.model), sampler, eval_sets)
+        return TaskSetup(self.build_model(), sampler, eval_sets)
 
 
 # ------------------------------------------------------------------------------------------ post-training
