@@ -75,6 +75,16 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
 
 
 def _every_registered_task():
+    from jobs.rlhf.loop import (  # registers the `rl` task (jobs.rl's worker loop)
+        GRPOSettings,
+        PPOSettings,
+        RLEvalConfig,
+        RLTask,
+        RLTrainConfig,
+        RolloutConfig,
+        UpdateConfig,
+    )
+    from jobs.rlhf.rewards import RewardSpec
     from jobs.training.tasks import (
         DPOTask,
         PretrainWindowsTask,
@@ -93,6 +103,21 @@ def _every_registered_task():
         DPOTask(**rows, reference="/models/ref", beta=0.25, label_smoothing=0.1),
         WhiteboxDistillTask(**rows, teacher="/models/teacher", temperature=1.5, alpha=0.3),
         RewardModelTask(**rows),
+        RLTask(
+            train=train,
+            algorithm="ppo",
+            init="/models/start",
+            reference="/models/ref",
+            prompts="/runs/r/prompts.pt",
+            rewards=[RewardSpec(name="length_penalty", weight=0.5, params={"max_tokens": 8})],
+            rollout=RolloutConfig(engine="vllm", num_engines=2, prompts_per_step=4),
+            update=UpdateConfig(updates_per_batch=2, micro_batch_tokens=512),
+            grpo=GRPOSettings(group_size=4),
+            ppo=PPOSettings(kl_target=3.0),
+            evaluation=RLEvalConfig(samples_per_prompt=2),
+            rl_train=RLTrainConfig(steps=7, seed=11),
+            engine_name="tulpar-rollout-r",
+        ),
     ]
 
 
