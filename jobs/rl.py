@@ -125,6 +125,11 @@ class RLConfig(StrictModel):
                 loss_aggregation=self.grpo.loss_aggregation,
                 max_new_tokens=self.rollout.max_new_tokens,
             )
+        if self.ray.parallelism == "fsdp":
+            raise ValueError(
+                "ray.parallelism=fsdp is not supported by jobs.rl: its workers are replicas whose gradients are "
+                "all-reduced (DDP-style). Use ray.parallelism: ddp"
+            )
         if self.rollout.prompts_per_step % self.ray.num_workers:
             raise ValueError(
                 f"rollout.prompts_per_step {self.rollout.prompts_per_step} is not a multiple of ray.num_workers "

@@ -138,6 +138,8 @@ def test_bad_input_is_exit_2_naming_the_setting(sft_model, data_dir, tmp_path, m
             "prompts.max_prompt_tokens=null",
         ],
         "more than prompts.max_prompt_tokens 8": ["prompts.drop_longer=false", "prompts.max_prompt_tokens=8"],
+        # the workers are replicas: FSDP sharding is refused, not silently ignored
+        "ray.parallelism=fsdp is not supported": ["ray.parallelism=fsdp"],
     }
     for expected, args in cases.items():
         code, text = run_in_process(home, data_dir, monkeypatch, capsys, f"init={sft_model}", *args)
