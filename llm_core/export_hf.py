@@ -4,6 +4,8 @@ A dense model becomes a `LlamaForCausalLM` directory, an MoE model with shared e
 directory and an MoE model without them a `MixtralForCausalLM` directory; all load with
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and serve with vLLM, giving the same logits as llm_core.
 `check_exportable` says which configs export at all (run at config validation, before training).
+DeepSeek-V3's MoE (sigmoid router, ungated shared experts) exports only as DeepseekV3ForCausalLM, which needs MLA
+attention: `check_deepseek_v3_moe`, `deepseek_v3_moe_config` and `deepseek_v3_moe_key_plan` are its MoE part.
 
 Layout written by `export_hf`:
 
