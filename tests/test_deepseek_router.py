@@ -256,3 +256,18 @@ def test_deepseek_v3_moe_config_keys_and_mapping_rules():
     ):
         with pytest.raises(ValueError, match=match):
             check_deepseek_v3_moe(bad)
+
+
+def test_bias_update_counts_every_micro_batch():
+    """Gradient accumulation: the update uses the step's counts over all micro-batches, so four micro-batches of 2
+    move the bias as one batch of 8 does (and differently from the last micro-batch alone)."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (8, 32))
+    big, small = sigmoid_trainer(router_bias_update_rate=0.01), sigmoid_trainer(router_bias_update_rate=0.01)
+    big.train_step([(x, x)])
+    small.train_step([(x[i : i + 2], x[i : i + 2]) for i in range(0, 8, 2)])
+    for a, b in zip(big.routers, small.routers):
+        assert torch.equal(a.router_bias, b.router_bias)
+    last_only = sigmoid_trainer(router_bias_update_rate=0.01)
+    last_only.train_step([(x[6:], x[6:])])
+    assert any(not torch.equal(a.router_bias, b.router_bias) for a, b in zip(big.routers, last_only.routers))
