@@ -191,8 +191,10 @@ class MoE(nn.Module):
         super().__init__()
         E, h, D = cfg.num_experts, cfg.expert_hidden_dim, cfg.dim
         self.num_experts, self.top_k, self.norm_topk_prob = E, cfg.num_experts_per_token, cfg.norm_topk_prob
-        self.router_score, self.routed_scaling_factor = cfg.router_score, cfg.routed_scaling_factor
-        self.router_bias_update_rate = cfg.router_bias_update_rate
+        self.routed_scaling_factor, self.router_bias_update_rate = (
+            cfg.routed_scaling_factor,
+            cfg.router_bias_update_rate,
+        )
         self.router = nn.Linear(D, E, bias=False)
         # (E,) float32 selection bias of the sigmoid router (None with softmax); persistent: checkpoints carry it
         sigmoid = cfg.router_score == "sigmoid"
@@ -217,9 +219,8 @@ class MoE(nn.Module):
             return probs, top_w, top_e
         with torch.autocast(xf.device.type, enabled=False):  # routing in fp32, as DeepSeek-V3 (and HF) do
             scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # (N, E)
-        top_e = (
-            (scores + self.router_bias.float()).topk(self.top_k, dim=-1).indices
-        )  # (N, k): the bias only selects
+        # the bias only selects: the experts are the top-k of scores + bias, their weights the unbiased scores
+        top_e = (scores + self.router_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
         top_w = scores.gather(1, top_e)  # (N, k)
         if self.norm_topk_prob:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
