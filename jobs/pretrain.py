@@ -55,9 +55,10 @@ log = logging.getLogger("tulpar.pretrain")
 VOCAB_FROM_TOKENIZER = "vocab_from_tokenizer"  # validation context: the job set model.vocab_size itself
 
 # What a run that starts from `init` may change in the init's model config: the context length and RoPE scaling
-# (context extension), and the fields the weights do not depend on (name, dropout, init_std, aux_loss_coef).
+# (context extension), and the fields the weights do not depend on (name, dropout, init_std, aux_loss_coef,
+# router_bias_update_rate).
 CHANGEABLE_FROM_INIT = frozenset(
-    {"max_seq_len", "rope_scaling", "name", "dropout", "init_std", "aux_loss_coef"}
+    {"max_seq_len", "rope_scaling", "name", "dropout", "init_std", "aux_loss_coef", "router_bias_update_rate"}
 )
 
 # `model:` of a run with `init`: any ModelConfig key, each optional (left out or null: the init's value).

@@ -10,7 +10,17 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer, model_validator
+
+# Serialization context of `config_sha256`: ModelConfig leaves out the fields in _ADDED_MODEL_FIELDS while they hold
+# the value that reproduces the model as it was before they existed.
+_HASH_CONTEXT = "tulpar_config_sha256"
+_ADDED_MODEL_FIELDS: dict[str, Any] = {
+    "router_score": "softmax",
+    "routed_scaling_factor": 1.0,
+    "router_bias_update_rate": 0.001,
+    "shared_expert_gate": True,
+}
 
 
 class ConfigError(ValueError):
@@ -63,10 +73,11 @@ class ModelConfig(StrictModel):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # MoE (num_experts == 0 means dense). Routed experts use softmax top-k routing; the shared experts are
-    # always active and fused into one SwiGLU of width num_shared_experts * moe_ffn_hidden_dim behind a
-    # sigmoid gate, which maps exactly onto Qwen2-MoE's `shared_expert` + `shared_expert_gate`. Without shared
-    # experts the model exports as Mixtral (which needs norm_topk_prob: true; see export_hf.check_exportable).
+    # MoE (num_experts == 0 means dense). Routed experts use top-k routing on softmax scores (Qwen2-MoE/Mixtral) or
+    # on sigmoid scores with a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free balancing); the
+    # shared experts are always active and fused into one SwiGLU of width num_shared_experts * moe_ffn_hidden_dim,
+    # behind a sigmoid gate (Qwen2-MoE's `shared_expert` + `shared_expert_gate`) or ungated (DeepSeek-V3's
+    # `shared_experts`). Which HF architecture each combination exports to: export_hf.check_exportable.
     num_experts: int = Field(0, ge=0)
     num_experts_per_token: int = Field(2, gt=0)
     num_shared_experts: int = Field(0, ge=0)
@@ -75,6 +86,25 @@ class ModelConfig(StrictModel):
     )
     aux_loss_coef: float = Field(0.01, ge=0.0)
     norm_topk_prob: bool = True
+    router_score: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="softmax: top-k of softmax probabilities (Qwen2-MoE, Mixtral); sigmoid: DeepSeek-V3's router, "
+        "top-k of sigmoid scores + a per-expert bias that the trainer moves toward balanced load",
+    )
+    routed_scaling_factor: float = Field(
+        1.0, gt=0, description="router_score sigmoid only: the routed experts' weights are multiplied by it"
+    )
+    router_bias_update_rate: float = Field(
+        0.001,
+        ge=0,
+        description="router_score sigmoid only: after each optimizer step every expert's selection bias moves "
+        "by this much toward balanced load (DeepSeek-V3's gamma); 0 keeps the bias fixed",
+    )
+    shared_expert_gate: bool = Field(
+        True,
+        description="shared experts behind a learned sigmoid gate (Qwen2-MoE); false: always on, ungated "
+        "(DeepSeek-V3)",
+    )
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
@@ -96,6 +126,24 @@ class ModelConfig(StrictModel):
             )
         if self.num_shared_experts and not self.num_experts:
             raise ValueError("num_shared_experts > 0 needs num_experts > 0 (a dense model has no experts)")
+        defaults = type(self).model_fields
+        if self.router_score == "sigmoid" and not self.num_experts:
+            raise ValueError(
+                "router_score = 'sigmoid' needs num_experts > 0 (a dense model has no router): set "
+                "num_experts or remove router_score"
+            )
+        if self.router_score != "sigmoid":
+            for key in ("routed_scaling_factor", "router_bias_update_rate"):
+                if getattr(self, key) != defaults[key].default:
+                    raise ValueError(
+                        f"{key} = {getattr(self, key)} applies to router_score: sigmoid only (router_score is "
+                        f"{self.router_score!r}): set router_score: sigmoid or remove {key}"
+                    )
+        if not self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError(
+                "shared_expert_gate = false has no shared expert to act on (num_shared_experts = 0): set "
+                "num_shared_experts > 0 or remove shared_expert_gate"
+            )
         rs = self.rope_scaling
         if rs is not None:
             if rs.original_max_seq_len >= self.max_seq_len:
@@ -109,6 +157,15 @@ class ModelConfig(StrictModel):
                     f"rope_scaling.factor ({rs.factor}) must equal max_seq_len / original_max_seq_len = {want:g}"
                 )
         return self
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if info.context and info.context.get(_HASH_CONTEXT):  # config_sha256: see _ADDED_MODEL_FIELDS
+            for key, value in _ADDED_MODEL_FIELDS.items():
+                if data.get(key) == value:
+                    del data[key]
+        return data
 
     @property
     def padded_vocab_size(self) -> int:
@@ -145,7 +202,8 @@ class ModelConfig(StrictModel):
             h = self.expert_hidden_dim
             mlp = self.num_experts * 3 * d * h + d * self.num_experts  # experts + router
             if self.num_shared_experts:
-                mlp += 3 * d * h * self.num_shared_experts + d  # fused shared experts + sigmoid gate
+                mlp += 3 * d * h * self.num_shared_experts  # fused shared experts
+                mlp += d if self.shared_expert_gate else 0  # their sigmoid gate
         else:
             mlp = 3 * d * self.ffn_hidden_dim
         per_layer = attn + mlp + 2 * d  # two RMSNorm weights
@@ -178,5 +236,8 @@ def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
 
 
 def config_sha256(cfg: BaseModel) -> str:
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    """sha256 of the config's JSON (run keys, MLflow tags). Model fields added later are left out while at the value
+    that reproduces the earlier model (_ADDED_MODEL_FIELDS), so stored runs keep their keys and still resume."""
+    data = cfg.model_dump(mode="json", context={_HASH_CONTEXT: True})
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

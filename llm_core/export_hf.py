@@ -4,6 +4,8 @@ A dense model becomes a `LlamaForCausalLM` directory, an MoE model with shared e
 directory and an MoE model without them a `MixtralForCausalLM` directory; all load with
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and serve with vLLM, giving the same logits as llm_core.
 `check_exportable` says which configs export at all (run at config validation, before training).
+DeepSeek-V3's MoE (sigmoid router, ungated shared experts) exports only as DeepseekV3ForCausalLM, which needs MLA
+attention: `check_deepseek_v3_moe`, `deepseek_v3_moe_config` and `deepseek_v3_moe_key_plan` are its MoE part.
 
 Layout written by `export_hf`:
 
@@ -82,7 +84,7 @@ GENERATION_KEYS = frozenset(
 )
 
 # ModelConfig fields that are not architecture: they may differ between tulpar_config.json and config.json.
-_NON_ARCH_FIELDS = frozenset({"name", "dropout", "init_std", "aux_loss_coef"})
+_NON_ARCH_FIELDS = frozenset({"name", "dropout", "init_std", "aux_loss_coef", "router_bias_update_rate"})
 
 
 class TokenizerLike(Protocol):
@@ -140,11 +142,30 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return "qwen2_moe" if cfg.num_shared_experts else "mixtral"
 
 
+# The fix for an MoE that only DeepSeek-V3 can represent (sigmoid router, ungated shared experts).
+_DEEPSEEK_V3_FIX = "use attention: mla to export as DeepSeek-V3 (DeepseekV3ForCausalLM)"
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ConfigError (a ValueError) naming the `model.*` key and the fix if `cfg` has no exact HF export.
 
     Needs no vocabulary, so training jobs call it when their config is validated, before any training starts.
+    An MoE exports as Qwen2-MoE (softmax router, gated shared experts) or Mixtral (softmax router, no shared
+    experts); DeepSeek-V3's MoE (sigmoid router, ungated shared experts) needs MLA attention and is checked by
+    `check_deepseek_v3_moe`.
     """
+    if cfg.is_moe and cfg.router_score == "sigmoid":
+        raise ConfigError(
+            "model.router_score = 'sigmoid' cannot be exported with GQA attention: Qwen2-MoE and Mixtral route by "
+            "softmax, so transformers and vLLM would pick other experts with other weights. Set "
+            f"model.router_score: softmax, or {_DEEPSEEK_V3_FIX}"
+        )
+    if cfg.num_shared_experts and not cfg.shared_expert_gate:
+        raise ConfigError(
+            "model.shared_expert_gate = false cannot be exported with GQA attention: Qwen2-MoE's shared expert "
+            "always sits behind a sigmoid gate. Set model.shared_expert_gate: true, or use a sigmoid router "
+            f"(model.router_score: sigmoid) and {_DEEPSEEK_V3_FIX}"
+        )
     if hf_architecture(cfg) == "mixtral" and not cfg.norm_topk_prob:
         raise ConfigError(
             f"model.norm_topk_prob = false with model.num_shared_experts = 0 cannot be exported: an MoE without "
@@ -153,6 +174,61 @@ def check_exportable(cfg: ModelConfig) -> None:
             "giving different logits). Set model.norm_topk_prob: true, or add a shared expert "
             "(model.num_shared_experts: 1, exported as Qwen2-MoE, which honours norm_topk_prob)"
         )
+
+
+def check_deepseek_v3_moe(cfg: ModelConfig) -> None:
+    """Raise ConfigError naming the `model.*` key and the fix if `cfg`'s MoE has no exact DeepseekV3ForCausalLM
+    layout (a dense model has none to check: it exports with first_k_dense_replace = num_layers).
+
+    transformers' DeepseekV3 always routes by sigmoid scores + e_score_correction_bias and always adds ungated
+    shared experts of width n_shared_experts * moe_intermediate_size; its group-limited top-k (n_group = 1 here)
+    takes the top 2 scores of the group, so it needs at least 2 routed experts.
+    """
+    if not cfg.is_moe:
+        return
+    problems = []
+    if cfg.router_score != "sigmoid":
+        problems.append(
+            "model.router_score = 'softmax': DeepSeek-V3 routes by sigmoid scores (transformers ignores "
+            "scoring_func); set model.router_score: sigmoid"
+        )
+    if not cfg.num_shared_experts:
+        problems.append(
+            "model.num_shared_experts = 0: DeepSeek-V3's MoE always has shared experts; set "
+            "model.num_shared_experts: 1 (or more)"
+        )
+    elif cfg.shared_expert_gate:
+        problems.append(
+            "model.shared_expert_gate = true: DeepSeek-V3's shared experts have no gate; set "
+            "model.shared_expert_gate: false"
+        )
+    if cfg.num_experts < 2:
+        problems.append(
+            f"model.num_experts = {cfg.num_experts}: DeepSeek-V3's router needs at least 2 routed experts"
+        )
+    if problems:
+        raise ConfigError("this MoE cannot be exported as DeepSeek-V3: " + "; ".join(problems))
+
+
+def deepseek_v3_moe_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The MoE keys of a DeepseekV3ForCausalLM config.json for `cfg` (MoE in every layer), as the installed
+    transformers (DeepseekV3Config, DeepseekV3TopkRouter) and vLLM (deepseek_v2.py: `scoring_func` and
+    `topk_method: noaux_tc`, which makes it load and apply e_score_correction_bias) read them."""
+    check_deepseek_v3_moe(cfg)
+    return {
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": cfg.num_shared_experts,
+        "moe_intermediate_size": cfg.expert_hidden_dim,
+        "num_experts_per_tok": cfg.num_experts_per_token,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "first_k_dense_replace": 0,
+        "moe_layer_freq": 1,
+    }
 
 
 def hf_config(
@@ -292,6 +368,34 @@ def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
     plan.append(_KeyMap("model.norm.weight", "norm.weight"))
     if not cfg.tie_embeddings:
         plan.append(_KeyMap("lm_head.weight", "lm_head.weight"))
+    return plan
+
+
+def deepseek_v3_moe_key_plan(cfg: ModelConfig, layer: int) -> list[_KeyMap]:
+    """The HF tensors of MoE layer `layer` in DeepseekV3ForCausalLM's checkpoint layout, in file order.
+
+    Experts are per-expert tensors (`mlp.experts.{e}.gate_proj.weight`), as the original DeepSeek-V3 checkpoints
+    store them: vLLM reads them, and transformers converts them to its fused in-memory `experts.gate_up_proj` /
+    `experts.down_proj` on load (the qwen2_moe conversion, which `_split_fused_experts` undoes on import).
+    `mlp.gate.e_score_correction_bias` must stay float32 in every export dtype (transformers keeps it in fp32,
+    vLLM allocates it so).
+
+        model.layers.i.mlp.gate.weight                       layers.i.mlp.router.weight
+        model.layers.i.mlp.gate.e_score_correction_bias      layers.i.mlp.router_bias
+        model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight   layers.i.mlp.w_{gate,up,down}[e]
+        model.layers.i.mlp.shared_experts.X.weight           layers.i.mlp.shared.X.weight
+    """
+    check_deepseek_v3_moe(cfg)
+    hf, ours = f"model.layers.{layer}.mlp.", f"layers.{layer}.mlp."
+    plan = [
+        _KeyMap(hf + "gate.weight", ours + "router.weight"),
+        _KeyMap(hf + "gate.e_score_correction_bias", ours + "router_bias"),
+    ]
+    for e in range(cfg.num_experts):
+        for proj, param in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
+            plan.append(_KeyMap(f"{hf}experts.{e}.{proj}.weight", ours + param, e))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        plan.append(_KeyMap(f"{hf}shared_experts.{proj}.weight", f"{ours}shared.{proj}.weight"))
     return plan
 
 

@@ -7,7 +7,7 @@ Notation used in shape comments:
 
 Dense layers map 1:1 onto Hugging Face `LlamaForCausalLM`, MoE layers onto `Qwen2MoeForCausalLM`
 (softmax top-k router, fused shared experts behind a sigmoid gate) or, without shared experts, onto
-`MixtralForCausalLM`; see export_hf.py.
+`MixtralForCausalLM`; a sigmoid router with ungated shared experts is DeepSeek-V3's MoE; see export_hf.py.
 """
 
 from __future__ import annotations
@@ -177,29 +177,66 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Softmax top-k routed SwiGLU experts plus always-on shared experts behind a sigmoid gate."""
+    """Top-k routed SwiGLU experts plus always-on shared experts (behind a sigmoid gate unless shared_expert_gate
+    is false).
+
+    router_score softmax (Qwen2-MoE, Mixtral): weights = the top-k softmax probabilities (renormalised when
+    norm_topk_prob). router_score sigmoid (DeepSeek-V3, n_group = topk_group = 1): scores = sigmoid(logits); the
+    experts are the top-k of scores + router_bias (the bias only selects); weights = their unbiased scores
+    (renormalised when norm_topk_prob) times routed_scaling_factor. router_bias is a float32 buffer, not a
+    parameter: the trainer moves it toward balanced load after each optimizer step (`update_router_bias`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, h, D = cfg.num_experts, cfg.expert_hidden_dim, cfg.dim
         self.num_experts, self.top_k, self.norm_topk_prob = E, cfg.num_experts_per_token, cfg.norm_topk_prob
+        self.routed_scaling_factor, self.router_bias_update_rate = (
+            cfg.routed_scaling_factor,
+            cfg.router_bias_update_rate,
+        )
         self.router = nn.Linear(D, E, bias=False)
+        # (E,) float32 selection bias of the sigmoid router (None with softmax); persistent: checkpoints carry it
+        sigmoid = cfg.router_score == "sigmoid"
+        self.register_buffer("router_bias", torch.zeros(E, dtype=torch.float32) if sigmoid else None)
         # expert weights stacked on a leading expert axis (nn.Linear layout: out_features x in_features)
         self.w_gate = nn.Parameter(torch.empty(E, h, D))
         self.w_up = nn.Parameter(torch.empty(E, h, D))
         self.w_down = nn.Parameter(torch.empty(E, D, h))
         self.shared = MLP(D, h * cfg.num_shared_experts) if cfg.num_shared_experts else None
-        self.shared_gate = nn.Linear(D, 1, bias=False) if cfg.num_shared_experts else None
+        gated = cfg.num_shared_experts and cfg.shared_expert_gate
+        self.shared_gate = nn.Linear(D, 1, bias=False) if gated else None
         self.aux_loss = torch.zeros(())
         self.last_expert_counts = torch.zeros(E, dtype=torch.long)
+
+    def route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xf (N, D) -> probs (N, E) fp32 (each row sums to 1, for the aux loss), weights (N, k) fp32, experts (N, k)."""
+        if self.router_bias is None:
+            probs = F.softmax(self.router(xf), dim=-1, dtype=torch.float32)  # (N, E)
+            top_w, top_e = probs.topk(self.top_k, dim=-1)  # (N, k) weights and expert ids
+            if self.norm_topk_prob:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            return probs, top_w, top_e
+        with torch.autocast(xf.device.type, enabled=False):  # routing in fp32, as DeepSeek-V3 (and HF) do
+            scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # (N, E)
+        # the bias only selects: the experts are the top-k of scores + bias, their weights the unbiased scores
+        top_e = (scores + self.router_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
+        top_w = scores.gather(1, top_e)  # (N, k)
+        if self.norm_topk_prob:
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores / scores.sum(dim=-1, keepdim=True), top_w * self.routed_scaling_factor, top_e
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e), from one step's expert
+        counts (E,) (over all data-parallel ranks, so every rank makes the same update)."""
+        load = counts.to(self.router_bias.device, torch.float32)
+        self.router_bias += self.router_bias_update_rate * torch.sign(load.mean() - load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         xf = x.reshape(-1, D)  # (N, D)
-        probs = F.softmax(self.router(xf), dim=-1, dtype=torch.float32)  # (N, E)
-        top_w, top_e = probs.topk(self.top_k, dim=-1)  # (N, k) weights and expert ids
-        if self.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        probs, top_w, top_e = self.route(xf)
         top_w = top_w.to(x.dtype)
         # Dispatch: sort the N*k (token, expert) assignments by expert so each expert sees one contiguous slice.
         flat_e = top_e.reshape(-1)  # (N*k,)
@@ -215,8 +252,11 @@ class MoE(nn.Module):
         ys = torch.cat(outs) * top_w.reshape(-1)[order].unsqueeze(-1)  # (N*k, D), weighted by router
         out = torch.zeros_like(xf).index_add_(0, token_of, ys)  # (N, D): sum the k expert outputs per token
         if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
-        # Switch-style load balancing: E * sum_e (share of assignments to e) * (mean router prob of e); 1.0 if uniform
+            shared = self.shared(xf)  # (N, D)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(xf)) * shared)
+        # Switch-style load balancing: E * sum_e (share of assignments to e) * (mean router prob of e); 1.0 if
+        # uniform. With sigmoid scores, probs are the scores normalised per token (DeepSeek-V3's balance loss,
+        # over the batch rather than per sequence).
         frac = counts.to(probs.dtype) / flat_e.numel()
         self.aux_loss = self.num_experts * (frac * probs.mean(dim=0)).sum()
         self.last_expert_counts = counts.detach()

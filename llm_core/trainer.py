@@ -26,7 +26,7 @@ from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
 from llm_core.data import StepSampler, TokenStream, sequential_windows
 from llm_core.io import atomic_dir
-from llm_core.model import Transformer
+from llm_core.model import MoE, Transformer
 from llm_core.optim import build_optimizer, build_scheduler
 
 # A batch is a dict of tensors with at least "input_ids" and "targets" (B, T) (-100 = no loss), and optionally
@@ -186,6 +186,33 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def balanced_routers(model: torch.nn.Module) -> list[MoE]:
+    """The MoE layers whose router bias the trainer updates: sigmoid routers (router_bias) with a nonzero update
+    rate whose router is trained (a frozen router, e.g. under LoRA, keeps its bias: an adapter could not carry it)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, MoE)
+        and m.router_bias is not None
+        and m.router_bias_update_rate > 0
+        and m.router.weight.requires_grad
+    ]
+
+
+def update_router_biases(routers: list[MoE], counts: torch.Tensor) -> None:
+    """One auxiliary-loss-free balancing step: `counts` (layers, E) are this rank's expert counts of the optimizer
+    step; summed over data-parallel ranks first, so every rank applies the same update to identical biases."""
+    if _dist()[1] > 1:
+        torch.distributed.all_reduce(counts)
+    for router, layer_counts in zip(routers, counts):
+        router.update_router_bias(layer_counts)
+
+
+def router_bias_spread(routers: list[MoE]) -> float:
+    """max - min of the selection bias, the largest over layers: how hard balancing pushes against the router."""
+    return max(float(r.router_bias.max() - r.router_bias.min()) for r in routers)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -256,6 +283,7 @@ class Trainer:
         # a model that is not a plain Transformer (e.g. a ScalarHeadModel) counts its own FLOPs
         count = getattr(model, "flops_per_token", None) or model.cfg.flops_per_token
         self.flops_per_token = count(cfg.seq_len)
+        self.routers = balanced_routers(self.model)  # sigmoid MoE routers whose bias balances load
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -280,6 +308,12 @@ class Trainer:
             )
         scale = self.world_size / total  # DDP/FSDP average gradients over ranks: undo that, weight by tokens
         loss_sum, extras = 0.0, {}
+        # (layers, E) expert counts of this step's micro-batches, for the router bias update
+        step_counts = (
+            torch.zeros(len(self.routers), self.routers[0].num_experts, dtype=torch.long)
+            if self.routers
+            else None
+        )
         try:
             for i, (batch, n) in enumerate(zip(micro_batches, counts)):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -290,6 +324,10 @@ class Trainer:
                     with self._autocast():
                         loss, extra = self.loss_fn(self.engine, batch)
                     (loss * (n * scale)).backward()
+                if (
+                    step_counts is not None
+                ):  # the counts of this micro-batch's forward (recomputed identically)
+                    step_counts += torch.stack([r.last_expert_counts.cpu() for r in self.routers])
                 loss_sum += float(loss.detach()) * n
                 for k, v in extra.items():
                     extras[k] = extras.get(k, 0.0) + v / len(micro_batches)
@@ -314,6 +352,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if step_counts is not None:
+            update_router_biases(self.routers, step_counts.to(self.device))
+            extras["router_bias_spread"] = router_bias_spread(self.routers)
         self.step += 1
         return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens, **extras}
 

@@ -1,3 +1,5 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,7 @@ import yaml
 from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, list_presets, load_config, model_config_from_preset
 from llm_core.config import ConfigError, ModelConfig, config_sha256
 from llm_core.model import Transformer
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, small_config, small_moe_config
 
 
 def analytic_params(c: dict) -> int:
@@ -177,3 +179,76 @@ def test_unexportable_model_fails_at_config_validation():
         load_config(PretrainConfig, path, ["model=mixtral-small", "model.norm_topk_prob=false"])
     # a shared expert makes the same router a Qwen2-MoE export, which honours norm_topk_prob
     load_config(PretrainConfig, path, ["model.norm_topk_prob=false"])
+
+
+def test_router_options_are_validated_naming_the_key():
+
+    for kw, match in (
+        (
+            {"routed_scaling_factor": 2.5},
+            r"routed_scaling_factor = 2\.5 applies to router_score: sigmoid only",
+        ),
+        (
+            {"router_bias_update_rate": 0.01},
+            r"router_bias_update_rate = 0\.01 applies to router_score: sigmoid",
+        ),
+        ({"num_shared_experts": 0, "shared_expert_gate": False}, r"shared_expert_gate = false has no shared"),
+        (
+            {"num_experts": 0, "num_shared_experts": 0, "router_score": "sigmoid"},
+            r"router_score = 'sigmoid' needs",
+        ),
+        ({"router_score": "sigmoid", "routed_scaling_factor": 0.0}, r"routed_scaling_factor"),
+        ({"router_score": "sigmoid", "router_bias_update_rate": -1e-3}, r"router_bias_update_rate"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            small_moe_config(**kw)
+    ds = small_moe_config(router_score="sigmoid", shared_expert_gate=False, routed_scaling_factor=2.5)
+    # the ungated shared expert has no gate vector: the config's count equals the built model's
+    assert ds.num_params() == small_moe_config().num_params() - 2 * ds.dim
+    assert ModelConfig.model_validate(ds.model_dump()) == ds
+
+
+def test_new_router_fields_keep_existing_config_hashes():
+    """Run keys (and so resumable run directories) of configs written before the router options existed stay the
+    same: the fields are left out of config_sha256 at their defaults, also inside a job config."""
+    from llm_core.config import StrictModel
+
+    class Job(StrictModel):
+        name: str
+        model: ModelConfig
+
+    cfg = small_moe_config()
+    assert (
+        config_sha256(cfg) == "360d77376612aa50374c972ab9a314e03aaf06a4ecd154f4f25d935f442ba1a0"
+    )  # before them
+    old_keys = {
+        k: v
+        for k, v in cfg.model_dump(mode="json").items()
+        if k not in {"router_score", "routed_scaling_factor", "router_bias_update_rate", "shared_expert_gate"}
+    }
+    blob = json.dumps({"name": "x", "model": old_keys}, sort_keys=True, separators=(",", ":")).encode()
+    assert config_sha256(Job(name="x", model=cfg)) == hashlib.sha256(blob).hexdigest()
+    assert config_sha256(small_moe_config(router_score="sigmoid")) != config_sha256(cfg)
+    assert config_sha256(
+        small_moe_config(router_score="sigmoid", router_bias_update_rate=0.01)
+    ) != config_sha256(small_moe_config(router_score="sigmoid"))
+
+
+def test_deepseek_style_moe_fails_at_config_validation_until_mla():
+    """A sigmoid router or an ungated shared expert has no Qwen2-MoE/Mixtral export: refused when the pretraining
+    config loads, naming the key and the fix (DeepSeek-V3 export needs MLA attention)."""
+    from jobs.pretrain import PretrainConfig
+
+    path = REPO / "configs" / "pretrain" / "moe-small.yaml"
+    with pytest.raises(
+        ConfigError, match=r"model\.router_score = 'sigmoid' cannot be exported.*attention: mla"
+    ):
+        load_config(PretrainConfig, path, ["model.router_score=sigmoid"])
+    with pytest.raises(
+        ConfigError, match=r"model\.shared_expert_gate = false cannot be exported.*attention: mla"
+    ):
+        load_config(PretrainConfig, path, ["model.shared_expert_gate=false"])
+    with pytest.raises(
+        ConfigError, match=r"routed_scaling_factor = 2\.5 applies to router_score: sigmoid only"
+    ):
+        load_config(PretrainConfig, path, ["model.routed_scaling_factor=2.5"])

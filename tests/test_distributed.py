@@ -1,5 +1,5 @@
-"""Data parallelism without Ray: DDP and FSDP2 over gloo give the single-process trajectory; FSDP checkpoints
-gather the full state and resume exactly."""
+"""Data parallelism without Ray: DDP and FSDP2 over gloo give the single-process trajectory (the sigmoid MoE
+router's balancing bias included); FSDP checkpoints gather the full state and resume exactly."""
 
 import os
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from llm_core.data import RandomWindows
 from llm_core.model import Transformer
 from llm_core.trainer import EvalSet, TrainConfig, Trainer
-from tests.conftest import small_config
+from tests.conftest import small_config, small_moe_config
 from tests.stack import free_port
 
 TOKENS = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16)
@@ -29,6 +29,23 @@ def make(batch_size: int, parallelism: str = "none") -> Trainer:
 def trajectory(trainer: Trainer, sampler: RandomWindows) -> list[float]:
     losses = [trainer.train_step(sampler.next_step(trainer.accum))["loss"] for _ in range(STEPS)]
     return losses + [trainer.evaluate([EvalSet("x", TOKENS[:3000], 1.0)])["val_loss"]]
+
+
+def make_sigmoid_moe(batch_size: int, parallelism: str = "none") -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=10, batch_size=batch_size, seq_len=32, lr=1e-3, warmup_steps=0)
+    model = small_moe_config(router_score="sigmoid", shared_expert_gate=False, router_bias_update_rate=0.01)
+    return Trainer(Transformer(model), cfg, parallelism=parallelism)
+
+
+def router_biases(trainer: Trainer, sampler: RandomWindows) -> list[list[list[float]]]:
+    """(layers, E) selection biases after each of two optimizer steps (lists: tensors cannot leave a finished
+    worker)."""
+    out = []
+    for _ in range(2):
+        trainer.train_step(sampler.next_step(trainer.accum))
+        out.append(torch.stack([r.router_bias for r in trainer.routers]).tolist())
+    return out
 
 
 def _worker(rank: int, world: int, port: int, ckpt_dir: str, queue) -> None:
@@ -50,6 +67,12 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, queue) -> None:
         a = trainer.train_step(sampler.next_step())["loss"]
         b = fresh.train_step(fresh_sampler.next_step())["loss"]
         out["resume"] = (a, b)
+        # the sigmoid router's bias: updated from expert counts summed over ranks, so identical on every rank
+        for parallelism in ("ddp", "fsdp"):
+            sampler = RandomWindows(TOKENS, 32, 4, seed=1, rank=rank, world_size=world)
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, router_biases(make_sigmoid_moe(4, parallelism), sampler))
+            out[f"router_bias_{parallelism}"] = gathered
         if rank == 0:
             queue.put(out)
     finally:
@@ -69,6 +92,14 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
         np.testing.assert_allclose(out[parallelism], single, rtol=1e-5, err_msg=parallelism)
     a, b = out["resume"]
     assert a == b, "a resumed FSDP run continues bit-identically"
+    single_bias = router_biases(make_sigmoid_moe(8), RandomWindows(TOKENS, 32, 8, seed=1))
+    assert any(b != 0 for layer in single_bias[0] for b in layer)
+    for parallelism in ("ddp", "fsdp"):
+        rank0, rank1 = out[f"router_bias_{parallelism}"]
+        assert rank0 == rank1, f"{parallelism}: every rank holds the same biases after every step"
+        # the first update, from the same weights, is one process's on the whole batch; later ones may differ
+        # from it by a token whose routing flips with the float rounding of another batch split
+        assert rank0[0] == single_bias[0], parallelism
 
 
 # ------------------------------------------------------------------------------- typed training tasks
