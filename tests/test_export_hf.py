@@ -741,3 +741,102 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, tied):
     back = load_hf(tmp_path / "hf")
     assert back.embed_tokens.weight.shape[0] == 256
     torch.testing.assert_close(ours_logits(back, ids), ours_logits(model, ids), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------- multi-head latent attention (MLA)
+
+
+def mla_cfg(**overrides) -> ModelConfig:
+    """Dense MLA: exports as DeepseekV3ForCausalLM. Every MLA width distinct; sequences up to 128 tokens."""
+    mla = dict(
+        num_kv_heads=4,
+        attention="mla",
+        kv_lora_rank=40,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
+        v_head_dim=10,
+        norm_eps=1e-6,
+    )
+    return tiny_cfg(**{**mla, **overrides})
+
+
+MLA_CASES = {
+    "q-proj": {},
+    "q-lora-untied": {"q_lora_rank": 24, "tie_embeddings": False},
+    "yarn": {
+        "max_seq_len": 256,
+        "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64),
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLA_CASES))
+def test_mla_export_matches_transformers_deepseek_v3(tmp_path: Path, case: str) -> None:
+    cfg = mla_cfg(**MLA_CASES[case])
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert cfg_json["first_k_dense_replace"] == cfg.num_layers and cfg_json["rope_interleave"] is True
+    hf = load_transformers(out)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in hf.model.layers)  # all dense
+    ids = tokens(100)
+    assert max_logit_diff(model, hf, ids, f"mla {case}") < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+    # and back: the export imports to the same weights (the rotary rows un-permuted)
+    loaded = load_hf(out)
+    assert loaded.cfg == cfg
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_mla_export_permutes_rotary_rows_to_the_interleaved_layout(tmp_path: Path) -> None:
+    """Without the permutation transformers would compute different logits: the reordering is what makes them
+    equal, not an accident of symmetric weights."""
+    cfg = mla_cfg()
+    model = build(cfg)
+    hf_state = to_hf_state_dict(model)
+    ours = model.layers[0].attn
+    q = hf_state["model.layers.0.self_attn.q_proj.weight"].view(cfg.num_heads, 20, cfg.dim)  # (H, n + r, D)
+    ours_q = ours.q_proj.weight.detach().view(cfg.num_heads, 20, cfg.dim)
+    assert torch.equal(q[:, :12], ours_q[:, :12])  # non-rotary rows untouched
+    assert torch.equal(q[:, 12::2], ours_q[:, 12:16]) and torch.equal(q[:, 13::2], ours_q[:, 16:])
+    kv_a = hf_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    mine = ours.kv_a_proj_with_mqa.weight.detach()
+    assert torch.equal(kv_a[:40], mine[:40]) and torch.equal(kv_a[40::2], mine[40:44])
+    assert torch.equal(kv_a[41::2], mine[44:])
+
+
+def test_mla_configs_without_an_exact_export_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model\.attention = mla with model\.num_experts = 4"):
+        check_exportable(mla_cfg(num_experts=4, num_shared_experts=1, moe_ffn_hidden_dim=32))
+    with pytest.raises(ValueError, match=r"model\.norm_eps = 1e-05 .*set model\.norm_eps: 1\.0e-6"):
+        check_exportable(mla_cfg(norm_eps=1e-5))
+    llama3 = RopeScaling(type="llama3", factor=2.0, original_max_seq_len=64)
+    with pytest.raises(ValueError, match=r"model\.rope_scaling\.type = llama3 with model\.attention = mla"):
+        check_exportable(mla_cfg(rope_scaling=llama3))
+    with pytest.raises(ValueError, match="norm_eps"):
+        export_hf(build(mla_cfg(norm_eps=1e-5)), tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_mla_import_refuses_moe_deepseek_v3(tmp_path: Path) -> None:
+    out = export_hf(build(mla_cfg()), tmp_path / "hf")
+    raw = json.loads((out / "config.json").read_text())
+    (out / "tulpar_config.json").unlink()
+    (out / "config.json").write_text(json.dumps({**raw, "first_k_dense_replace": 1}))
+    with pytest.raises(ValueError, match=r"first_k_dense_replace = 1 < num_hidden_layers = 2"):
+        load_hf(out)
+
+
+def test_gguf_and_lora_refuse_what_they_cannot_map_for_mla(tmp_path: Path) -> None:
+    from llm_core.export_gguf import export_gguf
+    from llm_core.lora import LoRAConfig, apply_lora
+
+    model = build(mla_cfg())
+    with pytest.raises(ValueError, match=r"attention: mla.*deepseek2"):
+        export_gguf(model, None, tmp_path / "m.gguf")  # refused before the tokenizer is read
+    with pytest.raises(ValueError, match=r"\['q_proj'\] hold rotary rows.*\['o_proj', 'gate_proj'"):
+        apply_lora(model, LoRAConfig())
+    apply_lora(model, LoRAConfig(target_modules=["o_proj", "down_proj"]))  # no rotary rows: fine
