@@ -418,7 +418,8 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
     """The model's weights under HF key names, as independent contiguous CPU tensors (optionally cast to `dtype`).
 
     MoE experts use the legacy per-expert layout, and Qwen2-MoE models get all-zero q/k/v biases when
-    QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
+    QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied, except for MLA
+    (DeepseekV3) exports, which vLLM can only serve with an explicit lm_head.weight.
     """
     model = unwrap_model(model)
     cfg = model.cfg
@@ -434,6 +435,11 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
             t = t[_rope_row_order(cfg, m.rope_rows).to(t.device)]
         t = t.detach().to(device="cpu", dtype=target or t.dtype)
         out[m.hf] = t.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
+    if cfg.is_mla and cfg.tie_embeddings:
+        # vLLM 0.32's DeepseekV2/V3ForCausalLM ignores tie_word_embeddings and leaves a missing lm_head.weight
+        # uninitialised (uniform logits); transformers ties it to the embedding either way. An explicit copy is
+        # exact in both, and load_hf checks it equals the embedding.
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     if hf_architecture(cfg) == "qwen2_moe" and QWEN2_MOE_ZERO_QKV_BIAS:
         bias_dtype = target or model.embed_tokens.weight.dtype
         for name, n in _qkv_bias_sizes(cfg).items():

