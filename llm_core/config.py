@@ -49,8 +49,14 @@ class RopeScaling(StrictModel):
     beta_slow: float = 1.0  # yarn
 
 
+# Fields of multi-head latent attention: set exactly when attention is "mla", and left out of a "gqa" config's
+# dump, so configs written before MLA existed keep their JSON and their config_sha256.
+MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 class ModelConfig(StrictModel):
-    """A Llama-style decoder (dense, or MoE with shared experts when num_experts > 0)."""
+    """A Llama-style decoder (dense, or MoE with shared experts when num_experts > 0), with grouped-query
+    attention or DeepSeek-V3's multi-head latent attention (MLA)."""
 
     name: str = "custom"
     vocab_size: int | None = Field(
@@ -71,6 +77,18 @@ class ModelConfig(StrictModel):
     rope_theta: float = Field(10000.0, gt=0)
     rope_scaling: RopeScaling | None = None
     norm_eps: float = Field(1e-5, gt=0)
+    # Attention. "gqa": Llama's grouped-query attention (num_kv_heads key/value heads of head_dim).
+    # "mla": DeepSeek-V3's multi-head latent attention. Keys and values are decompressed per head from one
+    # kv_lora_rank-wide latent (kv_b_proj); each query/key head is qk_nope_head_dim non-rotary dims plus
+    # qk_rope_head_dim rotary dims, the rotary key being one vector shared by all heads; values are v_head_dim
+    # wide. The KV cache stores only the latent and the rotary key. q_lora_rank: low-rank query (q_a_proj ->
+    # norm -> q_b_proj); None = one q_proj. MLA needs num_kv_heads == num_heads (it has no head grouping).
+    attention: Literal["gqa", "mla"] = "gqa"
+    kv_lora_rank: int | None = Field(None, gt=0)
+    q_lora_rank: int | None = Field(None, gt=0)
+    qk_nope_head_dim: int | None = Field(None, gt=0)
+    qk_rope_head_dim: int | None = Field(None, gt=0)
+    v_head_dim: int | None = Field(None, gt=0)
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # MoE (num_experts == 0 means dense). Routed experts use top-k routing on softmax scores (Qwen2-MoE/Mixtral) or
@@ -120,6 +138,7 @@ class ModelConfig(StrictModel):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim = dim / num_heads = {self.head_dim} must be even for RoPE")
+        self._check_attention()
         if self.num_experts and self.num_experts_per_token > self.num_experts:
             raise ValueError(
                 f"num_experts_per_token ({self.num_experts_per_token}) > num_experts ({self.num_experts})"
@@ -158,14 +177,82 @@ class ModelConfig(StrictModel):
                 )
         return self
 
+    def _check_attention(self) -> None:
+        if self.attention == "gqa":
+            stray = [f for f in MLA_FIELDS if getattr(self, f) is not None]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} only apply to attention: mla (this config has attention: gqa): set "
+                    "attention: mla or remove them"
+                )
+            return
+        missing = [f for f in MLA_FIELDS if f != "q_lora_rank" and getattr(self, f) is None]
+        if missing:
+            raise ValueError(
+                f"attention: mla needs {', '.join(missing)}: set them (e.g. kv_lora_rank: 512, qk_nope_head_dim: "
+                "64, qk_rope_head_dim: 64, v_head_dim: 64, the shapes vLLM's MLA kernels serve)"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim = {self.qk_rope_head_dim} must be even for RoPE")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                f"attention: mla needs num_kv_heads == num_heads (got {self.num_kv_heads} vs {self.num_heads}): "
+                "every head decompresses its own key and value from the shared latent; set num_kv_heads: "
+                f"{self.num_heads}"
+            )
+
     @model_serializer(mode="wrap")
-    def _serialize(self, handler, info: SerializationInfo) -> dict[str, Any]:
+    def _dump(self, handler, info: SerializationInfo) -> dict[str, Any]:
         data = handler(self)
+        if self.attention == "gqa":  # configs from before MLA keep their exact dump (and config_sha256)
+            for key in ("attention", *MLA_FIELDS):
+                data.pop(key, None)
         if info.context and info.context.get(_HASH_CONTEXT):  # config_sha256: see _ADDED_MODEL_FIELDS
             for key, value in _ADDED_MODEL_FIELDS.items():
                 if data.get(key) == value:
                     del data[key]
         return data
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dims per head: head_dim (GQA), qk_rope_head_dim (MLA)."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width per head (what the attention softmax scale is computed from)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    def kv_cache_values_per_token(self) -> int:
+        """Numbers the KV cache holds per token, all layers: K and V heads (GQA), latent + rotary key (MLA)."""
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes per token of context (default 2: bf16/fp16 cache)."""
+        return self.kv_cache_values_per_token() * dtype_bytes
+
+    def attention_params(self) -> int:
+        """Parameters of one attention block (projections, and MLA's latent norms)."""
+        d, H = self.dim, self.num_heads
+        if not self.is_mla:
+            return d * H * self.head_dim * 2 + d * self.num_kv_heads * self.head_dim * 2  # q, o, k, v
+        q_out = H * self.qk_head_dim
+        q = (
+            d * q_out
+            if self.q_lora_rank is None
+            else d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out
+        )
+        kv = (
+            d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        )  # kv_a_proj_with_mqa, its norm
+        kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)  # kv_b_proj
+        return q + kv + H * self.v_head_dim * d  # + o_proj
 
     @property
     def padded_vocab_size(self) -> int:
@@ -196,8 +283,8 @@ class ModelConfig(StrictModel):
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count computed from the config (equals the built model's count)."""
-        d, hd = self.dim, self.head_dim
-        attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2  # q, o, k, v
+        d = self.dim
+        attn = self.attention_params()
         if self.is_moe:
             h = self.expert_hidden_dim
             mlp = self.num_experts * 3 * d * h + d * self.num_experts  # experts + router
@@ -225,9 +312,11 @@ class ModelConfig(StrictModel):
             1 if self.tie_embeddings else 2
         )
         matmul += self.padded_vocab_size * self.dim  # LM head, padding rows included (they are computed)
-        attn = (
-            12.0 * self.num_layers * seq_len * self.dim
-        )  # QK^T and AV, fwd+bwd (PaLM appendix B accounting)
+        # QK^T and AV, fwd+bwd (PaLM appendix B accounting: 6 * 2 * L * S * (H * (qk width + v width)) / 2);
+        # H * hd = dim for GQA, so this is 12 * L * S * dim there
+        H = self.num_heads
+        width = H * (self.qk_head_dim + self.v_head_dim) / 2 if self.is_mla else self.dim
+        attn = 12.0 * self.num_layers * seq_len * width
         return 6.0 * matmul + attn
 
 

@@ -317,6 +317,12 @@ def _check_model(cfg: ModelConfig) -> None:
             "(qwen2moe) is not written by Tulpar: no reader here can verify it. Export it to HF "
             "(llm_core.export_hf) for transformers / vLLM instead"
         )
+    if cfg.is_mla:
+        raise ValueError(
+            f"model {cfg.name!r} uses multi-head latent attention (attention: mla): GGUF export writes the llama "
+            "architecture only, and llama.cpp's DeepSeek architecture (deepseek2) is not written by Tulpar. Export "
+            "it to HF (llm_core.export_hf, DeepseekV3ForCausalLM) for transformers / vLLM instead"
+        )
 
 
 def export_gguf(

@@ -1,7 +1,9 @@
 """Export llm_core models to Hugging Face format, and import Hugging Face checkpoints back.
 
 A dense model becomes a `LlamaForCausalLM` directory, an MoE model with shared experts a `Qwen2MoeForCausalLM`
-directory and an MoE model without them a `MixtralForCausalLM` directory; all load with
+directory and an MoE model without them a `MixtralForCausalLM` directory; a dense model with multi-head latent
+attention (attention: mla) a `DeepseekV3ForCausalLM` directory (every layer dense: first_k_dense_replace =
+num_hidden_layers); all load with
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and serve with vLLM, giving the same logits as llm_core.
 `check_exportable` says which configs export at all (run at config validation, before training).
 DeepSeek-V3's MoE (sigmoid router, ungated shared experts) exports only as DeepseekV3ForCausalLM, which needs MLA
@@ -43,6 +45,13 @@ which transformers (converting to its fused layout on load) and vLLM both read:
     model.layers.i.block_sparse_moe.experts.e.w1.weight  layers.i.mlp.w_gate[e]
     model.layers.i.block_sparse_moe.experts.e.w3.weight  layers.i.mlp.w_up[e]
     model.layers.i.block_sparse_moe.experts.e.w2.weight  layers.i.mlp.w_down[e]
+
+DeepseekV3 (MLA) attention tensors, same names on both sides (q_proj, or q_a_proj/q_a_layernorm/q_b_proj with
+q_lora_rank; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj under self_attn / attn). llm_core rotates the
+qk_rope_head_dim rotary dims in Llama's rotate-half layout (pairs i, i + r/2); DeepseekV3 in transformers
+(rope_interleave: true) and vLLM rotate interleaved pairs (2i, 2i + 1). The export therefore reorders the rotary
+output rows of q_proj / q_b_proj (per head) and of kv_a_proj_with_mqa (its last r rows) so that HF row 2i is our
+row i and HF row 2i + 1 our row i + r/2; the import undoes it. Query/key dot products, hence logits, are unchanged.
 
 Routing is the same computation on both sides: softmax over all experts (fp32), top-k, and the k weights
 renormalised to sum to 1 (Mixtral always renormalises, so norm_topk_prob must be true to export as Mixtral).
@@ -135,8 +144,10 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
-    """The HF `model_type` `cfg` exports to: "llama" (dense), "qwen2_moe" (MoE with shared experts) or
-    "mixtral" (MoE without shared experts)."""
+    """The HF `model_type` `cfg` exports to: "llama" (dense), "qwen2_moe" (MoE with shared experts),
+    "mixtral" (MoE without shared experts) or "deepseek_v3" (multi-head latent attention)."""
+    if cfg.is_mla:
+        return "deepseek_v3"
     if not cfg.is_moe:
         return "llama"
     return "qwen2_moe" if cfg.num_shared_experts else "mixtral"
@@ -154,18 +165,34 @@ def check_exportable(cfg: ModelConfig) -> None:
     experts); DeepSeek-V3's MoE (sigmoid router, ungated shared experts) needs MLA attention and is checked by
     `check_deepseek_v3_moe`.
     """
-    if cfg.is_moe and cfg.router_score == "sigmoid":
-        raise ConfigError(
-            "model.router_score = 'sigmoid' cannot be exported with GQA attention: Qwen2-MoE and Mixtral route by "
-            "softmax, so transformers and vLLM would pick other experts with other weights. Set "
-            f"model.router_score: softmax, or {_DEEPSEEK_V3_FIX}"
-        )
-    if cfg.num_shared_experts and not cfg.shared_expert_gate:
-        raise ConfigError(
-            "model.shared_expert_gate = false cannot be exported with GQA attention: Qwen2-MoE's shared expert "
-            "always sits behind a sigmoid gate. Set model.shared_expert_gate: true, or use a sigmoid router "
-            f"(model.router_score: sigmoid) and {_DEEPSEEK_V3_FIX}"
-        )
+    if cfg.is_mla:
+        if cfg.is_moe:
+            check_deepseek_v3_moe(cfg)
+        if cfg.norm_eps != 1e-6:
+            raise ConfigError(
+                f"model.norm_eps = {cfg.norm_eps:g} with model.attention = mla cannot be exported exactly: "
+                "transformers' DeepseekV3 normalises the latents (kv_a_layernorm, q_a_layernorm) with eps 1e-6 "
+                "whatever rms_norm_eps says, vLLM with rms_norm_eps; set model.norm_eps: 1.0e-6 so both agree"
+            )
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type != "yarn":
+            raise ConfigError(
+                f"model.rope_scaling.type = {cfg.rope_scaling.type} with model.attention = mla cannot be "
+                "exported: vLLM's DeepSeek models read any RoPE scaling as DeepSeek YaRN; use type: yarn"
+            )
+        return
+    if cfg.is_moe:  # GQA attention: Qwen2-MoE or Mixtral
+        if cfg.router_score == "sigmoid":
+            raise ConfigError(
+                "model.router_score = 'sigmoid' cannot be exported with GQA attention: Qwen2-MoE and Mixtral route by "
+                "softmax, so transformers and vLLM would pick other experts with other weights. Set "
+                f"model.router_score: softmax, or {_DEEPSEEK_V3_FIX}"
+            )
+        if cfg.num_shared_experts and not cfg.shared_expert_gate:
+            raise ConfigError(
+                "model.shared_expert_gate = false cannot be exported with GQA attention: Qwen2-MoE's shared expert "
+                "always sits behind a sigmoid gate. Set model.shared_expert_gate: true, or use a sigmoid router "
+                f"(model.router_score: sigmoid) and {_DEEPSEEK_V3_FIX}"
+            )
     if hf_architecture(cfg) == "mixtral" and not cfg.norm_topk_prob:
         raise ConfigError(
             f"model.norm_topk_prob = false with model.num_shared_experts = 0 cannot be exported: an MoE without "
@@ -277,6 +304,37 @@ def hf_config(
         "dtype": dtype,
         "torch_dtype": dtype,  # read by transformers 4 and older tools; transformers 5 prefers `dtype`
     }
+    if cfg.is_mla:
+        check_exportable(cfg)
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            **common,
+            "num_key_value_heads": cfg.num_heads,  # MLA: every head has its own decompressed key and value
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "q_lora_rank": cfg.q_lora_rank,
+            "qk_nope_head_dim": cfg.qk_nope_head_dim,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim,
+            "rope_interleave": True,  # what vLLM always does; the export permutes the rotary rows to match
+            "attention_bias": False,
+            "pretraining_tp": 1,
+            **(
+                deepseek_v3_moe_config(cfg)  # MoE in every layer: sigmoid router, ungated shared experts
+                if cfg.is_moe
+                else {
+                    "first_k_dense_replace": cfg.num_layers,  # every layer dense (no MoE layer is built)
+                    "moe_intermediate_size": cfg.ffn_hidden_dim,
+                    "n_routed_experts": 1,
+                    "n_shared_experts": 1,
+                    "num_experts_per_tok": 1,
+                    "n_group": 1,
+                    "topk_group": 1,
+                    "norm_topk_prob": True,
+                    "routed_scaling_factor": 1.0,
+                }
+            ),
+        }
     if not cfg.is_moe:
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -328,11 +386,42 @@ def hf_config(
 
 @dataclass(frozen=True)
 class _KeyMap:
-    """One HF tensor: its llm_core parameter, and the expert row of that parameter (None = whole tensor)."""
+    """One HF tensor: its llm_core parameter, the expert row of that parameter (None = whole tensor), and for MLA
+    which rotary rows are reordered on export ("q": per query head, "kv_a": the shared rotary key; None: none)."""
 
     hf: str
     ours: str
     expert: int | None = None
+    rope_rows: str | None = None
+
+
+def _mla_attention_keys(cfg: ModelConfig) -> list[tuple[str, str | None]]:
+    """DeepseekV3 attention modules (the same names in llm_core) and which of them carry rotary rows."""
+    q = (
+        [("q_proj", "q")]
+        if cfg.q_lora_rank is None
+        else [("q_a_proj", None), ("q_a_layernorm", None), ("q_b_proj", "q")]
+    )
+    return [
+        *q,
+        ("kv_a_proj_with_mqa", "kv_a"),
+        ("kv_a_layernorm", None),
+        ("kv_b_proj", None),
+        ("o_proj", None),
+    ]
+
+
+def _rope_row_order(cfg: ModelConfig, rows: str) -> torch.Tensor:
+    """Row index `order` with hf_weight = our_weight[order]: rotate-half rotary rows -> interleaved pairs."""
+    r = cfg.qk_rope_head_dim
+    interleave = torch.stack((torch.arange(r // 2), torch.arange(r // 2) + r // 2), dim=1).reshape(
+        r
+    )  # 0, r/2, 1, ..
+    if rows == "kv_a":  # kv_a_proj_with_mqa: C latent rows, then the r rotary-key rows
+        return torch.cat((torch.arange(cfg.kv_lora_rank), cfg.kv_lora_rank + interleave))
+    qk, n = cfg.qk_head_dim, cfg.qk_nope_head_dim  # q: per head, n non-rotary rows then r rotary rows
+    head = torch.cat((torch.arange(n), n + interleave))
+    return torch.cat([h * qk + head for h in range(cfg.num_heads)])
 
 
 def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
@@ -341,9 +430,18 @@ def _key_plan(cfg: ModelConfig) -> list[_KeyMap]:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         plan.append(_KeyMap(hf + "input_layernorm.weight", ours + "attn_norm.weight"))
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            plan.append(_KeyMap(f"{hf}self_attn.{proj}.weight", f"{ours}attn.{proj}.weight"))
+        if cfg.is_mla:
+            for mod, rows in _mla_attention_keys(cfg):
+                plan.append(
+                    _KeyMap(f"{hf}self_attn.{mod}.weight", f"{ours}attn.{mod}.weight", rope_rows=rows)
+                )
+        else:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                plan.append(_KeyMap(f"{hf}self_attn.{proj}.weight", f"{ours}attn.{proj}.weight"))
         plan.append(_KeyMap(hf + "post_attention_layernorm.weight", ours + "mlp_norm.weight"))
+        if cfg.is_mla and cfg.is_moe:
+            plan.extend(deepseek_v3_moe_key_plan(cfg, i))
+            continue
         if not cfg.is_moe:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 plan.append(_KeyMap(f"{hf}mlp.{proj}.weight", f"{ours}mlp.{proj}.weight"))
@@ -431,7 +529,8 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
     """The model's weights under HF key names, as independent contiguous CPU tensors (optionally cast to `dtype`).
 
     MoE experts use the legacy per-expert layout, and Qwen2-MoE models get all-zero q/k/v biases when
-    QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied.
+    QWEN2_MOE_ZERO_QKV_BIAS is set; `lm_head.weight` is left out when embeddings are tied, except for MLA
+    (DeepseekV3) exports, which vLLM can only serve with an explicit lm_head.weight.
     """
     model = unwrap_model(model)
     cfg = model.cfg
@@ -443,8 +542,16 @@ def to_hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[st
         t = ours[m.ours] if m.expert is None else ours[m.ours][m.expert]
         if m.ours in _VOCAB_ROWS:  # the real vocabulary only: padding rows are never scored
             t = t[: cfg.vocab_size]
-        t = t.detach().to(device="cpu", dtype=target or t.dtype)
+        if m.rope_rows is not None:  # rotate-half -> interleaved rotary rows (see the module docstring)
+            t = t[_rope_row_order(cfg, m.rope_rows).to(t.device)]
+        keep = m.hf.endswith("e_score_correction_bias")  # DeepSeek-V3's selection bias stays float32
+        t = t.detach().to(device="cpu", dtype=t.dtype if keep else (target or t.dtype))
         out[m.hf] = t.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
+    if cfg.is_mla and cfg.tie_embeddings:
+        # vLLM 0.32's DeepseekV2/V3ForCausalLM ignores tie_word_embeddings and leaves a missing lm_head.weight
+        # uninitialised (uniform logits); transformers ties it to the embedding either way. An explicit copy is
+        # exact in both, and load_hf checks it equals the embedding.
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     if hf_architecture(cfg) == "qwen2_moe" and QWEN2_MOE_ZERO_QKV_BIAS:
         bias_dtype = target or model.embed_tokens.weight.dtype
         for name, n in _qkv_bias_sizes(cfg).items():
@@ -585,14 +692,20 @@ def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConf
     top-level `rope_theta`, `torch_dtype`) are read exactly as transformers reads them.
     """
     # heavy import, only needed to import checkpoints
-    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
     model_type = raw.get("model_type")
-    classes = {"llama": LlamaConfig, "qwen2_moe": Qwen2MoeConfig, "mixtral": MixtralConfig}
+    classes = {
+        "llama": LlamaConfig,
+        "qwen2_moe": Qwen2MoeConfig,
+        "mixtral": MixtralConfig,
+        "deepseek_v3": DeepseekV3Config,
+    }
     if model_type not in classes:
         raise _unsupported(
             f"model_type = {model_type!r}",
-            "load_hf imports 'llama' (dense), 'qwen2_moe' and 'mixtral' (MoE) checkpoints only",
+            "load_hf imports 'llama' (dense), 'qwen2_moe' and 'mixtral' (MoE) and dense 'deepseek_v3' (MLA) "
+            "checkpoints only",
         )
     try:
         hf = classes[model_type].from_dict(dict(raw))
@@ -603,7 +716,7 @@ def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConf
         raise _unsupported(f"hidden_act = {hf.hidden_act!r}", "llm_core's MLPs are SwiGLU (silu)")
     heads, hidden = hf.num_attention_heads, hf.hidden_size
     head_dim = getattr(hf, "head_dim", None) or raw.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
+    if model_type != "deepseek_v3" and head_dim is not None and head_dim * heads != hidden:
         raise _unsupported(
             f"head_dim = {head_dim} != hidden_size / num_attention_heads = {hidden}/{heads}",
             "llm_core derives head_dim = hidden_size / num_attention_heads",
@@ -634,6 +747,54 @@ def model_config_from_hf(raw: dict[str, Any], name: str = "custom") -> ModelConf
             raise _unsupported("attention_bias = true", "llm_core's attention projections have no bias")
         if hf.mlp_bias:
             raise _unsupported("mlp_bias = true", "llm_core's MLP projections have no bias")
+    elif model_type == "deepseek_v3":
+        first_dense = hf.first_k_dense_replace or 0
+        moe_layer_freq = raw.get("moe_layer_freq", 1)  # vLLM's key; transformers' DeepseekV3Config has none
+        if 0 < first_dense < hf.num_hidden_layers or (first_dense == 0 and moe_layer_freq != 1):
+            raise _unsupported(
+                f"first_k_dense_replace = {hf.first_k_dense_replace}, moe_layer_freq = {moe_layer_freq} "
+                f"with num_hidden_layers = {hf.num_hidden_layers} (dense and MoE layers mixed)",
+                "llm_core imports DeepseekV3 checkpoints whose layers are all dense (first_k_dense_replace = "
+                "num_hidden_layers) or all MoE (first_k_dense_replace = 0, moe_layer_freq = 1)",
+            )
+        if first_dense == 0:  # every layer MoE: sigmoid router + ungated shared experts
+            if (hf.n_group or 1) != 1 or (hf.topk_group or 1) != 1:
+                raise _unsupported(
+                    f"n_group = {hf.n_group}, topk_group = {hf.topk_group}",
+                    "llm_core's sigmoid router is DeepSeek-V3's with one expert group (n_group = topk_group = 1)",
+                )
+            if not hf.n_shared_experts:
+                raise _unsupported("n_shared_experts = 0", "llm_core's DeepSeek-V3 MoE needs shared experts")
+            fields.update(
+                num_experts=hf.n_routed_experts,
+                num_experts_per_token=hf.num_experts_per_tok,
+                num_shared_experts=hf.n_shared_experts,
+                moe_ffn_hidden_dim=hf.moe_intermediate_size,
+                norm_topk_prob=bool(hf.norm_topk_prob),
+                router_score="sigmoid",
+                routed_scaling_factor=float(hf.routed_scaling_factor),
+                shared_expert_gate=False,
+            )
+        if hf.attention_bias:
+            raise _unsupported("attention_bias = true", "llm_core's attention projections have no bias")
+        if not hf.rope_interleave:
+            raise _unsupported(
+                "rope_interleave = false", "llm_core imports the interleaved rotary layout only"
+            )
+        if hf.rms_norm_eps != 1e-6:
+            raise _unsupported(
+                f"rms_norm_eps = {hf.rms_norm_eps:g}",
+                "transformers normalises DeepseekV3 latents with eps 1e-6 whatever rms_norm_eps says and llm_core "
+                "uses one eps for every norm: only rms_norm_eps = 1e-6 imports exactly",
+            )
+        fields.update(
+            attention="mla",
+            kv_lora_rank=hf.kv_lora_rank,
+            q_lora_rank=hf.q_lora_rank,
+            qk_nope_head_dim=hf.qk_nope_head_dim,
+            qk_rope_head_dim=hf.qk_rope_head_dim,
+            v_head_dim=hf.v_head_dim,
+        )
     elif model_type == "mixtral":
         if hf.sliding_window is not None:
             raise _unsupported(
@@ -904,6 +1065,8 @@ def transformer_from_hf(checkpoint: HFCheckpoint, *, dtype: str | None = None) -
             t = torch.cat([t, t.new_zeros(want[0] - t.shape[0], *t.shape[1:])])
         if tuple(t.shape) != want:
             raise ValueError(f"{m.hf} has shape {tuple(t.shape)}, expected {want} from config.json")
+        if m.rope_rows is not None:  # interleaved -> rotate-half rotary rows
+            t = t[torch.argsort(_rope_row_order(cfg, m.rope_rows))]
         if m.expert is None:
             state[m.ours] = t
         else:

@@ -4,7 +4,8 @@ A targeted `nn.Linear` W (out x in) becomes W x + (alpha / rank) * B A x with A 
 trainable and W frozen. B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
 
 Targets are named by the last component of the module name: q_proj, k_proj, v_proj, o_proj (attention) and
-gate_proj, up_proj, down_proj (the dense MLP, or an MoE layer's shared expert `mlp.shared`). Routed MoE experts
+gate_proj, up_proj, down_proj (the dense MLP, or an MoE layer's shared expert `mlp.shared`); with multi-head
+latent attention only o_proj and the MLP (q_proj's rotary rows are reordered by the HF export). Routed MoE experts
 are stacked Parameters (w_gate / w_up / w_down), not nn.Linear, and take no LoRA; nor do lm_head (tied to the
 embedding by default), the router or the shared-expert gate, which vLLM cannot serve adapters for either.
 
@@ -36,6 +37,9 @@ from llm_core.model import Transformer
 
 # Module names (last component) that can take a LoRA adapter: llm_core, PEFT and vLLM all support them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# In an MLA model q_proj carries rotary rows that export_hf permutes for DeepseekV3; a PEFT adapter on it would need
+# the same permutation, so MLA models take LoRA on o_proj and the MLP projections only.
+MLA_ROTARY_TARGETS = ("q_proj",)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -139,6 +143,14 @@ def _targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     linears = {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, nn.Linear)}
     leaf = {name: name.rsplit(".", 1)[-1] for name in linears}
     valid = [t for t in LORA_TARGETS if t in leaf.values()]
+    model_cfg = getattr(unwrap_model(model), "cfg", None)
+    rotary = [t for t in cfg.target_modules if t in MLA_ROTARY_TARGETS]
+    if getattr(model_cfg, "is_mla", False) and rotary:
+        raise ValueError(
+            f"LoRA target_modules {rotary} hold rotary rows in a multi-head latent attention (attention: mla) "
+            "model, which the HF export reorders; adapters on them are not supported. Target "
+            f"{[t for t in valid if t not in MLA_ROTARY_TARGETS]} instead"
+        )
     missing = [t for t in cfg.target_modules if t not in valid]
     if missing:
         others = sorted({n for n in leaf.values() if n not in LORA_TARGETS})

@@ -118,3 +118,53 @@ def distill_loss(
     ce = F.cross_entropy(s.float(), targets[valid], reduction="sum") / max(n, 1)
     loss = alpha * temperature**2 * kl + (1 - alpha) * ce
     return loss, {"kl": kl.item(), "ce": ce.item()}
+
+
+# ------------------------------------------------- pretraining cross-entropy (used by model.Transformer)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits over targets != -100, computed a few rows at a time.
+
+    Same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=-100), but each (rows, V)
+    fp32 temporary stays in the CPU cache and the gradient is written once, in the logits' dtype. The plain
+    call makes several passes over full (N, V) fp32 tensors (upcast copy, log-softmax, zero-filled NLL grad,
+    softmax grad, downcast), which on a CPU can cost as much as the LM head's three matmuls in bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, (1 << 21) // logits.size(1))  # ~8 MiB of fp32 per chunk: fits in L3, few ops per call
+        valid = targets != -100
+        tgt = targets.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
+        logp_tgt = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)  # (N, 1)
+        for s in range(0, logits.size(0), rows):
+            logp = F.log_softmax(logits[s : s + rows], dim=-1, dtype=torch.float32)
+            logp_tgt[s : s + rows] = logp.gather(1, tgt[s : s + rows])
+        count = valid.sum()
+        ctx.save_for_backward(logits, tgt, valid, count)
+        ctx.rows = rows
+        # nll_loss over the gathered log-probs reduces in F.cross_entropy's order: the same value bit for bit
+        return F.nll_loss(logp_tgt, targets.masked_fill(valid, 0), ignore_index=-100)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, tgt, valid, count = ctx.saved_tensors
+        scale = (grad_out / count * valid).unsqueeze(1)  # (N, 1), 0 for ignored rows
+        grad = torch.empty_like(logits)
+        minus_one = torch.full((min(ctx.rows, logits.size(0)), 1), -1.0, device=logits.device)
+        for s in range(0, logits.size(0), ctx.rows):
+            # d(-log p_t)/dz = softmax(z) - onehot(t), times dloss/d(-log p_t) = grad_out / count
+            p = F.softmax(logits[s : s + ctx.rows], dim=-1, dtype=torch.float32)
+            p.scatter_add_(1, tgt[s : s + ctx.rows], minus_one[: p.size(0)])
+            grad[s : s + ctx.rows] = p.mul_(scale[s : s + ctx.rows])
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 of (N, V) logits and (N,) targets, -100 = ignored."""
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _ChunkedCrossEntropy.apply(logits, targets)
+    # GPUs stream full-size tensors fast and torch.compile fuses this itself
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)

@@ -3,11 +3,12 @@
 Notation used in shape comments:
   B batch, T new tokens this call, S keys attended (cached + new), D dim, V vocab,
   H query heads, K key/value heads (GQA), hd head_dim = D / H, E routed experts, k experts per token,
-  N = B * T tokens.
+  N = B * T tokens; MLA: C kv_lora_rank, n qk_nope_head_dim, r qk_rope_head_dim, v v_head_dim.
 
 Dense layers map 1:1 onto Hugging Face `LlamaForCausalLM`, MoE layers onto `Qwen2MoeForCausalLM`
 (softmax top-k router, fused shared experts behind a sigmoid gate) or, without shared experts, onto
-`MixtralForCausalLM`; a sigmoid router with ungated shared experts is DeepSeek-V3's MoE; see export_hf.py.
+`MixtralForCausalLM`; multi-head latent attention (MLA) models onto `DeepseekV3ForCausalLM`, whose MoE is a
+sigmoid router with ungated shared experts; see export_hf.py.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_core.config import ModelConfig
+from llm_core.losses import cross_entropy
 
 # ----------------------------------------------------------------------------------------------- RoPE
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (hd/2,) and the attention scale applied to cos/sin (YaRN's mscale, else 1)."""
-    hd, base = cfg.head_dim, cfg.rope_theta
+    """Inverse frequencies (hd/2,) and the attention scale applied to cos/sin (YaRN's mscale, else 1).
+    hd is the rotated width per head: head_dim, or qk_rope_head_dim with MLA."""
+    hd, base = cfg.rope_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))  # (hd/2,)
     rs = cfg.rope_scaling
     if rs is None:
@@ -89,7 +92,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (layers, B, K, max_len, hd). `length` tokens are filled."""
+    """Preallocated keys/values for every layer: (layers, B, K, max_len, hd). `length` tokens are filled.
+
+    With MLA (cfg.attention == "mla") it holds instead, per layer, the normed latent c_kv (B, max_len, C) and the
+    shared rotary key k_pe (B, 1, max_len, r): C + r numbers per token and layer rather than 2 * K * hd.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > cfg.max_seq_len:
@@ -97,11 +104,16 @@ class KVCache:
                 f"KV cache length {max_len} exceeds max_seq_len {cfg.max_seq_len}: shorten the prompt or "
                 "max_new_tokens, or use a model with a longer context"
             )
+        self.max_len = max_len
+        self.length = 0
+        if cfg.is_mla:
+            L, C, r = cfg.num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+            self.latent = torch.zeros((L, batch_size, max_len, C), device=device, dtype=dtype)
+            self.rope_key = torch.zeros((L, batch_size, 1, max_len, r), device=device, dtype=dtype)
+            return
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v (B, K, T, hd) for the new tokens -> all keys/values so far (B, K, S, hd)
@@ -109,6 +121,15 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_latent(
+        self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # MLA: c_kv (B, T, C), k_pe (B, 1, T, r) for the new tokens -> all so far, (B, S, C) and (B, 1, S, r)
+        start, end = self.length, self.length + c_kv.size(1)
+        self.latent[layer, :, start:end] = c_kv
+        self.rope_key[layer, :, :, start:end] = k_pe
+        return self.latent[layer, :, :end], self.rope_key[layer, :, :, :end]
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -161,6 +182,91 @@ class Attention(nn.Module):
             enable_gqa=gqa,
         )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V3 multi-head latent attention (MLA); module names as in HF's DeepseekV3Attention.
+
+    Keys/values come from one latent c_kv = norm(x W_kv_a) of width C: head h's non-rotary key is c_kv W_uk[h] and
+    its value c_kv W_uv[h] (W_uk, W_uv: the two parts of kv_b_proj). The rotary key k_pe is one r-wide vector per
+    token shared by all heads. Without a cache, or when prefilling an empty one, keys and values are decompressed
+    (the "naive" form). Decoding from a filled cache uses the absorbed form: q_nope W_uk[h]^T maps each query into
+    the latent space, attention runs over the cached (c_kv, k_pe) directly as one shared KV head, and the output
+    latent goes through W_uv[h]; no per-head key or value is ever built for the S cached tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.dropout, D, H = layer_idx, cfg.dropout, cfg.dim, cfg.num_heads
+        self.num_heads, self.C, self.n, self.r, self.v = (
+            H,
+            cfg.kv_lora_rank,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.r, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.C, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(self.C, H * (self.n + self.v), bias=False)
+        self.o_proj = nn.Linear(H * self.v, D, bias=False)
+        self.scale = cfg.qk_head_dim**-0.5
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = (
+            q.view(B, T, self.num_heads, -1).transpose(1, 2).split([self.n, self.r], -1)
+        )  # (B, H, T, n|r)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.C, self.r], -1)  # (B, T, C), (B, T, r)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.unsqueeze(1), cos, sin)  # (B, H|1, T, r)
+        absorbed = kv_cache is not None and kv_cache.length > 0
+        if kv_cache is not None:
+            c_kv, k_pe = kv_cache.update_latent(self.layer_idx, c_kv, k_pe)  # (B, S, C), (B, 1, S, r)
+        attend = self.attend_absorbed if absorbed else self.attend_naive
+        y = attend(q_nope, q_pe, c_kv, k_pe, mask)  # (B, H, T, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v))  # (B, T, D)
+
+    def _sdpa(self, q, k, v, mask, gqa: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and q.size(2) > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+            enable_gqa=gqa,
+        )
+
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Decompress per-head keys/values from the latent, then ordinary attention; -> (B, H, T, v)."""
+        B, S, _ = c_kv.shape
+        kv = (
+            self.kv_b_proj(c_kv).view(B, S, self.num_heads, self.n + self.v).transpose(1, 2)
+        )  # (B, H, S, n+v)
+        k_nope, value = kv.split([self.n, self.v], -1)  # (B, H, S, n), (B, H, S, v)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), -1)  # (B, H, S, n+r)
+        return self._sdpa(torch.cat((q_nope, q_pe), -1), k, value, mask)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Attention in the latent space over the cached (c_kv, k_pe), one KV head for all; -> (B, H, T, v)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.n + self.v, self.C)
+        w_uk, w_uv = w.split([self.n, self.v], 1)  # (H, n, C), (H, v, C)
+        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, C)
+        k = torch.cat((c_kv.unsqueeze(1), k_pe), -1)  # (B, 1, S, C+r): the cache as one key head
+        q = torch.cat((q_latent, q_pe), -1)  # (B, H, T, C+r)
+        value = c_kv.unsqueeze(1)  # (B, 1, S, C)
+        if mask is not None and q.device.type != "cpu":  # CUDA's fused kernels take GQA only unmasked
+            k, value = k.expand(-1, self.num_heads, -1, -1), value.expand(-1, self.num_heads, -1, -1)
+        out_latent = self._sdpa(q, k, value, mask, gqa=k.size(1) != self.num_heads)  # (B, H, T, C)
+        return torch.einsum("bhtc,hvc->bhtv", out_latent, w_uv)  # (B, H, T, v)
 
 
 class MLP(nn.Module):
@@ -267,7 +373,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = LatentAttention(cfg, layer_idx) if cfg.is_mla else Attention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg.dim, cfg.ffn_hidden_dim)
         self.drop = nn.Dropout(cfg.dropout)
@@ -275,56 +381,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, kv_cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-
-# --------------------------------------------------------------------------------------------- loss
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) logits over targets != -100, computed a few rows at a time.
-
-    Same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=-100), but each (rows, V)
-    fp32 temporary stays in the CPU cache and the gradient is written once, in the logits' dtype. The plain
-    call makes several passes over full (N, V) fp32 tensors (upcast copy, log-softmax, zero-filled NLL grad,
-    softmax grad, downcast), which on a CPU can cost as much as the LM head's three matmuls in bf16.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(1, (1 << 21) // logits.size(1))  # ~8 MiB of fp32 per chunk: fits in L3, few ops per call
-        valid = targets != -100
-        tgt = targets.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
-        logp_tgt = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)  # (N, 1)
-        for s in range(0, logits.size(0), rows):
-            logp = F.log_softmax(logits[s : s + rows], dim=-1, dtype=torch.float32)
-            logp_tgt[s : s + rows] = logp.gather(1, tgt[s : s + rows])
-        count = valid.sum()
-        ctx.save_for_backward(logits, tgt, valid, count)
-        ctx.rows = rows
-        # nll_loss over the gathered log-probs reduces in F.cross_entropy's order: the same value bit for bit
-        return F.nll_loss(logp_tgt, targets.masked_fill(valid, 0), ignore_index=-100)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, tgt, valid, count = ctx.saved_tensors
-        scale = (grad_out / count * valid).unsqueeze(1)  # (N, 1), 0 for ignored rows
-        grad = torch.empty_like(logits)
-        minus_one = torch.full((min(ctx.rows, logits.size(0)), 1), -1.0, device=logits.device)
-        for s in range(0, logits.size(0), ctx.rows):
-            # d(-log p_t)/dz = softmax(z) - onehot(t), times dloss/d(-log p_t) = grad_out / count
-            p = F.softmax(logits[s : s + ctx.rows], dim=-1, dtype=torch.float32)
-            p.scatter_add_(1, tgt[s : s + ctx.rows], minus_one[: p.size(0)])
-            grad[s : s + ctx.rows] = p.mul_(scale[s : s + ctx.rows])
-        return grad, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 of (N, V) logits and (N,) targets, -100 = ignored."""
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _ChunkedCrossEntropy.apply(logits, targets)
-    # GPUs stream full-size tensors fast and torch.compile fuses this itself
-    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -49,6 +49,21 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def small_mla_config(**overrides) -> ModelConfig:
+    """Multi-head latent attention with every MLA width distinct, so a swapped dimension cannot go unnoticed."""
+    base = dict(
+        num_kv_heads=4,
+        attention="mla",
+        kv_lora_rank=40,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
+        v_head_dim=10,
+        norm_eps=1e-6,
+    )
+    base.update(overrides)
+    return small_config(**base)
+
+
 def small_moe_config(**overrides) -> ModelConfig:
     base = dict(num_experts=4, num_experts_per_token=2, num_shared_experts=1, moe_ffn_hidden_dim=32)
     base.update(overrides)

@@ -8,6 +8,7 @@ import yaml
 
 from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, list_presets, load_config, model_config_from_preset
 from llm_core.config import ConfigError, ModelConfig, config_sha256
+from llm_core.export_hf import check_exportable
 from llm_core.model import Transformer
 from tests.conftest import REPO, small_config, small_moe_config
 
@@ -17,6 +18,16 @@ def analytic_params(c: dict) -> int:
     d, L, V = c["dim"], c["num_layers"], c["vocab_size"]
     hd = d // c["num_heads"]
     attn = 2 * d * d + 2 * d * c["num_kv_heads"] * hd
+    if c.get("attention") == "mla":  # q (plain), kv_a + its norm, kv_b, o
+        H, n, r, v, C = (
+            c["num_heads"],
+            c["qk_nope_head_dim"],
+            c["qk_rope_head_dim"],
+            c["v_head_dim"],
+            c["kv_lora_rank"],
+        )
+        assert c.get("q_lora_rank") is None
+        attn = d * H * (n + r) + d * (C + r) + C + C * H * (n + v) + H * v * d
     if c.get("num_experts", 0):
         h = c.get("moe_ffn_hidden_dim") or c["ffn_hidden_dim"]
         mlp = c["num_experts"] * 3 * d * h + c["num_experts"] * d
@@ -27,7 +38,7 @@ def analytic_params(c: dict) -> int:
     return L * (attn + mlp + 2 * d) + d + embed
 
 
-EXPECTED_PRESETS = {"tiny", "minimind-26m", "gpt-130m", "kk-350m", "moe-small", "mixtral-small"}
+EXPECTED_PRESETS = {"tiny", "minimind-26m", "gpt-130m", "kk-350m", "moe-small", "mixtral-small", "mla-small"}
 
 
 def test_presets_exist():
@@ -42,6 +53,7 @@ RECIPE_VOCAB = {
     "kk-350m": 32000,
     "moe-small": 32000,
     "mixtral-small": 32000,
+    "mla-small": 32000,
 }
 
 
@@ -65,7 +77,13 @@ def test_preset_param_count_and_servable(name):
     cfg = preset(name)
     assert cfg.num_params() == analytic_params(raw)
     assert cfg.head_dim in VLLM_CPU_HEAD_DIMS, "every preset must be servable by vLLM's CPU attention"
-    if name in ("tiny", "minimind-26m", "moe-small", "mixtral-small"):  # small enough to build here
+    if name in (
+        "tiny",
+        "minimind-26m",
+        "moe-small",
+        "mixtral-small",
+        "mla-small",
+    ):  # small enough to build here
         assert Transformer(cfg).num_params() == cfg.num_params()
 
 
@@ -81,6 +99,10 @@ def test_preset_sizes_match_their_names():
     mixtral = preset("mixtral-small")
     assert mixtral.num_experts > 1 and mixtral.num_shared_experts == 0 and mixtral.norm_topk_prob
     assert 85e6 < mixtral.num_params() < 95e6 and mixtral.num_active_params() < 45e6
+    mla = preset("mla-small")  # vLLM's MLA kernels serve latent + rotary key = 512 + 64 only
+    assert mla.is_mla and mla.kv_lora_rank + mla.qk_rope_head_dim == 576 and mla.q_lora_rank is None
+    assert 40e6 < mla.num_params() < 50e6
+    check_exportable(mla)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_64_and_padding_is_never_scored():

