@@ -811,9 +811,13 @@ def test_mla_export_permutes_rotary_rows_to_the_interleaved_layout(tmp_path: Pat
 
 def test_mla_configs_without_an_exact_export_are_refused(tmp_path: Path) -> None:
     # an MLA model's MoE must be DeepSeek-V3's: a sigmoid router and ungated shared experts
-    with pytest.raises(ValueError, match=r"cannot be exported as DeepSeek-V3: model\.router_score = 'softmax'"):
+    with pytest.raises(
+        ValueError, match=r"cannot be exported as DeepSeek-V3: model\.router_score = 'softmax'"
+    ):
         check_exportable(mla_cfg(num_experts=4, num_shared_experts=1, moe_ffn_hidden_dim=32))
-    with pytest.raises(ValueError, match=r"model\.num_shared_experts = 0: DeepSeek-V3's MoE always has shared"):
+    with pytest.raises(
+        ValueError, match=r"model\.num_shared_experts = 0: DeepSeek-V3's MoE always has shared"
+    ):
         check_exportable(mla_cfg(num_experts=4, router_score="sigmoid", moe_ffn_hidden_dim=32))
     with pytest.raises(ValueError, match=r"model\.norm_eps = 1e-05 .*set model\.norm_eps: 1\.0e-6"):
         check_exportable(mla_cfg(norm_eps=1e-5))
