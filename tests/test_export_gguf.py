@@ -139,12 +139,13 @@ def test_gguf_logits_match_the_hf_export(exported, llama_bpe_tokenizer, flores):
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         ref = hf(ids).logits
-        for (
-            p
-        ) in hf.parameters():  # the matrices rounded to bf16 as the bf16 GGUF stores them (norms stay f32)
-            if p.dim() == 2:
-                p.copy_(p.bfloat16().float())
-        ref_bf16 = hf(ids).logits
+        rounded = {}  # the HF model with its matrices rounded as the f16/bf16 GGUFs store them (norms stay f32)
+        for dtype in (torch.float16, torch.bfloat16):
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    p.copy_(p.to(dtype).float())
+            rounded[dtype] = hf(ids).logits
         got = {}
         for dtype, path in files.items():
             model = AutoModelForCausalLM.from_pretrained(
@@ -152,10 +153,11 @@ def test_gguf_logits_match_the_hf_export(exported, llama_bpe_tokenizer, flores):
             ).eval()
             got[dtype] = model(ids).logits
     assert ref.abs().max() > 1.0  # a trained model: the comparison has something to compare
-    assert (got["f16"] - ref).abs().max().item() < 1e-2
+    # f16/bf16 rounding of the matrices is the only difference (f16 alone moves this model's logits by ~0.15)
+    assert (got["f16"] - rounded[torch.float16]).abs().max().item() < 1e-4
+    assert (got["bf16"] - rounded[torch.bfloat16]).abs().max().item() < 1e-4
     agree = (got["q8_0"].argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.99, f"q8_0 argmax agreement {agree:.4f}"
-    assert (got["bf16"] - ref_bf16).abs().max().item() < 1e-4  # bf16 rounding is the only difference
 
 
 def test_untied_embeddings_and_gqa_round_trip(tmp_path, llama_bpe_tokenizer):
