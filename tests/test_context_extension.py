@@ -1,5 +1,5 @@
-"""Context extension's training data (repeated spans: llm_core.data.RepeatedSpanWindows) and its acceptance: the
-tiny model extended x4 with them retrieves a passkey at the new length better than before."""
+"""Context extension: its optional training data (repeated spans: llm_core.data.RepeatedSpanWindows), and the
+tiny model extended x4 scoring the passkey key better at the new length than before."""
 
 from __future__ import annotations
 
@@ -69,3 +69,54 @@ def test_repeated_spans_that_do_not_fit_the_window_are_refused():
         )
     with pytest.raises(ConfigError, match=r"repeated_spans\.min_tokens \(40\) > repeated_spans\.max_tokens"):
         load_config(PretrainConfig, extend, ["data.repeated_spans={share: 0.5, min_tokens: 40}"])
+
+
+# ---------------------------------------------------------------------------------------- acceptance
+
+
+def extend(base_dir, tokens: np.ndarray, *, steps: int):
+    """tiny-extend.yaml's recipe in-process, scaled to the factory model: x4 with YaRN (trained at 64 -> 256),
+    continued pretraining at seq_len 256 on random windows of the same text."""
+    from jobs.pretrain import ModelChanges, merged_model_config
+    from llm_core.export_hf import load_hf
+    from llm_core.model import Transformer
+    from llm_core.trainer import TrainConfig, Trainer
+
+    base = load_hf(base_dir)
+    changes = ModelChanges(
+        max_seq_len=256, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64}
+    )
+    model = Transformer(merged_model_config(base.cfg, changes, str(base_dir)))
+    model.load_state_dict(base.state_dict(), strict=True)  # as PretrainWindowsTask.build_model does
+    tcfg = TrainConfig(
+        steps=steps, batch_size=8, seq_len=256, lr=1e-3, warmup_steps=10, schedule="cosine", eval_every=10**6
+    )
+    sampler = RandomWindows(tokens, 256, 8, seed=1)
+    trainer = Trainer(model, tcfg)
+    for _ in range(steps):
+        trainer.train_step(sampler.next_step())
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_context_extension_lowers_the_passkey_key_nll_at_the_new_length(tmp_path, data_dir):
+    """The factory's tiny model, trained on 64-token windows (max_seq_len 256, RoPE unscaled), extended x4 as
+    tiny-extend.yaml does: on 240-token passkey prompts (the eval's keys, seed and filler) the key's NLL per token
+    falls well below the un-extended model's (measured 4.44 -> 4.01 nats), and exact-match accuracy does not fall.
+
+    What this shows is that the model predicts at positions beyond its training length again, not that it retrieves
+    the key: scored after a prompt that holds another key, the key's NLL is the same (docs/evaluation.md, "Context
+    extension of the tiny model"); a 1.3M model this short-trained answers no passkey before or after."""
+    from jobs.evaluation.config import PasskeySpec
+    from jobs.evaluation.long_context import evaluate_passkey
+    from llm_core.export_hf import load_hf
+    from tests.factory import tiny_corpus, train_tiny_hf
+
+    torch.set_num_threads(1)
+    base_dir = train_tiny_hf(tmp_path / "base", data_dir, steps=150, max_seq_len=256)
+    tok, tokens = tiny_corpus(data_dir)
+    spec = PasskeySpec(lengths=[240], depths=[0.0, 0.5, 1.0], samples=2, languages=["en", "ru", "kk"])
+    before = evaluate_passkey(load_hf(base_dir).eval(), tok, spec).metrics()
+    after = evaluate_passkey(extend(base_dir, tokens, steps=80), tok, spec).metrics()
+    assert after["passkey/240/nll"] < before["passkey/240/nll"] - 0.2, (before, after)
+    assert after["passkey/240/acc"] >= before["passkey/240/acc"]
