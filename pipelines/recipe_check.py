@@ -391,15 +391,13 @@ class RecipeChecker:
             )
         return cfg.with_model(merged_model_config(init_cfg, cfg.model, init))
 
-    def check_extension(
-        self, ext: Loaded, base: ModelConfig, base_seq_len: int, label: str
-    ) -> ModelConfig | None:
+    def check_extension(self, ext: Loaded, base: ModelConfig, base_seq_len: int) -> ModelConfig | None:
         """The extend stage continues from the pretrain stage's model: its model is that one with the stage's
         model keys (only max_seq_len and rope_scaling may change; the vocabulary is the same tokenizer's), its
         RoPE scaling starts from the length the model was trained at, and it trains at a longer seq_len."""
         from jobs.pretrain import merged_model_config
 
-        where = f"extend{label}"
+        where = "extend"
         try:
             model = merged_model_config(base, ext.config.model, "the pretrain stage's model")
         except ValueError as exc:
@@ -417,7 +415,7 @@ class RecipeChecker:
                 f"set model.rope_scaling.original_max_seq_len: {base_seq_len} (and factor: max_seq_len / "
                 f"{base_seq_len})",
             )
-        if not label and train.seq_len <= base_seq_len:
+        if train.seq_len <= base_seq_len:
             self.fail(
                 "extend",
                 "train.seq_len",
@@ -445,7 +443,7 @@ class RecipeChecker:
             if cfg is None:
                 continue
             if stage == "extend" and base is not None:  # from here on, the model is the extended one
-                model = self.check_extension(loaded[stage], base, loaded["pretrain"].config.train.seq_len, "")
+                model = self.check_extension(loaded[stage], base, loaded["pretrain"].config.train.seq_len)
             self.check_paths(stage, cfg)
             if model is not None:
                 self.check_stage(stage, cfg, model)
