@@ -201,7 +201,7 @@ class Pipeline:
             message = (raw or {}).get("error") or f"exit code {proc.returncode}"
             raise StageFailed(stage, log_file, message)
         try:
-            result = read_result(stage, proc.stdout)
+            result = read_result(job, proc.stdout)  # the job's result contract (extend: pretrain's)
         except ResultError as exc:
             print(f"{back}{label} failed after {elapsed:.0f}s", flush=True)
             raise StageFailed(stage, log_file, str(exc)) from None
@@ -461,6 +461,9 @@ def summarize(stage: str, result: StageResult) -> str:
     if stage == "eval":
         gate = o.gate  # type: ignore[attr-defined]
         verdict = "no gate" if gate is None else ("gate passed" if gate.passed else "gate refused")
+        if not per_eval_set(m, "bpb/") and "passkey/all/acc" in m:  # a long-context suite
+            gain = m.get("passkey/all/key_gain", float("nan"))
+            return f"passkey accuracy {m['passkey/all/acc']:.2f}, key gain {gain:+.3f} {verdict}"
         return f"bpb {per_eval_set(m, 'bpb/')} {verdict}".strip()
     return ""
 
