@@ -39,7 +39,7 @@ from jobs.training.distributed import (
     run_dir_for,
 )
 from jobs.training.sampling import end_of_training_samples
-from jobs.training.tasks import PretrainWindowsTask
+from jobs.training.tasks import PretrainWindowsTask, RepeatedSpans
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
 from llm_core.data import DataError
@@ -78,6 +78,11 @@ class DataSpec(StrictModel):
         None, description="languages to evaluate on; default: all in the dataset"
     )
     verify: bool = Field(False, description="check every shard's sha256 against the manifest before training")
+    repeated_spans: RepeatedSpans | None = Field(
+        None,
+        description="synthetic long-range recall for context extension: in a share of the training windows a span "
+        "of the window's own text is copied further on (null: plain windows)",
+    )
 
 
 class SampleSpec(StrictModel):
@@ -129,6 +134,17 @@ class PretrainConfig(StrictModel):
                 "run with init may give just the keys to change"
             ) from None
         raise AssertionError("unreachable: a valid ModelConfig validates as ModelConfig first")
+
+    @model_validator(mode="after")
+    def _repeated_spans_fit_the_window(self) -> PretrainConfig:
+        spans = self.data.repeated_spans
+        if spans is not None and 2 * spans.max_tokens + spans.min_distance > self.train.seq_len + 1:
+            raise ValueError(
+                f"data.repeated_spans: a span of max_tokens {spans.max_tokens}, its copy and min_distance "
+                f"{spans.min_distance} do not fit a window of train.seq_len {self.train.seq_len} + 1 tokens: lower "
+                "data.repeated_spans.max_tokens / min_distance or raise train.seq_len"
+            )
+        return self
 
     @model_validator(mode="after")
     def _vocabulary_comes_from_the_tokenizer(self, info: ValidationInfo) -> PretrainConfig:
@@ -347,6 +363,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             train=cfg.train,
             dataset=dataset_path,
             languages=cfg.data.languages,
+            repeated_spans=cfg.data.repeated_spans,
         )
         result = launch(
             settings=settings,

@@ -256,6 +256,83 @@ class RandomWindows(StepSampler):
         ]
 
 
+class RepeatedSpanWindows(RandomWindows):
+    """RandomWindows in which a share of the windows repeat a span of their own text further on: synthetic
+    long-range recall for context extension (recalling a span seen hundreds of tokens earlier pays only when the
+    model attends that far back, the skill a passkey or a quotation needs).
+
+    For each window w = tokens[start : start + seq_len + 1] (inputs w[:-1], targets w[1:]), a generator seeded by
+    (seed, step, the window's row in the global batch) decides, with probability `share`, to copy a span:
+
+        m ~ U{min_tokens .. max_tokens}               span length
+        d ~ U{m + min_distance .. seq_len + 1 - m}    distance from the span's source to its copy
+        a ~ U{0 .. seq_len + 1 - m - d}               source start;  w[a + d : a + d + m] = w[a : a + m]
+
+    so copies reach every distance up to the window (the new context), from the dataset's own text: no template,
+    words or numbers of any evaluation. World-size invariant like RandomWindows (the row index is global).
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenStream,
+        seq_len: int,
+        batch_size: int,
+        *,
+        share: float,
+        min_tokens: int,
+        max_tokens: int,
+        min_distance: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        name: str = "train",
+    ):
+        if not 0 < share <= 1 or not 0 < min_tokens <= max_tokens or min_distance < 0:
+            raise ValueError(
+                f"repeated spans: need 0 < share <= 1 (got {share}), 0 < min_tokens <= max_tokens (got "
+                f"{min_tokens}, {max_tokens}) and min_distance >= 0 (got {min_distance})"
+            )
+        if 2 * max_tokens + min_distance > seq_len + 1:
+            raise ValueError(
+                f"repeated spans of up to {max_tokens} tokens at least {min_distance} apart do not fit a window of "
+                f"{seq_len} + 1 tokens: need 2 x max_tokens + min_distance <= seq_len + 1"
+            )
+        super().__init__(tokens, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size, name=name)
+        self.share, self.min_tokens, self.max_tokens = share, min_tokens, max_tokens
+        self.min_distance = min_distance
+
+    def repeat_span(self, window: np.ndarray, step: int, row: int) -> tuple[int, int, int] | None:
+        """Copy a span of `window` (seq_len + 1 tokens, in place) as the class docstring says; (source, copy,
+        length), or None when this window is left as it is."""
+        rng = np.random.default_rng([self.seed, step, row])
+        if rng.random() >= self.share:
+            return None
+        n = len(window)
+        m = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+        d = int(rng.integers(m + self.min_distance, n - m + 1))
+        a = int(rng.integers(0, n - m - d + 1))
+        window[a + d : a + d + m] = window[a : a + m]
+        return a, a + d, m
+
+    def batches_at(self, step: int, accum_steps: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        B, W = self.batch_size, self.world_size
+        starts = self._starts(step, accum_steps * W * B)
+        out = []
+        for m in range(accum_steps):
+            first = (m * W + self.rank) * B  # this micro-batch's first row in the global batch
+            rows = np.stack(
+                [
+                    np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64)
+                    for s in starts[first : first + B]
+                ]
+            )
+            for i, window in enumerate(rows):
+                self.repeat_span(window, step, first + i)
+            t = torch.from_numpy(rows)
+            out.append((t[:, :-1], t[:, 1:]))
+        return out
+
+
 def sequential_windows(tokens: np.ndarray | TokenStream, seq_len: int, max_windows: int | None = None):
     """Non-overlapping (inputs, targets) windows covering the stream in order, for evaluation. Yields (1, T) pairs."""
     n = (len(tokens) - 1) // seq_len

@@ -78,7 +78,7 @@ SHAPE_KEYS = (
     "moe_ffn_hidden_dim",
     "tie_embeddings",
 )
-TRAINING_STAGES = ("pretrain", "sft", "dpo", "distill")
+TRAINING_STAGES = ("pretrain", "extend", "sft", "dpo", "distill")
 
 
 def stage_classes() -> dict[str, type[BaseModel]]:
@@ -97,6 +97,7 @@ def stage_classes() -> dict[str, type[BaseModel]]:
         "tokenizer": TokenizerJobConfig,
         "preprocess": PreprocessConfig,
         "pretrain": PretrainConfig,
+        "extend": PretrainConfig,
         "sft": SFTConfig,
         "dpo": DPOConfig,
         "rl": RLConfig,
@@ -247,11 +248,13 @@ class RecipeChecker:
         if stage == "preprocess":
             tok_name = self.tokenizer_name or "tokenizer"
             return [f"tokenizer.path={home / 'tokenizers' / tok_name}"]
-        if stage == "pretrain":
-            return [
+        if stage in ("pretrain", "extend"):
+            wired = [
                 f"data.dataset={home / 'datasets' / (self.dataset_name or 'dataset')}",
                 f"name={r.model_name}",
             ]
+            # extend: the pipeline passes the version the pretrain stage registered (`--input init=`)
+            return wired + ([f"init=models:/{r.model_name}@pretrain-latest"] if stage == "extend" else [])
         if stage in ("sft", "dpo"):
             prev = "pretrain" if stage == "sft" or r.sft is None else "sft"
             return [f"init=models:/{r.model_name}@{prev}-latest", f"name={r.model_name}"]
@@ -296,7 +299,9 @@ class RecipeChecker:
                 data = self.with_vocab(data, label)
             data = apply_overrides(data, self.wiring(stage, data))
             cfg = validate_config(self.classes[stage], data, f"{path}{label}")
-            if stage == "pretrain" and self.tokenizer_vocab is not None:
+            if stage == "pretrain" and cfg.init is not None:
+                cfg = self.with_init_model(cfg, label)
+            elif stage == "pretrain" and self.tokenizer_vocab is not None:
                 cfg = cfg.with_vocabulary(self.tokenizer_vocab)  # as jobs.pretrain does from the dataset
             return Loaded(cfg, data)
         except (ConfigError, ValueError) as exc:
@@ -354,6 +359,71 @@ class RecipeChecker:
             return f"model preset configs/model/{name}.yaml"
         return f"the model section of {path}"
 
+    # ------------------------------------------------------------------ continued pretraining (init)
+    def with_init_model(self, cfg: Any, label: str) -> Any:
+        """A pretrain stage with its own `init` (an HF directory): its model is the init's config with the stage's
+        model keys applied (jobs.pretrain.merged_model_config, from config.json alone), and its vocabulary must be
+        the recipe tokenizer's size (the tokenizer itself is trained by the recipe, so its files cannot be compared
+        before it runs; jobs.pretrain compares them before training)."""
+        from jobs.pretrain import merged_model_config
+        from llm_core.export_hf import model_config_from_hf
+
+        init = str(cfg.init)
+        if init.startswith("models:/"):
+            raise ConfigError(
+                f"init {init!r}: the recipe check reads an init's config without a registry, and a registered "
+                "model is known only once it is trained: continue from this recipe's own pretrained model with an "
+                "`extend:` stage, or give init as an HF directory"
+            )
+        config_json = Path(init) / "config.json"
+        if not config_json.is_file():
+            raise ConfigError(
+                f"init {init!r} has no config.json: give an HF model directory (export_hf, or a downloaded one)"
+            )
+        import json
+
+        init_cfg = model_config_from_hf(json.loads(config_json.read_text(encoding="utf-8")))
+        if self.tokenizer_vocab is not None and init_cfg.vocab_size != self.tokenizer_vocab:
+            raise ConfigError(
+                f"init {init!r} has vocab_size {init_cfg.vocab_size}, but this recipe's tokenizer "
+                f"{self.tokenizer_name} produces {self.tokenizer_vocab} tokens: continued pretraining needs the "
+                "init's vocabulary; preprocess with the init model's tokenizer, or pick an init trained on this one"
+            )
+        return cfg.with_model(merged_model_config(init_cfg, cfg.model, init))
+
+    def check_extension(self, ext: Loaded, base: ModelConfig, base_seq_len: int) -> ModelConfig | None:
+        """The extend stage continues from the pretrain stage's model: its model is that one with the stage's
+        model keys (only max_seq_len and rope_scaling may change; the vocabulary is the same tokenizer's), its
+        RoPE scaling starts from the length the model was trained at, and it trains at a longer seq_len."""
+        from jobs.pretrain import merged_model_config
+
+        where = "extend"
+        try:
+            model = merged_model_config(base, ext.config.model, "the pretrain stage's model")
+        except ValueError as exc:
+            self.fail(
+                "extend", "model", f"{where}: {exc}", "change only model.max_seq_len and model.rope_scaling"
+            )
+            return None
+        scaling, train = model.rope_scaling, ext.config.train
+        if scaling is not None and scaling.original_max_seq_len != base_seq_len:
+            self.fail(
+                "extend",
+                "model.rope_scaling.original_max_seq_len",
+                f"{where}: {scaling.original_max_seq_len}, but the pretrain stage trains at train.seq_len "
+                f"{base_seq_len}: the scaling maps the new positions onto the ones the model was trained at",
+                f"set model.rope_scaling.original_max_seq_len: {base_seq_len} (and factor: max_seq_len / "
+                f"{base_seq_len})",
+            )
+        if train.seq_len <= base_seq_len:
+            self.fail(
+                "extend",
+                "train.seq_len",
+                f"{train.seq_len} is not longer than the pretrain stage's {base_seq_len}: nothing is extended",
+                f"train at the new context: train.seq_len up to model.max_seq_len {model.max_seq_len}",
+            )
+        return model
+
     # ------------------------------------------------------------------ the checks
     def run(self) -> dict[str, StageReport]:
         stages = self.stages()
@@ -367,11 +437,13 @@ class RecipeChecker:
             loaded[stage] = self.load_stage(stage)
         rehearsal = {stage: self.load_stage(stage, rehearsal=True) for stage in stages}
         self.check_tokenizer(loaded.get("tokenizer"))
-        model = self.check_model(loaded.get("pretrain"))
+        model = base = self.check_model(loaded.get("pretrain"))
         for stage in stages:
             cfg = loaded[stage].config
             if cfg is None:
                 continue
+            if stage == "extend" and base is not None:  # from here on, the model is the extended one
+                model = self.check_extension(loaded[stage], base, loaded["pretrain"].config.train.seq_len)
             self.check_paths(stage, cfg)
             if model is not None:
                 self.check_stage(stage, cfg, model)
@@ -460,6 +532,7 @@ class RecipeChecker:
                     f"{window} > model.max_seq_len {model.max_seq_len}",
                     f"set scoring.window <= {model.max_seq_len} (or null: the model's max_seq_len)",
                 )
+            self.check_gate(cfg, model)
             rep.summary = (
                 f"suite {cfg.name}: {len(cfg.text)} text sets, {len(cfg.multiple_choice)} multiple-choice suites, "
                 f"gate {len(cfg.gate.rules)} rules -> @{cfg.gate.alias}"
@@ -486,6 +559,40 @@ class RecipeChecker:
             ok = "servable" if model.head_dim in dims else "NOT servable"
             rep.summary = f"{target}, head_dim {model.head_dim} {ok}, alias @{self.recipe.serve.alias}"
 
+    def check_gate(self, cfg: Any, model: ModelConfig) -> None:
+        """The pipeline runs the eval with --promote: the gate needs rules, on metrics the suite produces for this
+        model (a passkey length that does not fit the model's max_seq_len is skipped, so its metrics never come)."""
+        from jobs.eval import check_config
+
+        if not cfg.gate.rules:
+            self.fail(
+                "eval",
+                "gate.rules",
+                "empty, but the pipeline evaluates with --promote, which moves the alias only when rules hold",
+                "add gate rules (e.g. {metric: passkey/all/acc, max_abs_regression: 0.1})",
+            )
+            return
+        try:
+            check_config(cfg.model_copy(update={"promote": False}))  # promote: needs the registry
+        except ValueError as exc:
+            self.fail("eval", "gate.rules", str(exc), "gate on metrics the suite produces")
+        passkey = cfg.long_context.passkey
+        if passkey is None:
+            return
+        room = max(passkey.answer_tokens, passkey.digits + 1)
+        for n in passkey.lengths:
+            if n + room <= model.max_seq_len:
+                continue
+            for rule in cfg.gate.rules:
+                if rule.metric.startswith(f"passkey/{n}/"):
+                    self.fail(
+                        "eval",
+                        "gate.rules",
+                        f"{rule.metric}: passkey length {n} + {room} answer tokens exceeds the model's max_seq_len "
+                        f"{model.max_seq_len}, so the length is skipped and the metric never produced",
+                        f"gate on a passkey length up to {model.max_seq_len - room}",
+                    )
+
     def check_training(self, stage: str, cfg: Any, model: ModelConfig) -> None:
         hw, train, ray = self.recipe.hardware, cfg.train, cfg.ray
         rep = self.report(stage)
@@ -504,10 +611,20 @@ class RecipeChecker:
             f"seq {train.seq_len}<={model.max_seq_len}",
             f"{train.batch_size}x{train.seq_len}x{accum}x{workers}={tokens} tok/step",
         ]
-        if stage == "pretrain":
-            parts[0] = (
-                f"{model.num_params() / 1e6:.1f}M params (vocab {model.vocab_size}), head_dim {model.head_dim}"
+        if stage == "extend":
+            scaling = model.rope_scaling
+            parts[0] = f"from the pretrain stage's model, max_seq_len {model.max_seq_len}" + (
+                f" ({scaling.type} x{scaling.factor:g} from {scaling.original_max_seq_len})"
+                if scaling
+                else ""
             )
+        if stage in ("pretrain", "extend"):
+            if stage == "pretrain":
+                parts[0] = (
+                    f"{model.num_params() / 1e6:.1f}M params (vocab {model.vocab_size}), head_dim {model.head_dim}"
+                )
+                if cfg.init is not None:
+                    parts[0] += f", from init {cfg.init}"
             if train.tokens_per_step is not None and tokens != train.tokens_per_step:
                 self.fail(
                     stage,
@@ -516,7 +633,7 @@ class RecipeChecker:
                     f" x seq_len {train.seq_len} x num_workers {workers} x accumulation {accum} gives {tokens}",
                     f"set train.tokens_per_step to a multiple of {train.batch_size * train.seq_len * workers}",
                 )
-            if hw.tokens_per_step is not None and tokens != hw.tokens_per_step:
+            if stage == "pretrain" and hw.tokens_per_step is not None and tokens != hw.tokens_per_step:
                 self.fail(
                     stage,
                     "hardware.tokens_per_step",
@@ -617,7 +734,17 @@ class RecipeChecker:
             if stage not in reh or real[stage].config is None:
                 continue
             cr = reh[stage].config
-            if cr.train.seq_len != real[stage].config.train.seq_len:
+            if stage == "extend":
+                # the extended model's shapes stay (max_seq_len, rope_scaling); its rehearsal may train at a shorter
+                # seq_len: attention over e.g. 32k tokens on CPU takes hours a step
+                if cr.model != real[stage].config.model:
+                    self.fail(
+                        "rehearsal",
+                        "rehearsal.extend: model",
+                        f"{cr.model} != the recipe's {real[stage].config.model}",
+                        "a rehearsal keeps the real shapes: drop that override",
+                    )
+            elif cr.train.seq_len != real[stage].config.train.seq_len:
                 self.fail(
                     "rehearsal",
                     f"rehearsal.{stage}: train.seq_len",

@@ -22,7 +22,15 @@ from jobs.platform.runtime import REPO_ROOT
 from llm_core.config import ConfigError, StrictModel
 
 RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
-STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "rl", "distill", "eval", "serve")
+STAGES = ("tokenizer", "preprocess", "pretrain", "extend", "sft", "dpo", "rl", "distill", "eval", "serve")
+# A recipe stage run by another stage's job: `extend` (context extension) is jobs.pretrain again, with `init` = the
+# model the pretrain stage registered; its configs are in configs/pretrain/.
+STAGE_JOBS = {"extend": "pretrain"}
+
+
+def stage_job(stage: str) -> str:
+    """The job (jobs.<job>) that runs a recipe stage, and so the configs/<job>/ directory of its configs."""
+    return STAGE_JOBS.get(stage, stage)
 
 
 class StageSpec(StrictModel):
@@ -69,6 +77,7 @@ class Rehearsal(StrictModel):
     tokenizer: list[str] = Field(default_factory=list)
     preprocess: list[str] = Field(default_factory=list)
     pretrain: list[str] = Field(default_factory=list)
+    extend: list[str] = Field(default_factory=list)
     sft: list[str] = Field(default_factory=list)
     dpo: list[str] = Field(default_factory=list)
     rl: list[str] = Field(default_factory=list)
@@ -78,8 +87,8 @@ class Rehearsal(StrictModel):
 
 
 class RecipeConfig(StrictModel):
-    """A whole chain for one model: tokenizer -> preprocess -> pretrain -> sft -> dpo -> (rl) -> (distill) -> eval ->
-    serve."""
+    """A whole chain for one model: tokenizer -> preprocess -> pretrain -> (extend) -> sft -> dpo -> (rl) ->
+    (distill) -> eval -> serve."""
 
     name: str = Field(description="the recipe's name (pipeline state, logs and the MLflow parent run)")
     model_name: str = Field(description="registered model name the training stages produce")
@@ -89,6 +98,11 @@ class RecipeConfig(StrictModel):
     tokenizer: StageSpec
     preprocess: StageSpec
     pretrain: StageSpec
+    extend: StageSpec | None = Field(
+        None,
+        description="context extension after pretraining: jobs.pretrain with a configs/pretrain/ config that "
+        "continues from the pretrain stage's model (the pipeline passes it as `init`) at a longer context",
+    )
     sft: StageSpec | None = None
     dpo: StageSpec | None = None
     rl: StageSpec | None = Field(None, description="RL fine-tuning (jobs.rl) after SFT/DPO")
@@ -129,7 +143,7 @@ def stage_config_path(stage: str, config: str, base: Path | None = None) -> Path
             if candidate.is_file():
                 return candidate
         return p
-    return REPO_ROOT / "configs" / stage / f"{config}.yaml"
+    return REPO_ROOT / "configs" / stage_job(stage) / f"{config}.yaml"
 
 
 SERVE_SPEC_KEYS = frozenset(ServeSpec.model_fields) - {"config", "overrides"}

@@ -1,5 +1,5 @@
-"""A recipe end to end: our tokenizer -> token shards -> pretrain -> SFT -> DPO -> (distill) -> eval + promotion
-gate -> serve the promoted model -> smoke test with the `openai` client.
+"""A recipe end to end: our tokenizer -> token shards -> pretrain -> (context extension) -> SFT -> DPO -> (distill)
+-> eval + promotion gate -> serve the promoted model -> smoke test with the `openai` client.
 
     python -m pipelines.train_to_serve --recipe tiny [--rehearsal] [--from sft] [--target k8s] [--keep-serving]
     make recipe RECIPE=kk-350m [REHEARSAL=1]          (make demo = make recipe RECIPE=tiny)
@@ -52,9 +52,10 @@ from pipelines.recipes import (
     StageSpec,
     load_recipe,
     split_serve_overrides,
+    stage_job,
 )
 
-TRAINING = ("pretrain", "sft", "dpo", "rl")
+TRAINING = ("pretrain", "extend", "sft", "dpo", "rl")
 
 
 class StageFailed(RuntimeError):
@@ -71,9 +72,9 @@ class ServingRefused(RuntimeError):
 
 def config_path(stage: str, name: str) -> Path:
     p = Path(name)
-    return (
-        p if p.suffix in (".yaml", ".yml") and p.exists() else REPO_ROOT / "configs" / stage / f"{name}.yaml"
-    )
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    return REPO_ROOT / "configs" / stage_job(stage) / f"{name}.yaml"
 
 
 @dataclass
@@ -173,10 +174,11 @@ class Pipeline:
         args += [*(job_args or []), *self.overrides(stage, spec)]
         if stage in TRAINING or stage == "distill":
             args.append(f"name={self.model_name}")
+        job = stage_job(stage)
         if self.target == "local":
-            cmd = [sys.executable, "-m", f"jobs.{stage}", *args]
+            cmd = [sys.executable, "-m", f"jobs.{job}", *args]
         else:
-            cmd = [sys.executable, "-m", "pipelines.submit", stage, "--target", self.target, *args]
+            cmd = [sys.executable, "-m", "pipelines.submit", job, "--target", self.target, *args]
         env = {**os.environ, "TULPAR_PARENT_RUN_ID": parent_run_id, "PYTHONUNBUFFERED": "1"}
         tty = sys.stdout.isatty()
         if tty:
@@ -199,7 +201,7 @@ class Pipeline:
             message = (raw or {}).get("error") or f"exit code {proc.returncode}"
             raise StageFailed(stage, log_file, message)
         try:
-            result = read_result(stage, proc.stdout)
+            result = read_result(job, proc.stdout)  # the job's result contract (extend: pretrain's)
         except ResultError as exc:
             print(f"{back}{label} failed after {elapsed:.0f}s", flush=True)
             raise StageFailed(stage, log_file, str(exc)) from None
@@ -242,6 +244,9 @@ class Pipeline:
             step("preprocess", {"tokenizer": file("tokenizer")})
             step("pretrain", {"dataset": file("preprocess")})
             last = "pretrain"
+            if "extend" in order:  # context extension: the same data, from the pretrained model
+                step("extend", {"dataset": file("preprocess"), "init": file("pretrain")})
+                last = "extend"
             for stage in ("sft", "dpo", "rl"):
                 if stage in order:
                     step(stage, {"init": file(last)})
@@ -437,7 +442,7 @@ def summarize(stage: str, result: StageResult) -> str:
     if stage == "preprocess":
         kept, total = m.get("documents_kept", float("nan")), m.get("documents_in", float("nan"))
         return f"{kept:.0f} of {total:.0f} documents kept -> {o.dataset_dir}"  # type: ignore[attr-defined]
-    if stage == "pretrain":
+    if stage in ("pretrain", "extend"):
         vals = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("best_val_bpb/")}
         bpb = " ".join(f"{lang} {v:.3f}" for lang, v in sorted(vals.items()))
         return f"bpb on the dataset's val split {bpb} -> {o.model_uri}"  # type: ignore[attr-defined]
@@ -456,6 +461,9 @@ def summarize(stage: str, result: StageResult) -> str:
     if stage == "eval":
         gate = o.gate  # type: ignore[attr-defined]
         verdict = "no gate" if gate is None else ("gate passed" if gate.passed else "gate refused")
+        if not per_eval_set(m, "bpb/") and "passkey/all/acc" in m:  # a long-context suite
+            gain = m.get("passkey/all/key_gain", float("nan"))
+            return f"passkey accuracy {m['passkey/all/acc']:.2f}, key gain {gain:+.3f} {verdict}"
         return f"bpb {per_eval_set(m, 'bpb/')} {verdict}".strip()
     return ""
 

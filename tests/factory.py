@@ -16,17 +16,30 @@ from llm_core.tokenizer import train_bpe
 from llm_core.trainer import TrainConfig, Trainer
 
 
-def train_tiny_hf(
-    out_dir: Path, data_dir: Path, *, steps: int = 150, vocab: int = 1024, seed: int = 0
-) -> Path:
-    """Train the `tiny` preset (vocab shrunk) on a little kk/ru/en text and export it in HF format."""
+def tiny_corpus(data_dir: Path, vocab: int = 1024):
+    """(tokenizer, token stream) of a little kk/ru/en text: what `train_tiny_hf` trains on."""
     docs = [
         d for lang in ("kk", "ru", "en") for d in sample_language(data_dir / "corpus" / lang, 100_000, 20)
     ]
     tok = train_bpe(docs, vocab)
-    tokens = concat_documents(tok.iter_documents(docs), vocab)
+    return tok, concat_documents(tok.iter_documents(docs), vocab)
+
+
+def train_tiny_hf(
+    out_dir: Path,
+    data_dir: Path,
+    *,
+    steps: int = 150,
+    vocab: int = 1024,
+    seed: int = 0,
+    max_seq_len: int | None = None,
+) -> Path:
+    """Train the `tiny` preset (vocab shrunk; max_seq_len too if given) on 64-token windows of a little kk/ru/en
+    text and export it in HF format."""
+    tok, tokens = tiny_corpus(data_dir, vocab)
     torch.manual_seed(seed)
-    cfg = model_config_from_preset("tiny", [f"vocab_size={vocab}"])
+    overrides = [f"vocab_size={vocab}"] + ([f"max_seq_len={max_seq_len}"] if max_seq_len else [])
+    cfg = model_config_from_preset("tiny", overrides)
     model = Transformer(cfg)
     if steps:
         tcfg = TrainConfig(steps=steps, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10, eval_every=10**6)

@@ -212,6 +212,49 @@ def test_key_nll_is_the_teacher_forced_key_likelihood(tokenizer):
         assert nll == pytest.approx(bigram_nll(table, [*p.ids, *key], len(p.ids)) / len(key), rel=1e-6)
 
 
+class InductionLM(torch.nn.Module):
+    """Predicts, at each position, the token that followed the last earlier occurrence of the current token (logit
+    8, every other 0): a model that reads its context back, as passkey retrieval needs."""
+
+    def __init__(self, vocab: int, max_seq_len: int):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.cfg = types.SimpleNamespace(max_seq_len=max_seq_len, vocab_size=vocab)
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.cfg.vocab_size)
+        for b, row in enumerate(ids.tolist()):
+            last: dict[int, int] = {}
+            for t, tok in enumerate(row):
+                if tok in last:
+                    logits[b, t, row[last[tok] + 1]] = 8.0
+                last[tok] = t
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_key_gain_is_zero_for_a_model_that_cannot_read_the_key_back(tokenizer):
+    """The control beside the key NLL: the key scored after the cell's prompt of seed + 1 (another key) minus after
+    its own. A bigram model predicts the key from the question's last token alone: gain exactly 0 whatever its key
+    NLL; a model that copies from its context gains."""
+    spec = PasskeySpec(lengths=[100], depths=[0.0, 1.0], samples=2, languages=["en"])
+    never = lambda batch: [" no" for _ in batch]  # noqa: E731  (accuracy is not what this test is about)
+    torch.manual_seed(2)
+    bigram = evaluate_passkey(
+        BigramLM(torch.randn(tokenizer.vocab_size, tokenizer.vocab_size), 128),
+        tokenizer,
+        spec,
+        continue_fn=never,
+    )
+    assert all(r["key_gain"] == pytest.approx(0.0, abs=1e-6) for r in bigram.records)
+    assert bigram.metrics()["passkey/all/nll"] > 1.0 and bigram.metrics()[
+        "passkey/all/key_gain"
+    ] == pytest.approx(0)
+    copier = evaluate_passkey(InductionLM(tokenizer.vocab_size, 128), tokenizer, spec, continue_fn=never)
+    m = copier.metrics()
+    assert m["passkey/100/key_gain"] > 2.0 and m["passkey/100/nll"] < bigram.metrics()["passkey/100/nll"]
+    assert metric_direction("passkey/100/key_gain") == "higher"
+
+
 # ---------------------------------------------------------------------------------------- bpb by position
 
 
@@ -297,6 +340,7 @@ def test_eval_stage_writes_the_long_context_table_heatmap_and_metrics(tiny, data
     out = evaluate(load_model(cfg.model, settings), cfg, settings, tmp_path / "out")
     m = out.metrics
     assert {"passkey/128/acc", "passkey/160/depth50/acc", "passkey/all/acc", "passkey/all/nll"} <= set(m)
+    assert {"passkey/128/key_gain", "passkey/all/key_gain"} <= set(m)
     assert "passkey/1024/acc" not in m
     assert [k for k in m if k.startswith("bpb_by_position/")] == [
         f"bpb_by_position/en/{lo}-{lo + 64}" for lo in (0, 64, 128, 192)

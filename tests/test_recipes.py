@@ -3,6 +3,7 @@ built in tmp_path fail with exit 2 and a message naming the recipe, the key and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,88 @@ def test_serving_an_alias_the_gate_does_not_move_fails(env, capsys, tmp_path):
     (msg,) = failures(err)
     assert rc == 2 and "stage rehearsal, key rehearsal.serve: alias: serves @champion" in msg
     assert "the eval gate promotes to @rehearsal" in msg and "set rehearsal.serve alias=rehearsal" in msg
+
+
+# ------------------------------------------------------------------ context extension: `extend` and `init`
+
+
+def extension_recipe(
+    tmp_path: Path, extend: dict | None = None, eval_overrides: list[str] | None = None
+) -> Path:
+    """broken_recipe's chain with an extend stage (a tiny-extend-like config in tmp_path) and the long-context
+    eval: pretrain at seq_len 128, extend x4 to 512."""
+    recipe = broken_recipe(tmp_path)
+    ext = yaml.safe_load((REPO / "configs/pretrain/tiny-extend.yaml").read_text())
+    for k, v in (extend or {}).items():
+        ext.setdefault(k, {}).update(v) if isinstance(v, dict) else ext.__setitem__(k, v)
+    write(recipe.parent / "extend.yaml", ext)
+    data = yaml.safe_load(recipe.read_text())
+    data["extend"] = {"config": "extend.yaml"}
+    data["eval"] = {
+        "config": "long-context",
+        "overrides": eval_overrides or ["gate.rules=[{metric: passkey/480/acc, max_abs_regression: 0.1}]"],
+    }
+    return write(recipe, data)
+
+
+def test_an_extend_stage_is_checked_against_the_pretrain_stage_it_continues(env, capsys, tmp_path):
+    rc, out, err = run(capsys, str(extension_recipe(tmp_path)))
+    assert rc == 0, err
+    lines = {line.split()[1]: line for line in out.splitlines()}
+    assert "max_seq_len 512 (yarn x4 from 128), seq 512<=512, 8x512x1x1=4096 tok/step" in lines["extend"]
+
+    cases = [  # (extend config changes, the message naming the key)
+        (
+            {"model": {"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_seq_len": 256}}},
+            "key model.rope_scaling.original_max_seq_len: extend: 256, but the pretrain stage trains at "
+            "train.seq_len 128",
+        ),
+        ({"model": {"dim": 256}}, "key model: extend: model.dim = 256 differs from the init model's 128"),
+        ({"model": {"max_seq_len": 256}}, "model.max_seq_len = 256 is below the init model's 512"),
+        ({"train": {"seq_len": 128}}, "key train.seq_len: 128 is not longer than the pretrain stage's 128"),
+    ]
+    for i, (changes, message) in enumerate(cases):
+        rc, _, err = run(capsys, str(extension_recipe(tmp_path / str(i), changes)))
+        assert rc == 2 and any(message in m for m in failures(err)), (changes, err)
+    # the factor must be max_seq_len / original_max_seq_len (ModelConfig's rule, through the merged config)
+    bad = {"model": {"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_seq_len": 128}}}
+    rc, _, err = run(capsys, str(extension_recipe(tmp_path / "factor", bad)))
+    assert rc == 2 and "rope_scaling.factor (2.0) must equal max_seq_len" in err
+    # a gate on a passkey length the extended model cannot take is caught before anything runs
+    rc, _, err = run(
+        capsys,
+        str(
+            extension_recipe(
+                tmp_path / "gate", eval_overrides=["gate.rules=[{metric: passkey/1024/acc, min: 0.5}]"]
+            )
+        ),
+    )
+    (msg,) = failures(err)
+    assert rc == 2 and "stage eval, key gate.rules: passkey/1024/acc: passkey length 1024" in msg
+
+
+def test_a_pretrain_stage_with_an_init_directory_needs_the_tokenizers_vocabulary(env, capsys, tmp_path):
+    from llm_core.export_hf import hf_config
+
+    def init_dir(vocab: int) -> Path:
+        d = tmp_path / f"init-{vocab}"
+        d.mkdir(exist_ok=True)
+        cfg = ModelConfig(vocab_size=vocab, **TINY_MODEL)
+        (d / "config.json").write_text(json.dumps(hf_config(cfg, eos_token_id=0)))
+        return d
+
+    rc, out, err = run(
+        capsys,
+        str(broken_recipe(tmp_path / "ok", pretrain={"init": str(init_dir(4096)), "model": {}})),
+    )
+    assert rc == 0, err
+    assert f"from init {init_dir(4096)}" in out
+    rc, _, err = run(
+        capsys, str(broken_recipe(tmp_path / "bad", pretrain={"init": str(init_dir(1024)), "model": {}}))
+    )
+    assert rc == 2 and "has vocab_size 1024, but this recipe's tokenizer tiny produces 4096 tokens" in err
+    rc, _, err = run(
+        capsys,
+        str(broken_recipe(tmp_path / "reg", pretrain={"init": "models:/other@pretrain-latest", "model": {}})),
+    )
+    assert rc == 2 and "continue from this recipe's own pretrained model with an `extend:` stage" in err

@@ -374,7 +374,7 @@ LOWER_IS_BETTER = (
     "undetected_rate",
     "truncated_rate",
 )
-HIGHER_IS_BETTER = ("acc", "acc_norm", "lang_consistency")
+HIGHER_IS_BETTER = ("acc", "acc_norm", "lang_consistency", "key_gain")
 
 
 class GateRule(StrictModel):
@@ -574,9 +574,9 @@ class EvalConfig(StrictModel):
         lc = self.long_context
         if lc.passkey is not None:
             pk = lc.passkey
-            out |= {"passkey/all/acc", "passkey/all/nll"}
+            out |= {"passkey/all/acc", "passkey/all/nll", "passkey/all/key_gain"}
             for n in pk.lengths:
-                out |= {f"passkey/{n}/acc", f"passkey/{n}/nll"}
+                out |= {f"passkey/{n}/acc", f"passkey/{n}/nll", f"passkey/{n}/key_gain"}
                 out |= {f"passkey/{n}/{depth_label(d)}/acc" for d in pk.depths}
         if lc.bpb_by_position is not None and lc.bpb_by_position.length is not None:
             pb = lc.bpb_by_position

@@ -9,8 +9,11 @@ The key sentence holds a random `digits`-digit number (first digit non-zero) twi
 repeated, or corpus sentences shuffled by the seed. The model continues the question greedily (llm_core.generate,
 temperature 0); a prompt is answered when the continuation, stripped, starts with exactly the key (its leading run
 of digits equals it). Accuracy is reported per (length, depth) cell, per length (over depths) and overall, beside
-the key's teacher-forced NLL per token, -ln P(" <key>" | prompt) / key tokens, a soft score (per length, overall). A
-length whose prompt plus answer does not fit the model's max_seq_len is skipped with a note, never truncated.
+the key's teacher-forced NLL per token, -ln P(" <key>" | prompt) / key tokens, a soft score (per length, overall),
+and its control, the key gain: the same key's NLL after the cell's prompt built from seed + 1 (another key) minus
+after its own prompt, in nats per key token. A gain near 0 means a lower key NLL came from expecting a number there,
+not from reading the key back. A length whose prompt plus answer does not fit the model's max_seq_len is skipped
+with a note, never truncated.
 
 Bits-per-byte by position. Texts (e.g. a long book, or a text set's lines joined) are tokenized and cut into
 sequences of `length` tokens c_0..c_{L-1}; each is scored in one forward pass after `<|endoftext|>`, so token c_p
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -166,10 +169,14 @@ class PasskeyResult:
             out[f"passkey/{n}/acc"] = sum(r["correct"] for r in rs) / len(rs)
             if all("key_nll" in r for r in rs):
                 out[f"passkey/{n}/nll"] = sum(r["key_nll"] for r in rs) / len(rs)
+            if all("key_gain" in r for r in rs):
+                out[f"passkey/{n}/key_gain"] = sum(r["key_gain"] for r in rs) / len(rs)
         if self.records:
             out["passkey/all/acc"] = sum(r["correct"] for r in self.records) / len(self.records)
             if all("key_nll" in r for r in self.records):
                 out["passkey/all/nll"] = sum(r["key_nll"] for r in self.records) / len(self.records)
+            if all("key_gain" in r for r in self.records):
+                out["passkey/all/key_gain"] = sum(r["key_gain"] for r in self.records) / len(self.records)
         return out
 
     def to_dict(self) -> dict:
@@ -247,13 +254,21 @@ def evaluate_passkey(
     settings: Settings | None = None,
     continue_fn: Callable[[list[list[int]]], list[str]] | None = None,
 ) -> PasskeyResult:
-    prompts, notes = build_passkey_prompts(spec, tokenizer, model.cfg.max_seq_len, settings)
+    max_len = model.cfg.max_seq_len
+    prompts, notes = build_passkey_prompts(spec, tokenizer, max_len, settings)
     fn = continue_fn or greedy_continuation(model, tokenizer, spec.answer_tokens)
     # one length per batch: no padding, and the longest prompts do not hold the short ones back
     batch = max(1, 16384 // max(spec.lengths))
     records = score_passkey(prompts, fn, batch_size=batch)
-    for r, nll in zip(records, key_nll(model, tokenizer, prompts)):
-        r["key_nll"] = nll
+    # the control: each key scored after the prompt of the same cell built from the next seed (same length, depth
+    # and filler, another key), where it is just a number
+    others, _ = build_passkey_prompts(
+        spec.model_copy(update={"seed": spec.seed + 1}), tokenizer, max_len, settings
+    )
+    decoys = [replace(o, key=p.key) for p, o in zip(prompts, others, strict=True)]
+    own, other = key_nll(model, tokenizer, prompts), key_nll(model, tokenizer, decoys)
+    for r, nll, nll_other in zip(records, own, other):
+        r["key_nll"], r["key_gain"] = nll, nll_other - nll
     lengths = sorted({p.length for p in prompts})
     return PasskeyResult(records=records, notes=notes, lengths=lengths, depths=list(spec.depths))
 
@@ -389,13 +404,20 @@ def long_context_markdown(
         if passkey.lengths:
             parts.append(
                 md_table(
-                    ["length", *[f"{d:.0%}" for d in passkey.depths], "all depths", "key NLL/token"],
+                    [
+                        "length",
+                        *[f"{d:.0%}" for d in passkey.depths],
+                        "all depths",
+                        "key NLL/token",
+                        "key gain",
+                    ],
                     [
                         [
                             n,
                             *[passkey.cell(n, d) for d in passkey.depths],
                             passkey.metrics()[f"passkey/{n}/acc"],
                             passkey.metrics().get(f"passkey/{n}/nll"),
+                            passkey.metrics().get(f"passkey/{n}/key_gain"),
                         ]
                         for n in passkey.lengths
                     ],

@@ -8,7 +8,7 @@ builds the task. Registered tasks:
 
 | kind | stage | data | loss |
 |---|---|---|---|
-| `pretrain-windows` | `jobs.pretrain` (from scratch or `init`) | random windows of the token shards, per-language validation | next-token CE |
+| `pretrain-windows` | `jobs.pretrain` (from scratch or `init`) | random windows of the token shards (optionally with repeated spans), per-language validation | next-token CE |
 | `sft` | `jobs.sft`, black-box `jobs.distill` | prepared chat rows | CE on assistant tokens |
 | `dpo` | `jobs.dpo` | prepared preference pairs + reference log-probs | sigmoid DPO |
 | `whitebox-distill` | white-box `jobs.distill` | prepared chat rows + the teacher | KL to the teacher + CE |
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jobs.training.storage import get_object
 from llm_core.config import ModelConfig, StrictModel
@@ -95,6 +95,26 @@ def task_from_dict(data: dict[str, Any]) -> TrainingTask:
 # ------------------------------------------------------------------------------------------ pretraining
 
 
+class RepeatedSpans(StrictModel):
+    """Synthetic long-range recall in the training windows (llm_core.data.RepeatedSpanWindows): in `share` of
+    them a span of the window's own text is copied further on, so that looking far back pays. For context
+    extension, where the corpus's documents are shorter than the new context."""
+
+    share: float = Field(gt=0, le=1, description="share of the training windows that get a repeated span")
+    min_tokens: int = Field(8, gt=0, description="shortest span, in tokens")
+    max_tokens: int = Field(32, gt=0, description="longest span, in tokens")
+    min_distance: int = Field(0, ge=0, description="fewest tokens between the end of the span and its copy")
+
+    @model_validator(mode="after")
+    def _span_lengths_are_ordered(self) -> RepeatedSpans:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"repeated_spans.min_tokens ({self.min_tokens}) > repeated_spans.max_tokens ({self.max_tokens}): "
+                "lower min_tokens or raise max_tokens"
+            )
+        return self
+
+
 @register_task
 class PretrainWindowsTask(TrainingTask):
     """Pretraining: random windows of the token shards, read through a TokenStream (never loaded into memory);
@@ -109,6 +129,9 @@ class PretrainWindowsTask(TrainingTask):
     )
     dataset: str = Field(description="the jobs.preprocess output directory or URI")
     languages: list[str] | None = Field(None, description="validation languages; default: all in the dataset")
+    repeated_spans: RepeatedSpans | None = Field(
+        None, description="copy spans of a share of the training windows further on (None: plain windows)"
+    )
 
     def build_model(self) -> Transformer:
         """The model to train: `model` with random weights, or with the init's weights (RoPE tables are buffers
@@ -120,18 +143,18 @@ class PretrainWindowsTask(TrainingTask):
         return model.train()
 
     def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
-        from llm_core.data import RandomWindows
+        from llm_core.data import RandomWindows, RepeatedSpanWindows
         from llm_core.shards import TokenDataset
 
         dataset = TokenDataset.open(self.dataset)
-        sampler = RandomWindows(
-            dataset.tokens("train"),
-            self.train.seq_len,
-            self.train.batch_size,
-            seed=self.train.seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        windows = dict(seed=self.train.seed, rank=rank, world_size=world_size)
+        tokens, seq_len, batch_size = dataset.tokens("train"), self.train.seq_len, self.train.batch_size
+        if self.repeated_spans is None:
+            sampler = RandomWindows(tokens, seq_len, batch_size, **windows)
+        else:
+            sampler = RepeatedSpanWindows(
+                tokens, seq_len, batch_size, **self.repeated_spans.model_dump(), **windows
+            )
         eval_sets = [
             EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
             for lang in self.languages or dataset.languages
