@@ -18,7 +18,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializationInfo,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_serializer,
+    model_validator,
+)
 
 from jobs.platform import registry, tracking
 from jobs.platform.cache import StageCache, files_sha256, model_version_still_registered
@@ -41,7 +50,7 @@ from jobs.training.distributed import (
 from jobs.training.sampling import end_of_training_samples
 from jobs.training.tasks import PretrainWindowsTask, RepeatedSpans
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
-from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict
+from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict, is_hash_context
 from llm_core.data import DataError
 from llm_core.export_hf import check_exportable, read_hf_checkpoint
 from llm_core.io import atomic_write_json
@@ -83,6 +92,13 @@ class DataSpec(StrictModel):
         description="synthetic long-range recall for context extension: in a share of the training windows a span "
         "of the window's own text is copied further on (null: plain windows)",
     )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if is_hash_context(info) and data.get("repeated_spans") is None:  # added later: keep earlier run keys
+            data.pop("repeated_spans", None)
+        return data
 
 
 class SampleSpec(StrictModel):

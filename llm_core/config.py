@@ -207,7 +207,7 @@ class ModelConfig(StrictModel):
         if self.attention == "gqa":  # configs from before MLA keep their exact dump (and config_sha256)
             for key in ("attention", *MLA_FIELDS):
                 data.pop(key, None)
-        if info.context and info.context.get(_HASH_CONTEXT):  # config_sha256: see _ADDED_MODEL_FIELDS
+        if is_hash_context(info):  # config_sha256: see _ADDED_MODEL_FIELDS
             for key, value in _ADDED_MODEL_FIELDS.items():
                 if data.get(key) == value:
                     del data[key]
@@ -322,6 +322,12 @@ class ModelConfig(StrictModel):
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def is_hash_context(info: SerializationInfo) -> bool:
+    """True while `config_sha256` serializes: a config class added after runs were stored leaves a new field out of
+    its dump here while it holds the value that reproduces the earlier behaviour, so those runs keep their keys."""
+    return bool(info.context and info.context.get(_HASH_CONTEXT))
 
 
 def config_sha256(cfg: BaseModel) -> str:

@@ -274,3 +274,17 @@ def test_deepseek_style_moe_fails_at_config_validation_until_mla():
         ConfigError, match=r"routed_scaling_factor = 2\.5 applies to router_score: sigmoid only"
     ):
         load_config(PretrainConfig, path, ["model.routed_scaling_factor=2.5"])
+
+
+def test_pretrain_data_repeated_spans_keeps_existing_run_keys():
+    """`data.repeated_spans` came after runs were stored: unset, the pretrain config hashes as before it existed
+    (the value below is tiny.yaml's key at 7cff4c0); set, the key changes."""
+    from jobs.platform.configfile import load_config
+    from jobs.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", [])
+    assert config_sha256(cfg) == "5e64f630cfb27c2c204808b853f3726f4e13bc1d91ad87943595964aa8d63992"
+    spans = load_config(
+        PretrainConfig, REPO / "configs/pretrain/tiny.yaml", ["data.repeated_spans={share: 0.25}"]
+    )
+    assert config_sha256(spans) != config_sha256(cfg)
