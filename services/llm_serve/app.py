@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.platform import registry
-from jobs.platform.configfile import VLLM_CPU_HEAD_DIMS, vllm_cpu_engine_kwargs
+from jobs.platform.configfile import vllm_cpu_engine_kwargs, vllm_cpu_unsupported
 from jobs.platform.runtime import Settings
 from services.llm_serve.config import ServeConfig, ServedModel
 
@@ -58,13 +58,9 @@ def _check_hf_dir(path: Path, uri: str, cfg: ServeConfig) -> dict[str, Any]:
             uri, "its tokenizer has no chat template", "export it with llm_core's Tokenizer (ChatML)"
         )
     hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if not cfg.use_gpu and head_dim not in VLLM_CPU_HEAD_DIMS:
-        raise _refuse(
-            uri,
-            f"head_dim {head_dim} is not supported by vLLM's CPU attention ({VLLM_CPU_HEAD_DIMS})",
-            "serve it on GPU (use_gpu=true) or train a preset with a supported head size",
-        )
+    why = None if cfg.use_gpu else vllm_cpu_unsupported(hf)
+    if why:
+        raise _refuse(uri, why, "serve it on GPU (use_gpu=true) or train a preset with a supported head size")
     return hf
 
 
