@@ -108,22 +108,34 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def seeds_sentence(summaries: list[dict]) -> str:
+    counts = {s["name"]: len({r["seed"] for r in s["runs"]}) for s in summaries}
+    if all(n > 1 for n in counts.values()):
+        return (
+            f"Seeds per variant: {min(counts.values())}-{max(counts.values())}; means ± 95% CI (Student's t); a "
+            "difference no larger than the seed-to-seed spread is a **tie**."
+        )
+    if all(n == 1 for n in counts.values()):
+        return (
+            "One seed per variant: no confidence intervals, and no difference is tested (a tie cannot be told "
+            "from a real difference without the seed-to-seed spread)."
+        )
+    single = ", ".join(n for n, c in counts.items() if c == 1)
+    return (
+        "Means ± 95% CI (Student's t) where a variant has several seeds; a difference no larger than the "
+        f"seed-to-seed spread is a **tie**. One seed only (no CI; their differences are not tested): {single}."
+    )
+
+
 def render_markdown(study: dict, summaries: list[dict], plots: dict[str, str]) -> str:
     langs, sets, budgets = study["languages"], study["eval_sets"], study["budgets"]
-    seeds = study["seeds"]
     lines = [
         f"# Tokenizer study: {study['name']}",
         "",
         study.get("description", "").strip(),
         "",
         f"Model: `{study['model']['name']}` shape (dim {study['model']['dim']}, {study['model']['num_layers']} "
-        f"layers), embedding and head sized to each tokenizer's vocabulary. {len(seeds)} seed(s) per budget "
-        f"({', '.join(map(str, seeds))}): "
-        + (
-            "means ± 95% CI (Student's t); a difference no larger than the seed-to-seed spread is a **tie**."
-            if len(seeds) > 1
-            else "one seed, so no confidence intervals and no difference is tested (ties cannot be called)."
-        ),
+        "layers), embedding and head sized to each tokenizer's vocabulary. " + seeds_sentence(summaries),
         "",
         "Budgets (from the reference variant "
         f"`{study['reference']}` at {study['reference_steps']} steps of {study['tokens_per_step']:,} tokens): "

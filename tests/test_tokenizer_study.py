@@ -133,6 +133,62 @@ def test_a_reference_tokenizer_is_used_as_it_is(tiny_study, data_dir):
     assert prepared.eos_id >= original.get_vocab_size()
 
 
+def synthetic_summary(name: str, vocab: int, kk_bpb: list[float]) -> dict:
+    runs = [
+        {
+            "budget": "flops",
+            "seed": seed,
+            "steps": 10,
+            "training_bytes": 1000.0,
+            "bpb": {"flores": {"kk": x}},
+            "training_bytes_per_s": 100.0 + seed,
+            "generation_bytes_per_s": {"kk": 50.0},
+            "generation_tokens_per_s": {"kk": 20.0},
+        }
+        for seed, x in enumerate(kk_bpb)
+    ]
+    tok = {
+        "kind": "bpe",
+        "vocab_size": vocab,
+        "kk_share": 1 / 3,
+        "embedding_share": 0.25,
+        "tokens_per_byte": {"kk": 0.3},
+        "fertility": {"kk": 2.0},
+    }
+    return {"name": name, "tokenizer": tok, "runs": runs}
+
+
+def test_report_calls_ties_within_the_seed_spread_and_gives_intervals(tmp_path):
+    from pipelines.tokenizer_study_report import render_markdown, write_plots
+
+    study = {
+        "name": "t",
+        "languages": ["kk"],
+        "eval_sets": ["flores"],
+        "budgets": ["flops"],
+        "model": {"name": "tiny", "dim": 128, "num_layers": 4},
+        "reference": "a",
+        "reference_steps": 10,
+        "tokens_per_step": 100,
+        "budget_flops": 1e9,
+        "budget_bytes": 1e4,
+        "eval_text": {"flores": {"kk": {"docs": 3, "bytes": 99, "text_sha256": "c" * 64}}},
+        "sweeps": {"vocab_size": ["a", "b", "c"], "kk_share": []},
+    }
+    summaries = [
+        synthetic_summary("a", 1024, [2.00, 2.10]),  # best: mean 2.05, spread 0.10
+        synthetic_summary("b", 2048, [2.08, 2.12]),  # +0.05: within the spread 0.10 -> tie
+        synthetic_summary("c", 4096, [2.40, 2.42]),  # +0.36 -> worse
+    ]
+    plots = write_plots(summaries, study, tmp_path)
+    assert set(plots) == {"bpb vs vocabulary size", "generation bytes/s vs tokens per byte"}
+    report = render_markdown(study, summaries, plots)
+    assert "- flores kk: **a** 2.050 ± 0.635; b +0.050 (tie), c +0.360 (worse)" in report
+    # 95% CI of (2.00, 2.10): 12.706 x 0.0707 / sqrt(2) = 0.635
+    assert "| a | 10 | 1,000 | 2.050 ± 0.635 |" in report
+    assert "Seeds per variant: 2-2" in report
+
+
 def test_bpb_from_other_eval_text_is_refused():
     text = {"flores": {"kk": {"text_sha256": "a" * 64}}}
     ok = [{"name": "v", "runs": [{"budget": "flops", "seed": 0, "eval_text": text}]}]
@@ -187,7 +243,7 @@ def test_tiny_study_end_to_end_report_same_eval_text_mlflow_and_resume(tmp_path,
         part = report[report.index(a) : report.index(b) if b else None]
         if a not in ("## Eval text", "## Plots"):
             assert all(f"| {n} |" in part for n in names), (a, part)
-    assert "one seed" in report, "a single-seed study must say that it tests no difference"
+    assert "One seed per variant" in report and "one seed: not tested" in report
     assert set(out["plots"]) == {
         "bpb vs vocabulary size",
         "bpb vs Kazakh share",
