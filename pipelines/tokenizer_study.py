@@ -173,6 +173,7 @@ class Study:
         self.root = settings.home / "tokenizer_study" / cfg.name
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / "state.json"
+        self.stage_seconds: dict[str, float] = {}  # wall time of each stage of the variant being run
         self.state: dict[str, Any] = (
             json.loads(self.state_file.read_text()) if self.state_file.is_file() else {"variants": {}}
         )
@@ -263,6 +264,7 @@ class Study:
         atomic_write_json(result_file, result.model_dump(mode="json"))
         word = "cached" if result.reused else f"{elapsed:.0f}s"
         print(f"    {variant:<14} {stage + tag:<22} {word}", flush=True)
+        self.stage_seconds[f"{stage}{tag}"] = elapsed
         return result, result_file
 
     # -------------------------------------------------------------- tokenizers
@@ -385,6 +387,7 @@ class Study:
             },
         ) as run:
             child = run.info.run_id
+            self.stage_seconds = {}
             mlflow.log_params({k: str(val) for k, val in v.model_dump().items()})
             if v.kind == "bpe":
                 tok_args = self.tokenizer_overrides(v)
@@ -420,6 +423,7 @@ class Study:
                 "tokenizer": figures,
                 "reference_costs": ref,
                 "runs": runs,
+                "stage_seconds": self.stage_seconds,
                 "mlflow_run_id": child,
             }
             metrics = {f"tokens_per_byte/{k}": x for k, x in figures["tokens_per_byte"].items()}

@@ -193,6 +193,7 @@ def render_markdown(study: dict, summaries: list[dict], plots: dict[str, str]) -
     lines += ["", "## Speed", ""]
     header = ["variant", "budget", "training bytes/s"] + [f"generation bytes/s {lang}" for lang in langs]
     header += [f"generation tokens/s {lang}" for lang in langs]
+    header += [f"tokens/s ÷ tokens/byte {lang}" for lang in langs]
     rows = []
     for s in summaries:
         for budget in budgets:
@@ -204,13 +205,19 @@ def render_markdown(study: dict, summaries: list[dict], plots: dict[str, str]) -
                 for lang in langs:
                     st = run_stat(s, budget, key, lang)
                     row.append(st.fmt(0) if st else "-")
+            for lang in langs:
+                st = run_stat(s, budget, "generation_tokens_per_s", lang)
+                tpb = s["tokenizer"]["tokens_per_byte"][lang]
+                row.append(f"{st.mean / tpb:.0f}" if st else "-")
             rows.append(row)
     lines += md_table(header, rows)
     lines += [
         "",
         "Training bytes/s: the trainer's tokens/s (median of its logging windows after the first) times the "
         "training data's bytes per token. Generation: one prompt at a time, greedy, on the eval machine; bytes "
-        "of the decoded answers over the wall time (`jobs.eval`'s `gen/<lang>/bytes_per_s`).",
+        "of the decoded answers over the wall time (`jobs.eval`'s `gen/<lang>/bytes_per_s`): what the model wrote, "
+        "which for a barely trained model is not text like the eval text. tokens/s ÷ tokens/byte: the bytes/s the "
+        "same decoding speed gives on text tokenized like the eval text (the tokenizer's compression at work).",
         "",
         "## Plots",
         "",

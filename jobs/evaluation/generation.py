@@ -7,8 +7,8 @@ max_new_tokens), `refusal_rate` (answers matching any refusal pattern), `lang_co
 by the preprocessing stage's detector `jobs.prep.langid.detect`, is the prompt's; undetected answers count as
 inconsistent), `undetected_rate` (answers too short or too unclear for the detector), and the decoding speed
 `tokens_per_s` / `bytes_per_s`: generated tokens / UTF-8 bytes of the decoded answers over the wall time of
-generating them. Prompts are generated one at a time (a batch of one, as a single user is served), so the time is
-one stream's; a tokenizer whose tokens cover more bytes generates more text per second at the same tokens/s.
+generating them. Prompts are generated one at a time (a batch of one, as a single user is served), after one
+untimed warm-up call, so the time is one stream's; a tokenizer whose tokens cover more bytes generates more text per second at the same tokens/s.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def run_generation(model, tokenizer: Tokenizer, spec: GenerationSpec, *, chat: b
     )
     refusal = [re.compile(p, re.IGNORECASE) for p in spec.refusal_patterns]
     records = []
+    first = next(((lang, ps[0]) for lang, ps in spec.prompts.items() if ps), None)
+    if first is not None:  # untimed warm-up: the first call's one-off start-up would count as slow decoding
+        warm = params.model_copy(update={"max_new_tokens": 2, "min_new_tokens": 0})
+        generate(model, [prompt_ids(tokenizer, first[1], chat, first[0])], warm, pad_id=tokenizer.pad_id)
     for lang, prompts in spec.prompts.items():
         for prompt in prompts:
             ids = prompt_ids(tokenizer, prompt, chat, lang)
