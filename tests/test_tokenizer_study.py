@@ -188,7 +188,7 @@ def test_report_calls_ties_within_the_seed_spread_and_gives_intervals(tmp_path):
     assert "| a | 10 | 1,000 | 2.050 ± 0.635 |" in report
     assert "Seeds per variant: 2-2" in report
     # generation: measured 50 bytes/s, 20 tokens/s; at the eval text's 0.3 tokens per byte 20 / 0.3 = 67 bytes/s
-    assert "| 50 | 20 | 67 |" in report
+    assert "| 50 ± 0 | 20 ± 0 | 67 |" in report
 
 
 def test_bpb_from_other_eval_text_is_refused():
