@@ -5,7 +5,8 @@
 
 One config names the variants: our BPE at several vocabulary sizes, at several Kazakh shares of its training text
 (at a fixed vocabulary), and reference tokenizers (Qwen3, Llama 3, Gemma 3 from $TULPAR_DATA/tokenizers) used as
-they are. For each variant the study runs the existing stages as their own jobs, exactly as a recipe does:
+they are. For each variant the study runs the existing stages through their own entries (`run_job` with the job's
+config class and main, as `python -m jobs.<stage>` does), with the same arguments a recipe passes:
 
     jobs.tokenizer (ours only) -> jobs.preprocess (the same corpus and config for every variant)
       -> per budget and seed: jobs.pretrain (the same model shape; embedding and head sized to the vocabulary)
@@ -21,14 +22,20 @@ MLflow: a parent run (experiment tulpar-tokenizer, tulpar.stage=tokenizer_study)
 each stage's run is a child of its variant's run. Partial runs resume: a variant whose child run finished with the
 same identity (its spec, the budgets, seeds and stage configs) is not redone; the stages of an unfinished variant
 are each job's own cache (a finished stage returns its stored result at once).
+Where the stages run (`run_stages`): in_process (default) runs them in the study's process, one after another, on
+one Ray connection (RAY_ADDRESS's cluster, or one local Ray started for the whole study) and one MLflow store, so
+the start-up of Python, its imports and Ray is paid once, not per stage (each pretraining run still starts its
+own Ray Train workers); subprocess runs each as its own `python -m jobs.<stage>` job. Both give the same results (the same configs, seeds and caches).
 Logs: $TULPAR_HOME/tokenizer_study/<name>/logs/<variant>/<stage>[-<budget>-s<seed>].log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -36,8 +43,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from pydantic import Field, model_validator
 
@@ -46,7 +54,14 @@ from jobs.evaluation.text import read_documents, resolve_path
 from jobs.platform import tracking
 from jobs.platform.configfile import load_config
 from jobs.platform.results import ResultError, StageResult, read_result
-from jobs.platform.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
+from jobs.platform.runtime import (
+    EXIT_USER_ERROR,
+    REPO_ROOT,
+    Settings,
+    disconnect_ray,
+    result_from_output,
+    run_job,
+)
 from jobs.prep.config import PreprocessConfig
 from jobs.pretrain import PretrainConfig
 from jobs.tokenizer import TokenizerJobConfig
@@ -60,6 +75,12 @@ from pipelines.tokenizer_study_report import render_markdown, write_plots
 STUDY_DIR = REPO_ROOT / "configs" / "tokenizer_study"
 REFERENCES = ("qwen3", "llama3", "gemma3")
 BUDGETS = ("flops", "bytes")
+STAGE_CONFIGS = {
+    "tokenizer": TokenizerJobConfig,
+    "preprocess": PreprocessConfig,
+    "pretrain": PretrainConfig,
+    "eval": EvalConfig,
+}
 
 
 class Variant(StrictModel):
@@ -120,6 +141,13 @@ class StudyConfig(StrictModel):
     variants: list[Variant] = Field(min_length=2)
     budget: Budget
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    run_stages: Literal["in_process", "subprocess"] = Field(
+        "in_process",
+        description="in_process: each stage's entry runs in the study's process, on one Ray connection "
+        "(RAY_ADDRESS's cluster, or one local Ray for the whole study) and one MLflow store; subprocess: each stage "
+        "is its own `python -m jobs.<stage>` job (its own imports and Ray start-up: slower, isolated). Either gives "
+        "the same results",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -156,6 +184,78 @@ def identity(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _Tee(io.TextIOBase):
+    """A text stream writing to its current targets (a closed one is skipped: Ray's log monitor may print a late
+    worker line while the targets change)."""
+
+    def __init__(self, targets: list[TextIO]):
+        self.targets = targets
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        for t in self.targets:
+            with contextlib.suppress(ValueError):
+                t.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for t in self.targets:
+            with contextlib.suppress(ValueError):
+                t.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class StageOutput:
+    """sys.stdout and sys.stderr while the study runs stages in its process. During a stage both go to the stage's
+    log (stdout also to a buffer holding its JSON result line); afterwards they stay on that log until the next
+    stage (Ray prints its workers' lines late). They stay the same two stream objects all along, so a handler
+    that logging or Ray binds to sys.stderr during one stage never holds a closed file. The study's own progress
+    lines go to the console (`console_out`)."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[TextIO, TextIO] | None = None
+        self.log: TextIO | None = None
+        self.out, self.err = _Tee([]), _Tee([])
+
+    @property
+    def console_out(self) -> TextIO:
+        return self.saved[0] if self.saved else sys.stdout
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.saved = (sys.stdout, sys.stderr)
+        self.out.targets = self.err.targets = [sys.stderr]
+        try:
+            with contextlib.redirect_stdout(self.out), contextlib.redirect_stderr(self.err):  # type: ignore[type-var]
+                yield
+        finally:
+            self.out.targets = self.err.targets = [self.saved[1]]
+            self.close_log()
+            self.saved = None
+
+    @contextlib.contextmanager
+    def stage(self, log_file: Path, stdout: io.StringIO) -> Iterator[None]:
+        self.close_log()
+        self.log = log = log_file.open("w", encoding="utf-8")
+        self.out.targets, self.err.targets = [log, stdout], [log]
+        try:
+            yield
+        finally:
+            self.out.targets = [log]
+            log.flush()
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            log, self.log = self.log, None
+            self.out.targets = [t for t in self.out.targets if t is not log]
+            self.err.targets = [t for t in self.err.targets if t is not log]
+            log.close()
+
+
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, log: Path, message: str):
         super().__init__(
@@ -174,6 +274,7 @@ class Study:
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / "state.json"
         self.stage_seconds: dict[str, float] = {}  # wall time of each stage of the variant being run
+        self.output = StageOutput()
         self.state: dict[str, Any] = (
             json.loads(self.state_file.read_text()) if self.state_file.is_file() else {"variants": {}}
         )
@@ -246,26 +347,57 @@ class Study:
         logs = self.root / "logs" / variant
         logs.mkdir(parents=True, exist_ok=True)
         log_file = logs / f"{stage}{tag}.log"
-        cmd = [sys.executable, "-m", f"jobs.{stage}", "--config", str(self.stage_files[stage]), *args]
-        env = {**os.environ, "TULPAR_PARENT_RUN_ID": parent_run_id, "PYTHONUNBUFFERED": "1"}
+        argv = ["--config", str(self.stage_files[stage]), *args]
         started = time.perf_counter()
-        with log_file.open("w") as log:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-            log.write(proc.stdout)
+        if self.cfg.run_stages == "subprocess":
+            code, stdout = self.run_subprocess(stage, argv, parent_run_id, log_file)
+        else:
+            code, stdout = self.run_in_process(stage, argv, parent_run_id, log_file)
         elapsed = time.perf_counter() - started
-        raw = result_from_output(proc.stdout)
-        if proc.returncode != 0 or raw is None or raw.get("status") != "ok":
-            raise StageFailed(stage, log_file, (raw or {}).get("error") or f"exit code {proc.returncode}")
+        raw = result_from_output(stdout)
+        if code != 0 or raw is None or raw.get("status") != "ok":
+            raise StageFailed(stage, log_file, (raw or {}).get("error") or f"exit code {code}")
         try:
-            result = read_result(stage, proc.stdout)
+            result = read_result(stage, stdout)
         except ResultError as exc:
             raise StageFailed(stage, log_file, str(exc)) from None
         result_file = self.root / "results" / variant / f"{stage}{tag}.json"
         atomic_write_json(result_file, result.model_dump(mode="json"))
         word = "cached" if result.reused else f"{elapsed:.0f}s"
-        print(f"    {variant:<14} {stage + tag:<22} {word}", flush=True)
+        self.say(f"    {variant:<14} {stage + tag:<22} {word}")
         self.stage_seconds[f"{stage}{tag}"] = elapsed
         return result, result_file
+
+    def run_subprocess(
+        self, stage: str, argv: list[str], parent_run_id: str, log_file: Path
+    ) -> tuple[int, str]:
+        """The stage as its own job: `python -m jobs.<stage>` (its own Ray connection and imports)."""
+        env = {**os.environ, "TULPAR_PARENT_RUN_ID": parent_run_id, "PYTHONUNBUFFERED": "1"}
+        with log_file.open("w") as log:
+            cmd = [sys.executable, "-m", f"jobs.{stage}", *argv]
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+            log.write(proc.stdout)
+        return proc.returncode, proc.stdout
+
+    def run_in_process(
+        self, stage: str, argv: list[str], parent_run_id: str, log_file: Path
+    ) -> tuple[int, str]:
+        """The stage's own entry (`run_job` with the job's config class and main, as `python -m jobs.<stage>`
+        calls it) in this process, on the study's Ray connection and MLflow store; its stdout and stderr go to
+        its log, its stdout also to the returned text (the JSON result line)."""
+        module = importlib.import_module(f"jobs.{stage}")
+        saved = os.environ.get("TULPAR_PARENT_RUN_ID")
+        os.environ["TULPAR_PARENT_RUN_ID"] = parent_run_id
+        stdout = io.StringIO()
+        try:
+            with self.output.stage(log_file, stdout):
+                code = run_job(stage, STAGE_CONFIGS[stage], module.main, argv)
+        finally:
+            if saved is None:
+                os.environ.pop("TULPAR_PARENT_RUN_ID", None)
+            else:
+                os.environ["TULPAR_PARENT_RUN_ID"] = saved
+        return code, stdout.getvalue()
 
     # -------------------------------------------------------------- tokenizers
     def reference_dir(self, ref: str) -> Path:
@@ -374,21 +506,17 @@ class Study:
     def run_variant(
         self, v: Variant, texts: list[EvalText], ref: dict[str, float] | None, parent: str
     ) -> dict:
-        import mlflow
+        from mlflow.entities import Metric, Param
 
-        with mlflow.start_run(
-            run_name=f"{self.cfg.name}/{v.name}",
-            experiment_id=self.experiment_id,
-            nested=True,
-            parent_run_id=parent,
-            tags={
-                "tulpar.stage": "tokenizer_study_variant",
-                "tulpar.variant": v.name,
-            },
-        ) as run:
-            child = run.info.run_id
+        tags = {
+            "tulpar.stage": "tokenizer_study_variant",
+            "tulpar.variant": v.name,
+            "mlflow.parentRunId": parent,
+        }
+        with self.mlflow_run(run_name=f"{self.cfg.name}/{v.name}", tags=tags) as child:
             self.stage_seconds = {}
-            mlflow.log_params({k: str(val) for k, val in v.model_dump().items()})
+            params = [Param(k, str(val)) for k, val in v.model_dump().items()]
+            self.client.log_batch(child, params=params)
             if v.kind == "bpe":
                 tok_args = self.tokenizer_overrides(v)
                 _, tok_file = self.run_stage("tokenizer", v.name, tok_args, child)
@@ -433,8 +561,9 @@ class Study:
                 for es, per_lang in r["bpb"].items():
                     for lang, x in per_lang.items():
                         metrics[f"bpb/{r['budget']}/s{r['seed']}/{es}/{lang}"] = x
-            mlflow.log_metrics(metrics)
-            tracking.log_dict(summary, "variant.json")
+            now = int(time.time() * 1000)
+            self.client.log_batch(child, metrics=[Metric(k, x, now, 0) for k, x in metrics.items()])
+            self.client.log_dict(child, summary, "variant.json")
         return summary
 
     def train_and_eval(
@@ -527,46 +656,80 @@ class Study:
         ref = self.cfg.budget.reference
         return sorted(self.cfg.variants, key=lambda v: v.name != ref)
 
-    def run(self) -> dict[str, Any]:
-        import mlflow
+    @contextlib.contextmanager
+    def mlflow_run(self, run_id: str | None = None, **create: Any) -> Iterator[str]:
+        """A study or variant run, resumed (`run_id`) or created (`create`: run_name, tags), ended FINISHED, or
+        FAILED / KILLED when the body raises. Held by id, never as MLflow's active run: the stages start their own
+        runs (in this process too) under it through TULPAR_PARENT_RUN_ID."""
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(self.experiment_id, **create).info.run_id
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.client.set_terminated(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
 
-        exp = self.experiment_id = tracking.setup(self.settings, "tulpar-tokenizer")
+    def say(self, line: str) -> None:
+        """A progress line on the study's own stdout (stages' output goes to their logs)."""
+        print(line, file=self.output.console_out, flush=True)
+
+    def run(self) -> dict[str, Any]:
+        """Every variant (finished ones from their stored summaries), then the report. In-process stages share
+        one Ray connection: RAY_ADDRESS's cluster, or a local Ray started here once (and stopped at the end)."""
+        from mlflow import MlflowClient
+
+        self.experiment_id = tracking.setup(self.settings, "tulpar-tokenizer")
         tracking.check_server(self.settings)
+        self.client = MlflowClient()
         texts, eval_text = self.eval_text()
+        if self.cfg.run_stages == "subprocess":
+            return self.run_variants(texts, eval_text)
+        import ray
+
+        from jobs.platform.raycluster import init_ray
+
+        with self.output.installed():
+            started_ray = not ray.is_initialized()
+            init_ray(self.settings)
+            try:
+                return self.run_variants(texts, eval_text)
+            finally:
+                if started_ray:
+                    ray.shutdown()
+
+    def run_variants(self, texts: list[EvalText], eval_text: dict) -> dict[str, Any]:
         parent_id = self.state.get("parent_run_id")
         if parent_id:
             try:
-                mlflow.get_run(parent_id)
+                self.client.get_run(parent_id)
             except Exception:
                 parent_id = None
-        start = (
-            {"run_id": parent_id}
-            if parent_id
-            else {
-                "experiment_id": exp,
-                "run_name": f"tokenizer-study-{self.cfg.name}",
-                "tags": {"tulpar.stage": "tokenizer_study", "tulpar.git_commit": tracking.git_commit()},
-            }
-        )
+        create = {
+            "run_name": f"tokenizer-study-{self.cfg.name}",
+            "tags": {"tulpar.stage": "tokenizer_study", "tulpar.git_commit": tracking.git_commit()},
+        }
         summaries: list[dict] = []
-        with mlflow.start_run(**start) as parent:
-            self.state["parent_run_id"] = parent.info.run_id
+        with self.mlflow_run(parent_id, **({} if parent_id else create)) as parent:
+            self.state["parent_run_id"] = parent
             self.save_state()
-            mlflow.log_dict(self.cfg.model_dump(mode="json"), "study.yaml")
+            self.client.log_dict(parent, self.cfg.model_dump(mode="json"), "study.yaml")
             ref_costs: dict[str, float] | None = None
             for i, v in enumerate(self.ordered_variants(), 1):
                 done = self.finished(v)
                 label = f"[{i}/{len(self.cfg.variants)}] {v.name}"
                 if done is not None:
-                    print(
-                        f"{label}: finished in an earlier run (MLflow run {done['mlflow_run_id']})",
-                        flush=True,
-                    )
+                    self.say(f"{label}: finished in an earlier run (MLflow run {done['mlflow_run_id']})")
                     summary = done
                 else:
-                    print(f"{label}: {v.kind} {v.reference or f'vocab {v.vocab_size}'}", flush=True)
+                    self.say(f"{label}: {v.kind} {v.reference or f'vocab {v.vocab_size}'}")
                     started = time.perf_counter()
-                    summary = self.run_variant(v, texts, ref_costs, parent.info.run_id)
+                    summary = self.run_variant(v, texts, ref_costs, parent)
                     summary["seconds"] = time.perf_counter() - started
                     file = self.root / "variants" / f"{v.name}.json"
                     atomic_write_json(file, summary)
@@ -589,8 +752,8 @@ class Study:
                 outputs["results_csv"],
                 *outputs["plots"].values(),
             ]:
-                mlflow.log_artifact(path, "report")
-        return {**outputs, "mlflow_run_id": parent.info.run_id}
+                self.client.log_artifact(parent, path, "report")
+        return {**outputs, "mlflow_run_id": parent}
 
     # -------------------------------------------------------------- report
     def study_facts(self, eval_text: dict, ref_costs: dict[str, float]) -> dict[str, Any]:
@@ -728,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"stage": "tokenizer_study", "status": "error", "error": str(exc)}))
         return EXIT_USER_ERROR
     seconds = time.perf_counter() - started
+    disconnect_ray()  # Ray's late worker lines must not follow the result line
     print(f"\nreport: {outputs['report']}\ntotal: {seconds:.0f}s", flush=True)
     result = {
         "stage": "tokenizer_study",

@@ -201,6 +201,31 @@ def test_bpb_from_other_eval_text_is_refused():
         check_same_eval_text(bad, text)
 
 
+def test_a_stage_in_process_gives_what_its_own_job_gives(tmp_path, monkeypatch, capsys):
+    """The tokenizer stage of the 1k variant run by its entry in this process (the default) and as its own
+    `python -m jobs.tokenizer` job, each into a fresh TULPAR_HOME: the same tokenizer, byte for byte; the stage's
+    output in its log, not on the study's stdout; TULPAR_PARENT_RUN_ID as it was before."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TULPAR_PARENT_RUN_ID", raising=False)
+    shas = {}
+    for mode in ("in_process", "subprocess"):
+        monkeypatch.setenv("TULPAR_HOME", str(tmp_path / mode))
+        study = Study(load_study("tiny", [f"run_stages={mode}"]), Settings.from_env())
+        v = next(v for v in study.cfg.variants if v.name == "bpe-1k")
+        with study.output.installed():
+            result, result_file = study.run_stage("tokenizer", v.name, study.tokenizer_overrides(v), "p" * 32)
+        assert not result.reused
+        assert json.loads(result_file.read_text())["outputs"] == result.outputs.model_dump(mode="json")
+        log = (study.root / "logs" / "bpe-1k" / "tokenizer.log").read_text()
+        assert "trained tokstudy-tiny-bpe-1k: 1,024 tokens" in log and '"stage": "tokenizer"' in log
+        shas[mode] = result.outputs.tokenizer_sha256  # type: ignore[attr-defined]
+        assert Path(result.outputs.tokenizer_json).parent.parent == tmp_path / mode / "tokenizers"  # type: ignore[attr-defined]
+    assert "TULPAR_PARENT_RUN_ID" not in os.environ
+    out = capsys.readouterr().out
+    assert "trained tokstudy" not in out and out.count("bpe-1k         tokenizer") == 2
+    assert shas["in_process"] == shas["subprocess"]
+
+
 # ------------------------------------------------------------------ the tiny study end to end
 
 
