@@ -32,22 +32,20 @@ def tiny_study(tulpar_home) -> Study:
 
 
 def test_budget_steps_match_hand_computation(tiny_study):
-    # the tiny preset (dim 128, 4 layers, 4 heads of 32, 2 kv heads, ffn 384, tied embeddings), seq_len 128:
-    # non-embedding params per layer = q,o 2*128*128 + k,v 2*128*64 + mlp 3*128*384 + 2 norms*128 = 196,864
-    body = 4 * 196_864 + 128
-    attention = 12 * 4 * 128 * 128
-    flops = {
-        v: 6 * (body + v * 128) + attention for v in (1024, 2048)
-    }  # both are multiples of 64: no padding
-    assert tiny_study.flops_per_token(1024) == flops[1024]
-    assert tiny_study.tokens_per_step() == 8 * 128  # batch 8 x seq 128, one worker, no accumulation
+    # the study's model (dim 64, 2 layers, 2 heads of 32, 1 kv head, ffn 192, tied embeddings), seq_len 128:
+    # non-embedding params per layer = q,o 2*64*64 + k,v 2*64*32 + mlp 3*64*192 + 2 norms*64 = 49,280
+    body = 2 * 49_280 + 64
+    attention = 12 * 2 * 64 * 128
+    flops = {v: 6 * (body + v * 64) + attention for v in (1024, 2048)}  # both are multiples of 64: no padding
+    assert tiny_study.flops_per_token(1024) == flops[1024] == 1_181_568
+    assert tiny_study.tokens_per_step() == 4 * 128  # batch 4 x seq 128, one worker, no accumulation
     ref = {"flops_per_token": flops[2048], "bytes_per_token": 3.0}
-    # same FLOPs: 40 reference steps x 7,084,800 / 6,298,368 FLOPs per token = 44.99 -> 45 steps
-    assert tiny_study.steps_for("flops", 1024, 2.5, ref) == round(40 * flops[2048] / flops[1024]) == 45
-    # same bytes: 40 x 3.0 / 2.5 bytes per token = 48 steps; the reference itself: 40 under both
-    assert tiny_study.steps_for("bytes", 1024, 2.5, ref) == 48
+    # same FLOPs: 20 reference steps x 1,574,784 / 1,181,568 FLOPs per token = 26.66 -> 27 steps
+    assert tiny_study.steps_for("flops", 1024, 2.5, ref) == round(20 * flops[2048] / flops[1024]) == 27
+    # same bytes: 20 x 3.0 / 2.5 bytes per token = 24 steps; the reference itself: 20 under both
+    assert tiny_study.steps_for("bytes", 1024, 2.5, ref) == 24
     assert (
-        tiny_study.steps_for("flops", 2048, 3.0, ref) == tiny_study.steps_for("bytes", 2048, 3.0, ref) == 40
+        tiny_study.steps_for("flops", 2048, 3.0, ref) == tiny_study.steps_for("bytes", 2048, 3.0, ref) == 20
     )
 
 
@@ -287,16 +285,16 @@ def test_tiny_study_end_to_end_report_same_eval_text_mlflow_and_resume(tmp_path,
     flores = data_dir / "eval" / "parallel" / "flores200_devtest"
     ntrex = data_dir / "eval" / "parallel" / "ntrex128"
     by_hand = {
-        ("flores200_devtest", "kk"): first_docs_sha256(flores / "kaz_Cyrl.devtest", 60),
-        ("flores200_devtest", "en"): first_docs_sha256(flores / "eng_Latn.devtest", 60),
-        ("ntrex128", "ru"): first_docs_sha256(ntrex / "ntrex128.rus.txt", 60),
+        ("flores200_devtest", "kk"): first_docs_sha256(flores / "kaz_Cyrl.devtest", 20),
+        ("flores200_devtest", "en"): first_docs_sha256(flores / "eng_Latn.devtest", 20),
+        ("ntrex128", "ru"): first_docs_sha256(ntrex / "ntrex128.rus.txt", 20),
     }
     for v in variants.values():
         assert {r["budget"] for r in v["runs"]} == {"flops", "bytes"}
         for r in v["runs"]:
             for (es, lang), sha in by_hand.items():
                 assert r["eval_text"][es][lang]["text_sha256"] == sha, (v["name"], r["budget"], es, lang)
-                assert r["eval_text"][es][lang]["docs"] == 60
+                assert r["eval_text"][es][lang]["docs"] == 20
             assert all(0 < r["bpb"][es][lang] < 20 for es in r["bpb"] for lang in ("kk", "ru", "en"))
             assert all(x > 0 for x in r["generation_bytes_per_s"].values())
             assert r["training_bytes_per_s"] > 0
@@ -304,7 +302,7 @@ def test_tiny_study_end_to_end_report_same_eval_text_mlflow_and_resume(tmp_path,
     # budgets: the reference trains the same run under both; the others spend the reference's FLOPs / bytes
     study = results["study"]
     ref = {r["budget"]: r for r in variants["bpe-2k"]["runs"]}
-    assert ref["flops"]["steps"] == ref["bytes"]["steps"] == 40
+    assert ref["flops"]["steps"] == ref["bytes"]["steps"] == 20
     assert ref["flops"]["model_uri"] == ref["bytes"]["model_uri"], "one run serves both budgets"
     for v in variants.values():
         step_tokens = study["tokens_per_step"]
