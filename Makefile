@@ -105,6 +105,10 @@ tokenizer-report: setup ## compare tokenizers on FLORES/NTREX: make tokenizer-re
 	$(PY) -m jobs.tokenizer_report --config configs/tokenizer_report/$(CONFIG).yaml $(ARGS)
 .PHONY: tokenizer tokenizer-report
 
+tokenizer-study: setup ## tokenizer variants -> same corpus -> same model shape under equal FLOPs / bytes -> bpb, speed report: make tokenizer-study CONFIG=tiny|full
+	$(PY) -m pipelines.tokenizer_study --config $(CONFIG) $(ARGS)
+.PHONY: tokenizer-study
+
 # --- Kubernetes: images, charts, submission (docs/kubernetes.md) ---
 REGISTRY ?= ghcr.io/tulpar-ai
 IMAGE_TAG ?= 0.1.0

@@ -185,6 +185,43 @@ def test_min_new_tokens_keeps_stop_tokens_out_of_the_first_steps():
     assert len(free) < 3 and forced[:3] == [15, 15, 15]
 
 
+def test_generation_speed_is_each_answers_bytes_and_tokens_over_its_time(small_tokenizer):
+    from jobs.evaluation.config import GenerationSpec
+    from jobs.evaluation.generation import generation_metrics, prompt_ids, run_generation
+    from llm_core.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    model = Transformer(small_config(vocab_size=small_tokenizer.tk.get_vocab_size())).eval()
+    prompts = {"kk": ["Қазақстан", "Алматы қаласы"], "en": ["The capital"]}
+    spec = GenerationSpec(prompts=prompts, max_new_tokens=8, min_new_tokens=8, chat="never")
+    records = run_generation(model, small_tokenizer, spec, chat=False)
+    # one prompt at a time gives the answers a batch gives (left padding is masked)
+    params = SamplingParams(
+        max_new_tokens=8,
+        temperature=0,
+        min_new_tokens=8,
+        stop_token_ids=[small_tokenizer.im_end_id, small_tokenizer.eos_id],
+    )
+    batch = generate(
+        model,
+        [prompt_ids(small_tokenizer, p, False, "kk") for p in prompts["kk"]],
+        params,
+        pad_id=small_tokenizer.pad_id,
+    )
+    kk = [r for r in records if r["lang"] == "kk"]
+    for r, ids in zip(kk, batch):
+        text = small_tokenizer.decode(ids)
+        assert r["answer"] == text.strip() and r["tokens"] == len(ids) == 8
+        assert r["bytes"] == len(text.encode("utf-8")) and r["seconds"] > 0
+    m = generation_metrics(records)
+    assert m["gen/kk/tokens_per_s"] == pytest.approx(16 / (kk[0]["seconds"] + kk[1]["seconds"]))
+    assert m["gen/kk/bytes_per_s"] == pytest.approx(
+        (kk[0]["bytes"] + kk[1]["bytes"]) / (kk[0]["seconds"] + kk[1]["seconds"])
+    )
+    seconds = sum(r["seconds"] for r in records)
+    assert m["gen/all/bytes_per_s"] == pytest.approx(sum(r["bytes"] for r in records) / seconds)
+
+
 # ---------------------------------------------------------------------------------------- multiple choice
 
 

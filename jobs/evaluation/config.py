@@ -569,6 +569,8 @@ class EvalConfig(StrictModel):
                         "lang_consistency",
                         "undetected_rate",
                         "truncated_rate",
+                        "tokens_per_s",
+                        "bytes_per_s",
                     )
                 }
         lc = self.long_context

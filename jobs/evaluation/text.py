@@ -10,11 +10,13 @@ Each document is conditioned on `<|endoftext|>` (how documents start in pretrain
 tokens only: the separator, line breaks and a final end-of-text are neither scored nor counted as bytes. Documents
 longer than the scoring window are scored in windows (llm_core.scoring: disjoint by default, sliding with a
 stride), every token exactly once. bpb divides by bytes of text, not tokens, so models with different tokenizers
-compare fairly; ppl does not.
+compare fairly; ppl does not. `text_sha256` identifies the documents scored (their UTF-8 text, each followed by a
+NUL byte), so results of different models can be checked to come from the same text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -33,6 +35,7 @@ class TextResult:
     file: str
     docs: int
     bytes: int
+    text_sha256: str
     tokens: int
     nll: float  # nats, summed
     bpb: float
@@ -92,6 +95,14 @@ def read_documents(path: Path, unit: str, text_field: str = "text", max_docs: in
     return docs[:max_docs] if max_docs else docs
 
 
+def documents_sha256(docs: list[str]) -> str:
+    """sha256 of the documents' UTF-8 text, each followed by a NUL byte (so a document boundary counts)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
 def evaluate_text_set(spec: TextSetSpec, ev: LMEvaluator, settings: Settings) -> list[TextResult]:
     out = []
     for lang, file in spec.files.items():
@@ -108,6 +119,7 @@ def evaluate_text_set(spec: TextSetSpec, ev: LMEvaluator, settings: Settings) ->
                 file=str(path),
                 docs=len(docs),
                 bytes=n_bytes,
+                text_sha256=documents_sha256(docs),
                 tokens=n_tokens,
                 nll=nll,
                 bpb=nll / n_bytes / math.log(2),
