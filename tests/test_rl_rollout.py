@@ -61,16 +61,18 @@ def trainer_logprobs(model, seq):
 
 
 def a_stop_token(greedy: list[list[int]]) -> tuple[int, list[int]]:
-    """A token that some greedy completions produce and others never do (the latest first occurrence preferred):
-    the stop token for the stop tests, and the position each completion first produces it at (-1: never)."""
-    best = None
+    """A stop token for the stop tests, and the position each completion first produces it at (-1: never).
+
+    Preferred: a token that some greedy completions produce and others never do (the latest first occurrence
+    first), so both a stopped and an unstopped completion are checked. A tiny model's greedy completions can all
+    repeat one token (the weights of a 150-step model differ with the machine's float rounding); then the token
+    whose first occurrence is latest, so a completion at least stops where it produces it."""
+    candidates = []
     for t in sorted({t for c in greedy for t in c}):
         firsts = [c.index(t) if t in c else -1 for c in greedy]
-        if -1 in firsts and (best is None or max(firsts) > max(best[1])):
-            best = (t, firsts)
-    if best is None:
-        pytest.fail(f"no stop token candidate in the greedy completions {greedy}")
-    return best
+        candidates.append((-1 in firsts, max(firsts), -t, firsts))  # ties: the smallest token id
+    _, _, neg_token, firsts = max(candidates)
+    return -neg_token, firsts
 
 
 # ------------------------------------------------------------------------------------------- llm_core
