@@ -642,11 +642,10 @@ class Study:
             return None
         from mlflow import MlflowClient
 
-        try:
-            status = MlflowClient().get_run(entry["mlflow_run_id"]).info.status
-        except Exception:  # the run was deleted or the store replaced: redo the variant
+        run = tracking.get_run_or_none(MlflowClient(), entry["mlflow_run_id"])
+        if run is None:  # the run was deleted or the store replaced: redo the variant
             return None
-        return json.loads(summary_file.read_text()) if status == "FINISHED" else None
+        return json.loads(summary_file.read_text()) if run.info.status == "FINISHED" else None
 
     def save_state(self) -> None:
         atomic_write_json(self.state_file, self.state)
@@ -705,11 +704,8 @@ class Study:
 
     def run_variants(self, texts: list[EvalText], eval_text: dict) -> dict[str, Any]:
         parent_id = self.state.get("parent_run_id")
-        if parent_id:
-            try:
-                self.client.get_run(parent_id)
-            except Exception:
-                parent_id = None
+        if parent_id and tracking.get_run_or_none(self.client, parent_id) is None:
+            parent_id = None  # the parent run was deleted or the store replaced: a new parent
         create = {
             "run_name": f"tokenizer-study-{self.cfg.name}",
             "tags": {"tulpar.stage": "tokenizer_study", "tulpar.git_commit": tracking.git_commit()},

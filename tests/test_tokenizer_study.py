@@ -347,3 +347,24 @@ def test_tiny_study_end_to_end_report_same_eval_text_mlflow_and_resume(tmp_path,
     assert len(redone) == 6 and all(line.endswith("cached") for line in redone), second.stdout
     children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert sorted(r.data.tags["tulpar.variant"] for r in children) == sorted([*names, "bpe-1k"])
+
+
+def test_a_missing_mlflow_run_reads_as_none_other_failures_propagate(tmp_path):
+    """The study's resume redoes a variant only when MLflow says its run does not exist; a store that fails to
+    answer is an error, never 'no such run'."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from jobs.platform.tracking import get_run_or_none
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("x"))
+    assert get_run_or_none(client, run.info.run_id).info.run_id == run.info.run_id
+    assert get_run_or_none(client, "0" * 32) is None
+
+    class Unreachable:
+        def get_run(self, run_id):
+            raise MlflowException("API request failed", error_code="TEMPORARILY_UNAVAILABLE")
+
+    with pytest.raises(MlflowException, match="API request failed"):
+        get_run_or_none(Unreachable(), run.info.run_id)

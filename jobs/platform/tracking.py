@@ -155,6 +155,19 @@ def check_server(settings: Settings) -> None:
                 os.environ[k] = v
 
 
+def get_run_or_none(client, run_id: str):
+    """The MLflow run `run_id`, or None when the tracking store says it does not exist (deleted, or another store).
+    Any other failure (server down, authentication) propagates: it must not read as "no such run"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 def metric_history(run_id: str, keys: list[str]) -> list[dict[str, float]]:
     """Logged values of `keys` merged per step: [{"step": s, key: value, ...}, ...] sorted by step."""
     from mlflow import MlflowClient
