@@ -49,19 +49,20 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# Multi-head latent attention with every MLA width distinct, so a swapped dimension cannot go unnoticed (4 heads).
+MLA_TEST_FIELDS = dict(
+    num_kv_heads=4,
+    attention="mla",
+    kv_lora_rank=40,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=8,
+    v_head_dim=10,
+    norm_eps=1e-6,
+)
+
+
 def small_mla_config(**overrides) -> ModelConfig:
-    """Multi-head latent attention with every MLA width distinct, so a swapped dimension cannot go unnoticed."""
-    base = dict(
-        num_kv_heads=4,
-        attention="mla",
-        kv_lora_rank=40,
-        qk_nope_head_dim=12,
-        qk_rope_head_dim=8,
-        v_head_dim=10,
-        norm_eps=1e-6,
-    )
-    base.update(overrides)
-    return small_config(**base)
+    return small_config(**{**MLA_TEST_FIELDS, **overrides})
 
 
 def small_moe_config(**overrides) -> ModelConfig:

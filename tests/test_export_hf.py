@@ -19,7 +19,7 @@ from llm_core.config import ModelConfig, RopeScaling
 from llm_core.export_hf import check_exportable, export_hf, hf_config, load_hf, to_hf_state_dict
 from llm_core.generate import SamplingParams, generate
 from llm_core.model import Transformer
-from tests.conftest import REPO
+from tests.conftest import MLA_TEST_FIELDS, REPO
 
 transformers = pytest.importorskip("transformers")
 
@@ -755,16 +755,7 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, tied):
 
 def mla_cfg(**overrides) -> ModelConfig:
     """Dense MLA: exports as DeepseekV3ForCausalLM. Every MLA width distinct; sequences up to 128 tokens."""
-    mla = dict(
-        num_kv_heads=4,
-        attention="mla",
-        kv_lora_rank=40,
-        qk_nope_head_dim=12,
-        qk_rope_head_dim=8,
-        v_head_dim=10,
-        norm_eps=1e-6,
-    )
-    return tiny_cfg(**{**mla, **overrides})
+    return tiny_cfg(**{**MLA_TEST_FIELDS, **overrides})
 
 
 MLA_CASES = {
