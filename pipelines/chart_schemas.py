@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 CHARTS_DIR = Path(__file__).resolve().parent.parent / "charts"
+# The stages a Tulpar job runs (`jobs.<stage>`): the job chart's `stage` enum and pipelines.submit's list.
 STAGES = [
     "preprocess",
     "tokenizer",

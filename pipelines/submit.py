@@ -35,22 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from jobs.platform.runtime import result_from_output
-from pipelines import charts
+from pipelines import chart_schemas, charts
 
 REPO = charts.REPO
 CONFIG_ROOT = REPO / "configs"
-STAGES = (
-    "preprocess",
-    "tokenizer",
-    "tokenizer_report",
-    "pretrain",
-    "sft",
-    "dpo",
-    "reward_model",
-    "rl",
-    "distill",
-    "eval",
-)
+STAGES = tuple(
+    chart_schemas.STAGES
+)  # the stages a job can run: one list for submit and the job chart's schema
 # Uploaded with the job to a Ray cluster: the code and configs, never environments, outputs or VCS data.
 WORKING_DIR_EXCLUDES = [
     ".git",
