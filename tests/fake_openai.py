@@ -2,7 +2,8 @@
 
 The fake answers like Ray Serve's OpenAI app: /v1/models lists `models`; an unknown model gets FastAPI's
 `{"detail": ...}` 404 (what Ray Serve returns today); model "crash" gets a plain-text 500 and model "no-replica"
-a plain-text 503 (Ray Serve with no replica to take the request); chat and completions answer `Hello from
+a plain-text 503 (Ray Serve with no replica to take the request); with `break_stream_after` set, streams break
+off mid-event like a killed replica's; chat and completions answer `Hello from
 <model>! You said: <last user text>` and stream it word by word, `chunk_delay_s` apart; embeddings answer one
 4-dimensional zero vector per input.
 """
@@ -28,6 +29,9 @@ from starlette.routing import Route
 class FakeUpstream:
     models: list[str]
     chunk_delay_s: float = 0.0
+    break_stream_after: int | None = (
+        None  # streams: after this many events, half an event, then the server dies
+    )
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def reply(self, model: str, prompt: str) -> str:
@@ -136,6 +140,9 @@ class FakeUpstream:
 
         async def events():
             for i, word in enumerate(words):
+                if i == self.break_stream_after:
+                    yield event(word, None)[:20]
+                    raise RuntimeError("fake upstream: replica killed mid-stream")
                 yield event(word if i == len(words) - 1 else word + " ", None)
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)

@@ -269,6 +269,21 @@ def test_client_disconnect_mid_stream_closes_upstream(gw, keys, upstream, still_
     still_serving()
 
 
+def test_upstream_dying_mid_stream_ends_with_an_openai_error_event(client, upstream, still_serving):
+    """A replica killed mid-stream: the client gets the complete events, not the torn one, then an error event
+    that the openai client raises (not a silently truncated answer, not a hang)."""
+    upstream.break_stream_after = 2
+    pieces = []
+    try:
+        with pytest.raises(openai.APIError, match="stopped in the middle of the response"):
+            for chunk in chat(client, text="a b c d", stream=True):
+                pieces.append(chunk.choices[0].delta.content or "")
+    finally:
+        upstream.break_stream_after = None
+    assert "".join(pieces) == "Hello from "
+    still_serving()
+
+
 def test_streaming_completions_with_httpx_sse(gw, keys):
     with httpx.stream(
         "POST",

@@ -3,8 +3,8 @@
 Request path for POST /v1/chat/completions, /v1/completions, /v1/embeddings:
   401 (key) -> 413 (body size) -> 400 (JSON; the OpenAI schema of the endpoint, services/gateway/schema.py)
   -> 404 (model) -> 429 (rate limit) -> the body goes upstream with `model` rewritten to the served id -> the
-  response streams back byte for byte (SSE chunks pass through as they arrive); an upstream error body is rewritten
-  to OpenAI's shape, same status; an upstream that refuses connections (no healthy replica) gives 503 + Retry-After.
+  response streams back byte for byte (SSE events pass through as they arrive; a stream the upstream breaks off
+  ends with an OpenAI-format error event); an upstream error body is rewritten to OpenAI's shape, same status; an upstream that refuses connections (no healthy replica) gives 503 + Retry-After.
 Every response carries X-Request-ID; proxied ones also X-Tulpar-Model (public name) and X-Tulpar-Served-Model.
 
 Two ASGI apps: `app` (the public port: the API, GET /health -> {"status": "ok"} or 503, GET /livez) and `admin_app`
@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from jobs.platform import registry
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import error_response, normalize_error_body
+from services.gateway.errors import error_body, error_response, normalize_error_body
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelimit import BucketStore, Limits, RateLimiter
@@ -66,6 +66,15 @@ _MIN_MODELS_REFETCH_S = (
 
 class _TooLarge(Exception):
     pass
+
+
+def _split_events(data: bytes) -> tuple[bytes, bytes]:
+    """(complete SSE events, the incomplete rest): events end with a blank line."""
+    end = max(
+        data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0,
+        data.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 0,
+    )
+    return data[:end], data[end:]
 
 
 def _no_constant(name: str) -> Any:
@@ -557,20 +566,38 @@ class Gateway:
             out_headers["x-accel-buffering"] = "no"  # ask ingress proxies not to buffer the stream
             out_headers["cache-control"] = "no-cache"
 
+        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+
         async def relay() -> AsyncIterator[bytes]:
             first = True
             status = 499  # stays so if the client goes away before the end (nginx's "client closed request")
+            partial = b""  # SSE: the bytes after the last complete event, held back until the event completes
             try:
                 async for chunk in resp.aiter_raw():
                     if first:
                         self.metrics.ttfb.labels(route, model).observe(time.monotonic() - started)
                         first = False
-                    yield chunk
+                    if sse:
+                        chunk, partial = _split_events(partial + chunk)
+                    if chunk:
+                        yield chunk
+                if partial:
+                    yield partial
                 status = resp.status_code
-            except httpx.HTTPError as exc:  # upstream died mid-stream: the client sees a truncated body
+            except httpx.HTTPError as exc:  # upstream died mid-stream (a replica killed, the engine crashed)
                 status = 502
                 self.metrics.upstream_errors.labels("protocol").inc()
                 log.warning("upstream stream for %s broke: %s", rid, exc)
+                if (
+                    sse
+                ):  # end with an OpenAI-format error event (the openai client raises it) instead of a cut
+                    err = error_body(
+                        502,
+                        f"The upstream stopped in the middle of the response ({type(exc).__name__}); "
+                        "retry the request.",
+                        code="upstream_stream_broken",
+                    )
+                    yield f"data: {json.dumps(err)}\n\n".encode()
             finally:
                 await resp.aclose()
                 self.metrics.in_flight.dec()
