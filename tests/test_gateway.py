@@ -720,7 +720,14 @@ def _sent(gw, route: str, raw: bytes) -> httpx.Response:
     return gw.post(f"/v1/{route}", content=raw, headers={"content-type": "application/json"})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no deadline and no too_slow check: CI machines are shared and slow; the examples are bounded instead
+_FUZZ = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+
+
+@settings(max_examples=150, **_FUZZ)
 @given(
     valid=st.tuples(st.just("chat/completions"), valid_chat())
     | st.tuples(st.just("completions"), _valid_completion)
@@ -743,7 +750,7 @@ def test_fuzz_valid_get_2xx_garbage_never_5xx(schema_gw, valid, garbage):
 def test_fuzz_one_broken_rule_gets_4xx(schema_gw, rule):
     """Valid chat requests with one rule of the reference broken (per rule, so every rule gets examples)."""
 
-    @settings(max_examples=10, deadline=None, database=None)
+    @settings(max_examples=10, database=None, **_FUZZ)
     @given(invalid_chat(rule))
     def check(body) -> None:
         n = len(schema_gw.fake.requests)

@@ -1,7 +1,9 @@
 """python -m services.gateway --config configs/gateway/local.yaml [dotted.key=value ...]
 
-Exit codes follow jobs.platform.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve),
-printed as `error: <message>` without a traceback; 1 for anything else.
+Serves the public API on host:port and, unless admin.port is null, the admin listener (GET /metrics, detailed
+GET /health) on admin.host:admin.port, both in one event loop; SIGTERM/SIGINT stop both (gracefully for the API).
+Exit codes follow jobs.platform.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve,
+an unusable state_dir), printed as `error: <message>` without a traceback; 1 for anything else.
 """
 
 from __future__ import annotations
