@@ -248,9 +248,10 @@ def llm_serve() -> dict[str, Any]:
     return root("llm-serve values", props, [*RAY_REQUIRED, "model", "serve", "upgradeStrategy"])
 
 
-def web_app(port_default_doc: str) -> dict[str, Any]:
+def web_app(port_default_doc: str, **more: Any) -> dict[str, Any]:
     return obj(
         {
+            **more,
             "enabled": BOOL,
             "image": IMAGE,
             "replicas": NONNEG,
@@ -346,7 +347,10 @@ def tulpar() -> dict[str, Any]:
             },
             ["image", "replicas", "workers", "port", "artifactsPrefix", "resources"],
         ),
-        "gateway": web_app("python -m services.gateway; listens on $PORT, GET healthPath answers 200"),
+        "gateway": web_app(
+            "python -m services.gateway; listens on $PORT, GET healthPath answers 200; metrics on metricsPort",
+            metricsPort=PORT,
+        ),
         "chatUi": web_app("python -m services.chat_ui; listens on $PORT, GET healthPath answers 200"),
         "ingress": obj(
             {
@@ -364,6 +368,7 @@ def tulpar() -> dict[str, Any]:
                 "ingressNamespaceLabels": STR_MAP,
                 "mlflowFrom": LIST,
                 "gatewayFrom": LIST,
+                "gatewayMetricsFrom": LIST,
                 "rayFrom": LIST,
             }
         ),

@@ -1,8 +1,11 @@
 """A fake OpenAI-compatible upstream (the shape of services.llm_serve) and a loopback server runner for tests.
 
 The fake answers like Ray Serve's OpenAI app: /v1/models lists `models`; an unknown model gets FastAPI's
-`{"detail": ...}` 404 (what Ray Serve returns today); model "crash" gets a plain-text 500; chat and completions
-answer `Hello from <model>! You said: <last user text>` and stream it word by word, `chunk_delay_s` apart.
+`{"detail": ...}` 404 (what Ray Serve returns today); model "crash" gets a plain-text 500 and model "no-replica"
+a plain-text 503 (Ray Serve with no replica to take the request); with `break_stream_after` set, streams break
+off mid-event like a killed replica's; chat and completions answer `Hello from
+<model>! You said: <last user text>` and stream it word by word, `chunk_delay_s` apart; embeddings answer one
+4-dimensional zero vector per input.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from starlette.routing import Route
 class FakeUpstream:
     models: list[str]
     chunk_delay_s: float = 0.0
+    break_stream_after: int | None = (
+        None  # streams: after this many events, half an event, then the server dies
+    )
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def reply(self, model: str, prompt: str) -> str:
@@ -38,6 +44,7 @@ class FakeUpstream:
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             ]
         )
 
@@ -63,6 +70,8 @@ class FakeUpstream:
         model = body.get("model")
         if model == "crash":
             return PlainTextResponse("Internal Server Error", status_code=500)
+        if model == "no-replica":
+            return PlainTextResponse("Service Unavailable", status_code=503)
         if str(model).split(":")[0] not in self.models:  # Ray Serve's OpenAI app (ids `<base>:<lora>` too)
             return JSONResponse({"detail": f"The model `{model}` does not exist."}, status_code=404)
         return body
@@ -80,6 +89,16 @@ class FakeUpstream:
         if isinstance(body, Response):
             return body
         return self._answer(body, self.reply(body["model"], str(body.get("prompt", ""))), chat=False)
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._parse(request)
+        if isinstance(body, Response):
+            return body
+        inputs = body["input"]
+        n = 1 if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else len(inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.0] * 4} for i in range(n)]
+        usage = {"prompt_tokens": n, "total_tokens": n}
+        return JSONResponse({"object": "list", "data": data, "model": body["model"], "usage": usage})
 
     def _answer(self, body: dict[str, Any], text: str, *, chat: bool) -> Response:
         model, created = body["model"], int(time.time())
@@ -121,6 +140,9 @@ class FakeUpstream:
 
         async def events():
             for i, word in enumerate(words):
+                if i == self.break_stream_after:
+                    yield event(word, None)[:20]
+                    raise RuntimeError("fake upstream: replica killed mid-stream")
                 yield event(word if i == len(words) - 1 else word + " ", None)
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
@@ -130,13 +152,22 @@ class FakeUpstream:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def bound_socket() -> socket.socket:
+    """A socket bound to a free loopback port and not listening yet: connecting to it is refused until a
+    ServerThread serves it (a server that is down, then comes back on the same port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 class ServerThread:
     """An ASGI app served by uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
 
-    def __init__(self, app: Any, *, startup_timeout_s: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(
+        self, app: Any, *, startup_timeout_s: float = 30.0, sock: socket.socket | None = None
+    ) -> None:
+        self.sock = sock if sock is not None else bound_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)

@@ -359,6 +359,35 @@ def test_network_policies_and_submitter_rbac():
     assert not [o for o in objects if o["kind"] == "ClusterRole" and "tulpar" in o["metadata"]["name"]]
 
 
+def test_gateway_metrics_port_is_separate_and_closed_by_default():
+    """The API port is open to Tulpar pods and the ingress; the admin (metrics) port only to gatewayMetricsFrom;
+    probes use /livez (a down upstream must not take the gateway out of its Service)."""
+    for values_file, metrics_from in (
+        ("default-values.yaml", None),
+        ("managed-services-values.yaml", [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]),
+    ):  # fmt: skip
+        objects = rendered("tulpar", values_file)
+        by = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+        svc_ports = {p["name"]: p["port"] for p in by["Service", "tulpar-gateway"]["spec"]["ports"]}
+        assert svc_ports == {"http": 8080, "metrics": 9090}
+        pod = by["Deployment", "tulpar-gateway"]["spec"]["template"]
+        (c,) = pod["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090}
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert (
+            env["TULPAR_GATEWAY__ADMIN__PORT"] == "9090" and env["TULPAR_GATEWAY__ADMIN__HOST"] == "0.0.0.0"
+        )
+        assert env["TULPAR_GATEWAY__STATE_DIR"] in {m["mountPath"] for m in c["volumeMounts"]}
+        assert c["livenessProbe"]["httpGet"]["path"] == c["readinessProbe"]["httpGet"]["path"] == "/livez"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+        rules = by["NetworkPolicy", "tulpar-gateway"]["spec"]["ingress"]
+        assert rules[0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+        if metrics_from is None:
+            assert len(rules) == 1  # nobody outside the pod reaches /metrics
+        else:
+            assert rules[1] == {"from": metrics_from, "ports": [{"protocol": "TCP", "port": 9090}]}
+
+
 def stage_configs():
     for stage in chart_schemas.STAGES:
         for path in sorted((REPO / "configs" / stage).glob("*.yaml")):

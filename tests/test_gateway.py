@@ -19,15 +19,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
 from llm_core.config import ConfigError
 from services.gateway import Gateway, load_gateway_config
 from services.gateway.config import AliasConfig, env_overrides
 from services.gateway.errors import normalize_error_body
 from services.gateway.keys import KeyStore, hash_key, new_key, parse_keys
-from services.gateway.ratelimit import Limits, RateLimiter
+from services.gateway.ratelimit import BucketStore, Limits, RateLimiter
 from services.gateway.routing import ResolvedAlias
-from tests.fake_openai import FakeUpstream, ServerThread
+from services.gateway.schema import ChatCompletionRequest
+from tests.fake_openai import FakeUpstream, ServerThread, bound_socket
 
 REPO = Path(__file__).resolve().parent.parent
 ITER = 2_000  # PBKDF2 iterations in tests (production default: 600,000)
@@ -257,11 +261,26 @@ def test_client_disconnect_mid_stream_closes_upstream(gw, keys, upstream, still_
         upstream.chunk_delay_s = 0.0
     deadline = time.monotonic() + 10
     while True:  # the relay noticed, closed the upstream response and counted a 499
-        text = httpx.get(f"{gw.url}/metrics").text
+        text = TestClient(gw.admin_app).get("/metrics").text
         if "tulpar_gateway_in_flight_requests 0.0" in text and 'status="499"' in text:
             break
         assert time.monotonic() < deadline, text
         time.sleep(0.1)
+    still_serving()
+
+
+def test_upstream_dying_mid_stream_ends_with_an_openai_error_event(client, upstream, still_serving):
+    """A replica killed mid-stream: the client gets the complete events, not the torn one, then an error event
+    that the openai client raises (not a silently truncated answer, not a hang)."""
+    upstream.break_stream_after = 2
+    pieces = []
+    try:
+        with pytest.raises(openai.APIError, match="stopped in the middle of the response"):
+            for chunk in chat(client, text="a b c d", stream=True):
+                pieces.append(chunk.choices[0].delta.content or "")
+    finally:
+        upstream.break_stream_after = None
+    assert "".join(pieces) == "Hello from "
     still_serving()
 
 
@@ -281,14 +300,21 @@ def test_streaming_completions_with_httpx_sse(gw, keys):
     assert text == "Hello from kk-350m-v1! You said: a"
 
 
-def test_health_and_metrics(gw, client):
-    h = httpx.get(f"{gw.url}/health").json()
+def test_health_and_metrics(gw, client, upstream):
+    """The public port says only ok/503 and has no /metrics; the admin app has the details."""
+    public = httpx.get(f"{gw.url}/health")
+    assert public.status_code == 200 and public.json() == {"status": "ok"}
+    assert httpx.get(f"{gw.url}/livez").json() == {"status": "ok"}
+    assert_openai_error(httpx.get(f"{gw.url}/metrics"), 404)
+    admin = TestClient(gw.admin_app)
+    h = admin.get("/health").json()
     assert h["status"] == "ok" and h["upstream"]["reachable"] is True
+    assert h["upstream"]["base_url"] == f"{upstream.url}/v1"
     assert h["aliases"]["tulpar-kk"] == [
         {"target": "models:/kk-350m@champion", "weight": 1.0, "served": "kk-350m-v1"}
     ]
     chat(client)
-    text = httpx.get(f"{gw.url}/metrics").text
+    text = admin.get("/metrics").text
     assert (
         'tulpar_gateway_requests_total{key="alice",model="tulpar-kk",route="chat/completions",status="200"}'
         in text
@@ -370,11 +396,25 @@ def test_body_too_large_413(gw, keys, still_serving):
         (b"not json at all", None),
         (b"[1, 2, 3]", None),
         (b'{"messages": []}', "model"),
-        (b'{"model": "tulpar-kk", "messages": [], "max_tokens": -5}', "max_tokens"),
-        (b'{"model": "tulpar-kk", "messages": [], "max_tokens": "many"}', "max_tokens"),
+        (
+            b'{"model": "tulpar-kk", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "tulpar-kk", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}',
+            "max_tokens",
+        ),
+        (b'{"model": "tulpar-kk", "messages": [{"role": "user", "content": "x"}], "top_p": NaN}', None),
+        (b'{"model": "tulpar-kk", "messages": []}', "messages"),
+        # would overflow a recursive parser (the body limit is raised below)
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, None, id="deep"),
+        pytest.param(
+            b'{"model": "tulpar-kk", "messages": [{"role": "user", "content": "\xff"}]}', None, id="not-utf8"
+        ),
     ],
 )
-def test_malformed_requests_400(gw, keys, still_serving, body, param):
+def test_malformed_requests_400(gw, keys, still_serving, body, param, monkeypatch):
+    monkeypatch.setattr(gw.cfg, "max_body_bytes", 1_000_000)
     err = assert_openai_error(post(gw, body, keys["alice"]), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
     still_serving()
@@ -409,19 +449,414 @@ def test_upstream_plain_text_500_is_normalized(gw, client, still_serving):
     still_serving()
 
 
-def test_upstream_down_gives_502(keys_yaml, keys, monkeypatch):
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("GW_TEST_KEYS", keys_yaml)
+def inproc_gateway(upstream_models: list[str], *overrides: str, aliases=None, **kw) -> Gateway:
+    """A gateway whose upstream is a FakeUpstream called in-process (no sockets), without keys unless
+    `overrides` configure them."""
+    fake = FakeUpstream(models=upstream_models)
     cfg = load_gateway_config(
-        None, [f"upstream.base_url=http://127.0.0.1:{port}/v1", "auth.keys_env=GW_TEST_KEYS"]
+        None,
+        [
+            "auth.enabled=false",
+            "rate_limits.requests_per_minute=null",
+            "upstream.base_url=http://fake/v1",
+            *overrides,
+        ],
+    )
+    cfg.aliases = aliases or {"m": AliasConfig(targets=[{"model": upstream_models[0]}])}
+    gateway = Gateway(cfg, upstream_transport=httpx.ASGITransport(app=fake.app), **kw)
+    gateway.fake = fake
+    return gateway
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def schema_gw():
+    """In-process gateway for schema tests: public name m -> served m-v1, small body limit, no keys."""
+    gateway = inproc_gateway(["m-v1"], "max_body_bytes=131072", "request_limits.max_string_chars=50000")
+    with TestClient(gateway.app) as gw:
+        gw.fake = gateway.fake
+        yield gw
+
+
+def user(content="hi") -> dict:
+    return {"role": "user", "content": content}
+
+
+RICH_CHAT = {
+    "model": "m",
+    "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Бұл не?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+        ]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "look", "arguments": "{}"}}]},
+        {"role": "tool", "content": "a cat", "tool_call_id": "c1"},
+    ],
+    "tools": [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}],
+    "tool_choice": {"type": "function", "function": {"name": "look"}},
+    "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+    "temperature": 0, "top_p": 1, "n": 2, "max_tokens": 8, "presence_penalty": -2, "frequency_penalty": 2.0,
+    "stop": ["\n", "END"], "seed": -(2**63), "logprobs": True, "top_logprobs": 20, "logit_bias": {"42": -100},
+    "stream": True, "stream_options": {"include_usage": True}, "user": "u1", "metadata": {"k": "v"},
+    "top_k": 40, "min_p": 0.1, "repetition_penalty": 1.1,  # vLLM's extensions
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("chat/completions", RICH_CHAT),
+        (
+            "completions",
+            {"model": "m", "prompt": [[1, 2], [3]], "best_of": 3, "n": 2, "logprobs": 5, "echo": True},
+        ),
+        ("completions", {"model": "m", "prompt": "x", "suffix": "y", "stop": "z", "max_tokens": 1}),
+        ("embeddings", {"model": "m", "input": ["a", "b"], "encoding_format": "float", "dimensions": 4}),
+    ],
+)
+def test_schema_valid_requests_reach_the_upstream_unchanged(schema_gw, route, body):
+    r = schema_gw.post(f"/v1/{route}", json=body)
+    assert r.status_code == 200, r.text
+    assert schema_gw.fake.requests[-1]["body"] == {**body, "model": "m-v1"}
+
+
+@pytest.mark.parametrize(
+    "route, body, param, code",
+    [
+        ("chat/completions", {**CHAT, "temperature": 2.5}, "temperature", "invalid_value"),
+        ("chat/completions", {**CHAT, "temperature": "1"}, "temperature", "invalid_value"),
+        ("chat/completions", {**CHAT, "top_p": -0.1}, "top_p", "invalid_value"),
+        ("chat/completions", {**CHAT, "n": 0}, "n", "invalid_value"),
+        ("chat/completions", {**CHAT, "n": True}, "n", "invalid_value"),
+        ("chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "invalid_value"),
+        ("chat/completions", {**CHAT, "presence_penalty": 2.01}, "presence_penalty", "invalid_value"),
+        ("chat/completions", {**CHAT, "frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+        ("chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+        ("chat/completions", {**CHAT, "stop": 7}, "stop", "invalid_value"),
+        ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ("chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ("chat/completions", {**CHAT, "logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
+        ("chat/completions", {**CHAT, "logit_bias": {"cat": 1}}, "logit_bias.cat", "invalid_value"),
+        ("chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ("chat/completions", {**CHAT, "stream": "yes"}, "stream", "invalid_value"),
+        ("chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", "invalid_value"),
+        ("chat/completions", {**CHAT, "tools": [{"type": "retrieval"}]}, "tools[0].type", "invalid_value"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
+         "missing_required_parameter"),
+        ("chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value"),
+        ("chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages[0]", "invalid_value"),
+        ("chat/completions", {**CHAT, "messages": [user(5)]}, "messages[0].content", "invalid_value"),
+        ("chat/completions", {**CHAT, "messages": [user([{"type": "image_url", "image_url": {"url": "u", "detail": "4k"}}])]},
+         "messages[0].content[0].image_url.detail", "invalid_value"),
+        ("chat/completions", {**CHAT, "messages": [{"role": "system", "content": [{"type": "image_url"}]}]},
+         "messages[0].content[0].type", "invalid_value"),
+        ("chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id",
+         "missing_required_parameter"),
+        ("chat/completions", {**CHAT, "messages": [user()] * 2049}, "messages", "array_above_max_length"),
+        ("chat/completions", {**CHAT, "messages": [user("x" * 60_000)]}, "messages[0].content", "string_above_max_length"),
+        ("chat/completions", {**CHAT, "metadata": json.loads('{"a":' * 40 + "1" + "}" * 40)}, "metadata" + ".a" * 31,
+         "invalid_value"),
+        ("chat/completions", {**CHAT, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
+        ("chat/completions", {**CHAT, "messages": [{**user(), "x": 1}]}, "messages[0].x", "unknown_parameter"),
+        ("chat/completions", {"messages": [user()]}, "model", "missing_required_parameter"),
+        ("completions", {"model": "m", "prompt": [1, "a"]}, "prompt[0]", "invalid_value"),
+        ("completions", {"model": "m", "prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
+        ("completions", {"model": "m", "prompt": "x", "best_of": 1, "n": 2}, "best_of", "invalid_value"),
+        ("completions", {"model": "m"}, "prompt", "missing_required_parameter"),
+        ("embeddings", {"model": "m", "input": []}, "input", "invalid_value"),
+        ("embeddings", {"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format", "invalid_value"),
+    ],
+)  # fmt: skip
+def test_schema_invalid_requests_get_400_naming_the_param(schema_gw, route, body, param, code):
+    n = len(schema_gw.fake.requests)
+    err = assert_openai_error(schema_gw.post(f"/v1/{route}", json=body), 400, code)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert len(schema_gw.fake.requests) == n  # nothing reached the engine
+    assert schema_gw.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+# Hypothesis strategies written from the API reference (independently of services/gateway/schema.py): requests
+# valid by construction, and valid requests with exactly one documented rule broken.
+_text = st.text(max_size=20)
+_text_part = st.fixed_dictionaries({"type": st.just("text"), "text": _text})
+_image_part = st.fixed_dictionaries(
+    {"type": st.just("image_url"), "image_url": st.fixed_dictionaries(
+        {"url": _text}, optional={"detail": st.sampled_from(["auto", "low", "high"])})}
+)  # fmt: skip
+_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer"]),
+                           "content": _text | st.lists(_text_part, min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("user"),
+                           "content": _text | st.lists(_text_part | _image_part, min_size=1, max_size=3)},
+                          optional={"name": _text}),
+    st.fixed_dictionaries({"role": st.just("assistant")}, optional={"content": _text | st.none()}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": _text, "tool_call_id": _text}),
+)  # fmt: skip
+_fname = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+_tools = st.lists(
+    st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": _fname}, optional={"description": _text, "parameters": st.just({"type": "object"})})}),
+    min_size=1, max_size=2,
+)  # fmt: skip
+_num = {"allow_nan": False, "allow_infinity": False}
+_SAMPLING = {
+    "temperature": st.floats(0, 2, **_num),
+    "top_p": st.floats(0, 1, **_num),
+    "presence_penalty": st.floats(-2, 2, **_num),
+    "frequency_penalty": st.floats(-2, 2, **_num),
+    "max_tokens": st.integers(1, 4096),
+    "n": st.integers(1, 8),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "stop": st.none() | _text | st.lists(_text, min_size=1, max_size=4),
+    "user": _text,
+    "logit_bias": st.dictionaries(st.integers(0, 10**6).map(str), st.integers(-100, 100), max_size=3),
+}
+
+
+@st.composite
+def valid_chat(draw) -> dict:
+    body = draw(st.fixed_dictionaries(
+        {"model": st.just("m"), "messages": st.lists(_message, min_size=1, max_size=4)},
+        optional={**_SAMPLING, "max_completion_tokens": st.integers(1, 4096), "logprobs": st.booleans(),
+                  "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}])},
+    ))  # fmt: skip
+    if body.get("logprobs") and draw(st.booleans()):
+        body["top_logprobs"] = draw(st.integers(0, 20))
+    if draw(st.booleans()):
+        body["tools"] = draw(_tools)
+        body["tool_choice"] = draw(st.sampled_from(["none", "auto", "required"]))
+    if draw(st.booleans()):
+        body["stream"] = True
+        if draw(st.booleans()):
+            body["stream_options"] = {"include_usage": draw(st.booleans())}
+    return body
+
+
+_valid_completion = st.fixed_dictionaries(
+    {"model": st.just("m"),
+     "prompt": _text | st.lists(_text, min_size=1, max_size=3) | st.lists(st.integers(0, 50_000), min_size=1)},
+    optional={**_SAMPLING, "echo": st.booleans(), "logprobs": st.integers(0, 5), "suffix": _text},
+)  # fmt: skip
+_valid_embedding = st.fixed_dictionaries(
+    {"model": st.just("m"), "input": _text | st.lists(_text, min_size=1, max_size=3)},
+    optional={"encoding_format": st.sampled_from(["float", "base64"]), "dimensions": st.integers(1, 4096)},
+)  # fmt: skip
+_not_number = (
+    st.text(max_size=3) | st.booleans() | st.lists(st.integers(), max_size=2) | st.none().map(lambda _: {})
+)
+_BREAK = {  # field -> values the reference rules out
+    "temperature": st.floats(2, 3, exclude_min=True) | st.floats(-1, 0, exclude_max=True) | _not_number,
+    "top_p": st.floats(1, 2, exclude_min=True) | st.floats(-1, 0, exclude_max=True) | _not_number,
+    "presence_penalty": st.floats(2, 3, exclude_min=True) | st.floats(-3, -2, exclude_max=True),
+    "frequency_penalty": st.floats(2, 3, exclude_min=True) | st.floats(-3, -2, exclude_max=True),
+    "max_tokens": st.integers(max_value=0) | st.floats(0.5, 99.5).filter(lambda x: x != int(x)) | _not_number,
+    "n": st.integers(max_value=0) | st.booleans() | st.text(max_size=2),
+    "stop": st.lists(_text, min_size=5, max_size=8) | st.integers() | st.lists(st.integers(), min_size=1, max_size=2),
+    "logit_bias": st.dictionaries(st.integers(0, 99).map(str), st.integers(101, 10**6), min_size=1, max_size=2),
+    "stream": st.integers() | st.text(max_size=3),
+    "model": st.integers() | st.just("") | st.lists(_text, max_size=1),
+    "messages": st.just([]) | st.text(max_size=3) | st.lists(st.fixed_dictionaries(
+        {"role": _text.filter(lambda r: r not in ("system", "developer", "user", "assistant", "tool", "function")),
+         "content": _text}), min_size=1, max_size=2),
+    "response_format": st.fixed_dictionaries({"type": _text.filter(
+        lambda t: t not in ("text", "json_object", "json_schema"))}),
+    "top_logprobs": st.integers(21, 30) | st.integers(-10, -1),
+    "tool_choice": _text.filter(lambda t: t not in ("none", "auto", "required")),
+}  # fmt: skip
+_KNOWN = set(ChatCompletionRequest.model_fields)
+
+
+_RULES = sorted(_BREAK) + [
+    "unknown field", "missing model", "not an object", "top_logprobs without logprobs", "stream_options without stream"
+]  # fmt: skip
+
+
+@st.composite
+def invalid_chat(draw, rule: str) -> dict:
+    body = draw(valid_chat())
+    if rule == "top_logprobs without logprobs":
+        body["top_logprobs"] = draw(st.integers(0, 20))
+        body["logprobs"] = draw(st.sampled_from([False, None]))
+    elif rule == "stream_options without stream":
+        body.pop("stream", None)
+        body["stream_options"] = {"include_usage": True}
+        if draw(st.booleans()):
+            body["stream"] = False
+    elif rule == "unknown field":
+        body[draw(st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(lambda k: k not in _KNOWN))] = 1
+    elif rule == "missing model":
+        del body["model"]
+    elif rule == "not an object":
+        return draw(st.lists(st.just(body), max_size=1) | st.just("m") | st.integers() | st.none())
+    else:
+        body[rule] = draw(_BREAK[rule])
+        if rule == "top_logprobs":
+            body["logprobs"] = True
+        if rule == "tool_choice":
+            body["tools"] = draw(_tools)
+    return body
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(**_num) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=20,
+)
+_garbage = st.one_of(
+    st.binary(max_size=64),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.integers(33, 400).map(lambda d: b'{"model": "m", "messages": ' + b"[" * d + b"]" * d + b"}"),  # deep
+    st.integers(1, 3).map(lambda k: b'{"model": "m", "pad": "' + b"x" * (k * 70_000) + b'"}'),  # huge
+    st.sampled_from([b'{"model": "m", "messages": [], "temperature": NaN}', b"\xff\xfe{", b"", b"{" * 5000]),
+)
+
+
+def _sent(gw, route: str, raw: bytes) -> httpx.Response:
+    return gw.post(f"/v1/{route}", content=raw, headers={"content-type": "application/json"})
+
+
+# no deadline and no too_slow check: CI machines are shared and slow; the examples are bounded instead
+_FUZZ = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+
+
+@settings(max_examples=150, **_FUZZ)
+@given(
+    valid=st.tuples(st.just("chat/completions"), valid_chat())
+    | st.tuples(st.just("completions"), _valid_completion)
+    | st.tuples(st.just("embeddings"), _valid_embedding),
+    garbage=st.tuples(st.sampled_from(["chat/completions", "completions", "embeddings"]), _garbage),
+)
+def test_fuzz_valid_get_2xx_garbage_never_5xx(schema_gw, valid, garbage):
+    route, body = valid
+    r = _sent(schema_gw, route, json.dumps(body).encode())
+    assert r.status_code == 200, (body, r.text)
+    assert schema_gw.fake.requests[-1]["body"] == {**body, "model": "m-v1"}
+    route, raw = garbage
+    r = _sent(schema_gw, route, raw)
+    assert r.status_code < 500, (raw[:200], r.text)
+    if r.status_code >= 400:
+        assert_openai_error(r, r.status_code)
+
+
+@pytest.mark.parametrize("rule", _RULES)
+def test_fuzz_one_broken_rule_gets_4xx(schema_gw, rule):
+    """Valid chat requests with one rule of the reference broken (per rule, so every rule gets examples)."""
+
+    @settings(max_examples=10, database=None, **_FUZZ)
+    @given(invalid_chat(rule))
+    def check(body) -> None:
+        n = len(schema_gw.fake.requests)
+        r = _sent(schema_gw, "chat/completions", json.dumps(body).encode())
+        assert 400 <= r.status_code < 500, (body, r.text)
+        assert_openai_error(r, r.status_code)
+        assert len(schema_gw.fake.requests) == n
+
+    check()
+
+
+def test_no_healthy_upstream_503_with_retry_after_then_recovers():
+    """Upstream refusing connections (no replica) -> 503 + Retry-After in OpenAI's format, for plain and streaming
+    requests, and public /health 503; once it listens again the next request succeeds (no waiting)."""
+    sock = bound_socket()  # bound, not listening: connections are refused
+    port = sock.getsockname()[1]
+    cfg = load_gateway_config(
+        None,
+        [
+            f"upstream.base_url=http://127.0.0.1:{port}/v1",
+            "auth.enabled=false",
+            "upstream.unavailable_retry_after_s=3",
+        ],
     )
     cfg.aliases = {"m": AliasConfig(targets=[{"model": "m-v1"}])}
-    with ServerThread(Gateway(cfg).app) as server:
-        r = post(server, {"model": "m", "messages": []}, keys["alice"])
-        assert_openai_error(r, 502, "upstream_unavailable")
-        assert httpx.get(f"{server.url}/health").json()["upstream"]["reachable"] is False
+    fake = FakeUpstream(models=["m-v1"])
+    with TestClient(Gateway(cfg).app) as gw:
+        for body in (CHAT, {**CHAT, "stream": True}):
+            r = gw.post("/v1/chat/completions", json=body)
+            err = assert_openai_error(r, 503, "no_healthy_upstream")
+            assert err["type"] == "server_error" and r.headers["retry-after"] == "3"
+        h = gw.get("/health")
+        assert (h.status_code, h.json(), h.headers["retry-after"]) == (503, {"status": "unavailable"}, "3")
+        with ServerThread(fake.app, sock=sock):
+            r = gw.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith(
+                "Hello from m-v1"
+            )
+            assert gw.get("/health").json() == {"status": "ok"}
+    # Ray Serve's own 503 (no replica can take it): passed on in OpenAI's format, with Retry-After
+    gateway = inproc_gateway(["m-v1"], aliases={"m": AliasConfig(targets=[{"model": "no-replica"}])})
+    with TestClient(gateway.app) as gw:
+        r = gw.post("/v1/chat/completions", json=CHAT)
+        assert_openai_error(r, 503)
+        assert r.headers["retry-after"] == "5"
+
+
+def test_restart_keeps_keys_and_quota_usage(keys, keys_yaml, tmp_path):
+    """A second gateway process on the same state_dir (the first one not shut down: as after a kill) accepts the
+    same keys and remembers what bob (3 requests/minute) has spent; a fresh state_dir would have forgotten."""
+    secret = tmp_path / "keys.yaml"
+    secret.write_text(keys_yaml)
+
+    def start(state_dir: Path) -> TestClient:
+        gateway = inproc_gateway(
+            ["m-v1"],
+            "auth.enabled=true",
+            f"auth.keys_file={secret}",
+            "auth.keys_env=null",
+            f"state_dir={state_dir}",
+        )
+        return TestClient(gateway.app)
+
+    def ask(gw: TestClient, who: str) -> httpx.Response:
+        return gw.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {keys[who]}"})
+
+    with start(tmp_path / "state") as first:
+        assert [ask(first, "bob").status_code for _ in range(4)] == [200, 200, 200, 429]
+        with start(tmp_path / "state") as second:
+            assert ask(second, "alice").status_code == 200
+            r = ask(second, "bob")
+            assert_openai_error(r, 429, "rate_limit_exceeded")
+            assert 1 <= int(r.headers["retry-after"]) <= 20
+    with start(tmp_path / "other-state") as fresh:
+        assert ask(fresh, "bob").status_code == 200
+
+
+def test_rate_limit_state_refills_for_the_time_down(tmp_path):
+    """Stored levels refill at the bucket's rate for the wall-clock time between the write and the restart."""
+    now = [1000.0]
+    store = BucketStore(tmp_path)
+    first = RateLimiter(lambda: 0.0, store=store, wall_clock=lambda: now[0])  # frozen monotonic clock
+    limits = Limits(requests_per_minute=6, request_burst=3, tokens_per_minute=600)
+    assert [first.acquire("k", limits, 200).allowed for _ in range(4)] == [True, True, True, False]
+    assert store.load("k", "requests")[0] == 0.0 and store.load("k", "tokens")[0] == 0.0
+    now[0] += 25.0  # down for 25 s: 6/min refills 2.5 requests, 600/min 250 tokens
+    second = RateLimiter(lambda: 0.0, store=BucketStore(tmp_path), wall_clock=lambda: now[0])
+    assert [second.acquire("k", limits, 100).allowed for _ in range(3)] == [True, True, False]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="state_dir .* is not usable"):
+        BucketStore(tmp_path / "a-file" / "state")
+
+
+def test_public_port_exposes_nothing_admin_port_has_details(tmp_path):
+    gateway = inproc_gateway(["m-v1"])
+    with TestClient(gateway.app) as gw:
+        assert gw.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert gw.get("/health").json() == {"status": "ok"}
+        for path in ("/metrics", "/admin", "/health/details"):
+            assert_openai_error(gw.get(path), 404)
+        admin = TestClient(gateway.admin_app)
+        assert 'route="chat/completions"' in admin.get("/metrics").text
+        assert admin.get("/health").json()["upstream"]["base_url"] == "http://fake/v1"
+        assert_openai_error(admin.post("/v1/chat/completions", json=CHAT), 404)  # no API on the admin port
+    with pytest.raises(ConfigError, match="admin.port 8080 is the public port"):
+        load_gateway_config(None, ["port=8080", "admin.port=8080"])
 
 
 # ---------------------------------------------------------------------------------------------- canary
@@ -620,12 +1055,14 @@ def test_cli_serves_and_refuses_bad_config(upstream, registry, keys, keys_yaml, 
         capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid config") and "prot" in bad.stderr
-    with socket.socket() as s:
+    with socket.socket() as s, socket.socket() as s2:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        s2.bind(("127.0.0.1", 0))
+        port, admin_port = s.getsockname()[1], s2.getsockname()[1]
     log = (tmp_path / "gateway.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--config", "configs/gateway/local.yaml", f"port={port}"],
+        [sys.executable, "-m", "services.gateway", "--config", "configs/gateway/local.yaml", f"port={port}",
+         f"admin.port={admin_port}"],
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -645,6 +1082,10 @@ def test_cli_serves_and_refuses_bad_config(upstream, registry, keys, keys_yaml, 
             == "Hello from tulpar-tiny-v1! You said: hi"
         )
         assert "tulpar-tiny" in [m.id for m in c.models.list()]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+        metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics").text  # the second listener
+        assert 'key="alice",model="tulpar-tiny",route="chat/completions",status="200"' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)

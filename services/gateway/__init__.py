@@ -3,7 +3,8 @@
     python -m services.gateway --config configs/gateway/local.yaml [dotted.key=value ...]
 
 API keys (hashed), per-key rate limits, body size limits, model aliases resolved through the MLflow registry,
-weighted canaries, OpenAI-format errors, SSE pass-through, /health and Prometheus /metrics. See docs/serving.md.
+weighted canaries, OpenAI-schema request validation, OpenAI-format errors, SSE pass-through, a minimal public
+/health, and an admin listener with Prometheus /metrics. See docs/serving.md.
 Names are imported lazily, so `python -m services.gateway.keys` stays quick (no torch via llm_core).
 """
 

@@ -1,17 +1,65 @@
 """python -m services.gateway --config configs/gateway/local.yaml [dotted.key=value ...]
 
-Exit codes follow jobs.platform.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve),
-printed as `error: <message>` without a traceback; 1 for anything else.
+Serves the public API on host:port and, unless admin.port is null, the admin listener (GET /metrics, detailed
+GET /health) on admin.host:admin.port, both in one event loop; SIGTERM/SIGINT stop both (gracefully for the API).
+Exit codes follow jobs.platform.runtime: 2 for a user error (bad config, missing keys, an alias that does not resolve,
+an unusable state_dir), printed as `error: <message>` without a traceback; 1 for anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import sys
 
 from jobs.platform.runtime import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
+
+
+async def serve(gateway) -> None:
+    """The public listener and, unless admin.port is null, the admin listener, in one event loop."""
+    import uvicorn
+
+    cfg = gateway.cfg
+    public = uvicorn.Server(
+        uvicorn.Config(
+            gateway.app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level=cfg.log_level,
+            limit_concurrency=cfg.limit_concurrency,
+            timeout_graceful_shutdown=30,
+            proxy_headers=False,
+        )
+    )
+    if cfg.admin.port is None:
+        await public.serve()
+        return
+
+    class AdminServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # the public server handles the signals and then stops this one
+            yield
+
+    admin = AdminServer(
+        uvicorn.Config(
+            gateway.admin_app,
+            host=cfg.admin.host,
+            port=cfg.admin.port,
+            log_level=cfg.log_level,
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,
+        )
+    )
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        await public.serve()
+    finally:
+        admin.should_exit = True
+        await admin_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.exception("gateway failed to start")
         return EXIT_INTERNAL_ERROR
 
-    import uvicorn
-
     log = logging.getLogger("tulpar.gateway")
     log.info(
         "gateway on http://%s:%d/v1 -> %s; models: %s",
@@ -55,15 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.upstream.base_url,
         ", ".join(gateway.router.public_models()) or "(from upstream)",
     )
-    uvicorn.run(
-        gateway.app,
-        host=cfg.host,
-        port=cfg.port,
-        log_level=cfg.log_level,
-        limit_concurrency=cfg.limit_concurrency,
-        timeout_graceful_shutdown=30,
-        proxy_headers=False,
-    )
+    if cfg.admin.port is not None:
+        log.info("admin (metrics, detailed health) on http://%s:%d", cfg.admin.host, cfg.admin.port)
+    asyncio.run(serve(gateway))
     return 0
 
 

@@ -1,10 +1,14 @@
 """The gateway's ASGI app: auth, limits, aliases and canaries in front of an OpenAI-compatible upstream.
 
 Request path for POST /v1/chat/completions, /v1/completions, /v1/embeddings:
-  401 (key) -> 413 (body size) -> 400 (JSON, model, max_tokens) -> 404 (model) -> 429 (rate limit)
-  -> the body goes upstream with `model` rewritten to the served id -> the response streams back byte for byte
-  (SSE chunks pass through as they arrive); an upstream error body is rewritten to OpenAI's shape, same status.
+  401 (key) -> 413 (body size) -> 400 (JSON; the OpenAI schema of the endpoint, services/gateway/schema.py)
+  -> 404 (model) -> 429 (rate limit) -> the body goes upstream with `model` rewritten to the served id -> the
+  response streams back byte for byte (SSE events pass through as they arrive; a stream the upstream breaks off
+  ends with an OpenAI-format error event); an upstream error body is rewritten to OpenAI's shape, same status; an upstream that refuses connections (no healthy replica) gives 503 + Retry-After.
 Every response carries X-Request-ID; proxied ones also X-Tulpar-Model (public name) and X-Tulpar-Served-Model.
+
+Two ASGI apps: `app` (the public port: the API, GET /health -> {"status": "ok"} or 503, GET /livez) and `admin_app`
+(the admin port, not for clients: GET /metrics, GET /health with the upstream and alias details).
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from starlette.routing import Route
 
 from jobs.platform import registry
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import error_response, normalize_error_body
+from services.gateway.errors import error_body, error_response, normalize_error_body
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.ratelimit import Limits, RateLimiter
+from services.gateway.ratelimit import BucketStore, Limits, RateLimiter
 from services.gateway.routing import Router
+from services.gateway.schema import RequestError, RequestLimits, validate_request
 
 log = logging.getLogger("tulpar.gateway")
 
@@ -63,6 +68,19 @@ class _TooLarge(Exception):
     pass
 
 
+def _split_events(data: bytes) -> tuple[bytes, bytes]:
+    """(complete SSE events, the incomplete rest): events end with a blank line."""
+    end = max(
+        data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0,
+        data.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 0,
+    )
+    return data[:end], data[end:]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class _Relay(StreamingResponse):
     """A StreamingResponse that always closes its iterator (and so the upstream response), also when the client
     disconnects mid-stream: closing the upstream connection lets vLLM abort the generation."""
@@ -84,11 +102,18 @@ class Gateway:
     """Everything one gateway process holds; `app` is its ASGI application."""
 
     def __init__(
-        self, cfg: GatewayConfig, *, router: Router | None = None, keystore: KeyStore | None = None
+        self,
+        cfg: GatewayConfig,
+        *,
+        router: Router | None = None,
+        keystore: KeyStore | None = None,
+        upstream_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(store=BucketStore(cfg.state_dir) if cfg.state_dir else None)
+        self.request_limits = RequestLimits(**cfg.request_limits.model_dump())
+        self._upstream_transport = upstream_transport  # tests: an in-process fake upstream
         self.keystore = keystore
         if self.keystore is None and cfg.auth.enabled:
             self.keystore = KeyStore(cfg.auth.keys_file, cfg.auth.keys_env, reload_s=cfg.auth.reload_s)
@@ -123,6 +148,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.resolve_aliases(strict=cfg.require_resolved_aliases)
         self.app = self._build_app()
+        self.admin_app = self._build_admin_app()
 
     # ------------------------------------------------------------------ startup and background refresh
 
@@ -177,6 +203,7 @@ class Gateway:
             timeout=httpx.Timeout(up.read_timeout_s, connect=up.connect_timeout_s),
             limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=64),
             trust_env=False,  # never send loopback/in-cluster traffic through an HTTP(S)_PROXY
+            transport=self._upstream_transport,
         )
         await self.fetch_upstream_models()
         self._tasks = [asyncio.create_task(self._every(up.models_refresh_s, self.fetch_upstream_models))]
@@ -193,6 +220,8 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._client.aclose()
+            if self.limiter.store is not None:
+                self.limiter.store.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -266,9 +295,28 @@ class Gateway:
     # ------------------------------------------------------------------ endpoints
 
     async def health(self, request: Request) -> Response:
+        """Public: {"status": "ok"}, or 503 {"status": "unavailable"} + Retry-After while the upstream's last
+        answer was a failure (re-checked at most once a second while it is). Nothing else: no URLs, no names."""
+        if self.upstream_ok is False and time.monotonic() - self._models_fetched_at > 1.0:
+            async with self._models_lock:
+                if time.monotonic() - self._models_fetched_at > 1.0:
+                    await self.fetch_upstream_models()
+        if self.upstream_ok is False:
+            return JSONResponse(
+                {"status": "unavailable"},
+                status_code=503,
+                headers={"retry-after": str(self.cfg.upstream.unavailable_retry_after_s)},
+            )
+        return JSONResponse({"status": "ok"})
+
+    async def live(self, request: Request) -> Response:
+        """Public: 200 while the process serves (the Kubernetes probes), whatever the upstream's state."""
+        return JSONResponse({"status": "ok"})
+
+    async def admin_health(self, request: Request) -> Response:
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "ok" if self.upstream_ok is not False else "unavailable",
                 "upstream": {
                     "base_url": self.cfg.upstream.base_url,
                     "reachable": self.upstream_ok,
@@ -370,7 +418,19 @@ class Gateway:
                 ),
             )
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            return fail(
+                400,
+                "-",
+                caller.name,
+                error_response(
+                    400,
+                    f"The request body is nested too deeply; the limit is "
+                    f"{self.request_limits.max_json_depth} levels.",
+                    code="invalid_json",
+                ),
+            )
         except ValueError as exc:
             return fail(
                 400,
@@ -384,35 +444,24 @@ class Gateway:
                     code="invalid_json",
                 ),
             )
-        if not isinstance(body, dict):
+        try:
+            validate_request(route, body, self.request_limits)
+        except RequestError as exc:
             return fail(
-                400,
-                "-",
-                caller.name,
-                error_response(400, "The request body must be a JSON object.", code="invalid_json"),
+                400, "-", caller.name, error_response(400, exc.message, param=exc.param, code=exc.code)
             )
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return fail(
-                400,
-                "-",
-                caller.name,
-                error_response(
-                    400,
-                    "you must provide a model parameter",
-                    param="model",
-                    code="missing_required_parameter",
-                ),
-            )
+        model = body["model"]
         tokens = self._charged_tokens(body)
-        if isinstance(tokens, Response):
-            return fail(400, "-", caller.name, tokens)
         if not await self._known(model):
             return fail(404, "-", caller.name, self._model_not_found(model))
         served, why = self.router.route(model, rid)
         if served is None:
+            retry = {"retry-after": str(max(1, math.ceil(self.cfg.alias_refresh_s)))}
             return fail(
-                503, model, caller.name, error_response(503, f"model {model!r} is unavailable: {why}")
+                503,
+                model,
+                caller.name,
+                error_response(503, f"model {model!r} is unavailable: {why}", headers=retry),
             )
         decision = self.limiter.acquire(caller.name, caller.limits, tokens)
         if not decision.allowed:
@@ -429,25 +478,11 @@ class Gateway:
         body["model"] = served
         return await self._forward(request, route, body, model, served, caller, rid, started)
 
-    def _charged_tokens(self, body: dict[str, Any]) -> int | Response:
-        """Tokens a request reserves from the tokens/minute bucket: max_tokens (or the default) times n."""
-        for name in ("max_completion_tokens", "max_tokens"):
-            value = body.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                return error_response(
-                    400, f"{name} must be a positive integer, got {value!r}", param=name, code="invalid_value"
-                )
-            break
-        else:
-            value = self.cfg.rate_limits.default_max_tokens
-        n = body.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            return error_response(
-                400, f"n must be a positive integer, got {n!r}", param="n", code="invalid_value"
-            )
-        return value * n
+    def _charged_tokens(self, body: dict[str, Any]) -> int:
+        """Tokens a request reserves from the tokens/minute bucket: max_tokens (or the default) times n
+        (both already validated as positive integers)."""
+        value = body.get("max_completion_tokens") or body.get("max_tokens")
+        return (value or self.cfg.rate_limits.default_max_tokens) * (body.get("n") or 1)
 
     async def _forward(
         self,
@@ -476,15 +511,27 @@ class Gateway:
             headers=headers,
         )
         self.metrics.in_flight.inc()
+        retry_after = str(self.cfg.upstream.unavailable_retry_after_s)
         try:
             resp = await self._client.send(upstream_req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing listens: no healthy replica
+            self.metrics.in_flight.dec()
+            self.metrics.upstream_errors.labels("connect").inc()
+            self.upstream_ok, self.upstream_error = False, f"{type(exc).__name__}: {exc}"
+            self._finish(route, model, caller.name, 503, started)
+            return error_response(
+                503,
+                f"No healthy replica is serving `{model}` right now; retry in {retry_after} s.",
+                code="no_healthy_upstream",
+                headers={**ours, "retry-after": retry_after},
+            )
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:  # the replica died with the request
             self.metrics.in_flight.dec()
             self.metrics.upstream_errors.labels("connect").inc()
             self._finish(route, model, caller.name, 502, started)
             return error_response(
                 502,
-                f"upstream {self.cfg.upstream.base_url} is unavailable ({type(exc).__name__})",
+                f"The upstream closed the connection before answering ({type(exc).__name__}); retry the request.",
                 headers=ours,
             )
         except httpx.TimeoutException as exc:
@@ -493,6 +540,7 @@ class Gateway:
             self._finish(route, model, caller.name, 504, started)
             return error_response(504, f"upstream timed out ({type(exc).__name__})", headers=ours)
         self.metrics.upstream.labels(model, served, str(resp.status_code)).inc()
+        self.upstream_ok, self.upstream_error = True, None
         if resp.status_code >= 400:
             try:
                 raw = await resp.aread()
@@ -507,6 +555,8 @@ class Gateway:
                 err["error"]["message"] = (
                     f"{err['error']['message']} (model `{model}` -> served id `{served}`)"
                 )
+            if resp.status_code == 503:  # Ray Serve: no replica can take it now
+                ours["retry-after"] = resp.headers.get("retry-after", retry_after)
             self._finish(route, model, caller.name, resp.status_code, started)
             return JSONResponse(err, status_code=resp.status_code, headers=ours)
 
@@ -516,20 +566,38 @@ class Gateway:
             out_headers["x-accel-buffering"] = "no"  # ask ingress proxies not to buffer the stream
             out_headers["cache-control"] = "no-cache"
 
+        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+
         async def relay() -> AsyncIterator[bytes]:
             first = True
             status = 499  # stays so if the client goes away before the end (nginx's "client closed request")
+            partial = b""  # SSE: the bytes after the last complete event, held back until the event completes
             try:
                 async for chunk in resp.aiter_raw():
                     if first:
                         self.metrics.ttfb.labels(route, model).observe(time.monotonic() - started)
                         first = False
-                    yield chunk
+                    if sse:
+                        chunk, partial = _split_events(partial + chunk)
+                    if chunk:
+                        yield chunk
+                if partial:
+                    yield partial
                 status = resp.status_code
-            except httpx.HTTPError as exc:  # upstream died mid-stream: the client sees a truncated body
+            except httpx.HTTPError as exc:  # upstream died mid-stream (a replica killed, the engine crashed)
                 status = 502
                 self.metrics.upstream_errors.labels("protocol").inc()
                 log.warning("upstream stream for %s broke: %s", rid, exc)
+                if (
+                    sse
+                ):  # end with an OpenAI-format error event (the openai client raises it) instead of a cut
+                    err = error_body(
+                        502,
+                        f"The upstream stopped in the middle of the response ({type(exc).__name__}); "
+                        "retry the request.",
+                        code="upstream_stream_broken",
+                    )
+                    yield f"data: {json.dumps(err)}\n\n".encode()
             finally:
                 await resp.aclose()
                 self.metrics.in_flight.dec()
@@ -561,7 +629,7 @@ class Gateway:
 
         routes = [
             Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/livez", self.live, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/{path:path}", self.proxy, methods=["POST"]),
@@ -573,6 +641,22 @@ class Gateway:
         )
         app.state.gateway = self
         return app
+
+    def _build_admin_app(self) -> Starlette:
+        """The admin listener's app (config `admin`): metrics and detailed health, no API routes. It shares the
+        public app's state; the public app's lifespan runs the upstream client and refreshes."""
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            status = exc.status_code if isinstance(exc, HTTPException) else 500
+            return error_response(status, f"Unknown endpoint {request.method} {request.url.path}")
+
+        return Starlette(
+            routes=[
+                Route("/metrics", self.prometheus, methods=["GET"]),
+                Route("/health", self.admin_health, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: not_found},
+        )
 
 
 def create_app(cfg: GatewayConfig, **kwargs: Any) -> Starlette:

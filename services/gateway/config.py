@@ -33,6 +33,9 @@ class UpstreamConfig(StrictModel):
     read_timeout_s: float = Field(600.0, gt=0, description="longest wait between two chunks of a response")
     max_connections: int = Field(512, gt=0)
     models_refresh_s: float = Field(30.0, gt=0, description="how often the upstream's /v1/models is re-read")
+    unavailable_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After (s) on the 503 answered while the upstream refuses connections"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -70,6 +73,23 @@ class RateLimitConfig(StrictModel):
     )
 
 
+class RequestLimitsConfig(StrictModel):
+    """Bounds on any request body, checked before the OpenAI schema (services/gateway/schema.py)."""
+
+    max_json_depth: int = Field(32, gt=0, description="deepest nesting of objects/lists")
+    max_string_chars: int = Field(524_288, gt=0, description="longest string anywhere in the body")
+    max_list_items: int = Field(4096, gt=0, description="longest list anywhere in the body")
+    max_messages: int = Field(2048, gt=0, description="most chat messages in one request")
+
+
+class AdminConfig(StrictModel):
+    """The second listener: GET /metrics (Prometheus) and GET /health (detailed). Not for clients: it names the
+    upstream, the alias table and the API-key names. port=null: no admin listener."""
+
+    host: str = Field("127.0.0.1", description="bind address; the Helm chart sets 0.0.0.0 for Prometheus")
+    port: int | None = Field(9090, ge=0, le=65535)
+
+
 class Target(StrictModel):
     """One destination of an alias: `models:/<name>@<alias>`, `models:/<name>/<version>` or a served id."""
 
@@ -103,7 +123,14 @@ class GatewayConfig(StrictModel):
     upstream: UpstreamConfig = UpstreamConfig()
     auth: AuthConfig = AuthConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    admin: AdminConfig = AdminConfig()
     max_body_bytes: int = Field(1_048_576, gt=0, description="request bodies over this get 413")
+    request_limits: RequestLimitsConfig = RequestLimitsConfig()
+    state_dir: Path | None = Field(
+        None,
+        description="where rate-limit buckets persist (SQLite) across restarts; None: in memory, a restart "
+        "refills every bucket",
+    )
     aliases: dict[str, AliasConfig] = Field(default_factory=dict)
     allow_served_ids: bool = Field(
         True, description="also accept the upstream's own model ids (as its /v1/models lists them)"
@@ -123,6 +150,15 @@ class GatewayConfig(StrictModel):
     )
     limit_concurrency: int | None = Field(None, gt=0, description="uvicorn: 503 above this many connections")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> GatewayConfig:
+        if self.admin.port and self.admin.port == self.port:
+            raise ValueError(
+                f"admin.port {self.admin.port} is the public port: metrics must not be served to API clients; "
+                "pick another admin.port (e.g. 9090) or admin.port=null to turn the admin listener off"
+            )
+        return self
 
     @field_validator("aliases", mode="before")
     @classmethod

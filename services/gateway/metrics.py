@@ -1,4 +1,5 @@
-"""Prometheus metrics of the gateway, served at GET /metrics (text exposition format, no auth).
+"""Prometheus metrics of the gateway, served at GET /metrics on the admin listener only (config `admin`; they
+name API keys, so never on the public port).
 
 | metric | type | labels |
 |---|---|---|
