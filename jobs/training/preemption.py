@@ -3,7 +3,7 @@
 The signal reaches the driver (`python -m jobs.<stage>`); the Ray Train workers are other processes, possibly on
 other nodes. The driver's handler writes the run's stop file (`<storage>/checkpoints/<run>/stop_requested`, a
 local path or an object-store URI like the error file) and waits; every worker asks `StopPoller` after each
-optimizer step. Rank 0 looks for the file (at most every `poll_interval_s`) and, with several workers, the answer
+optimizer step. Rank 0 looks for the file (every step locally, at most once a second on an object store) and, with several workers, the answer
 is all-reduced, so every rank stops at the same step and writes one checkpoint together. The workers report that
 checkpoint to Ray Train and end normally; the driver then raises `Preempted` naming it. Running the same command
 again resumes from it (Ray Train hands the run's latest checkpoint back), with the losses of an uninterrupted run.
@@ -99,10 +99,12 @@ class StopPoller:
         rank: int,
         world_size: int,
         device=None,
-        poll_interval_s: float = 1.0,
+        poll_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.stop_file, self.rank, self.world_size = stop_file, rank, world_size
+        if poll_interval_s is None:  # a local file costs microseconds to look at; an object store a request
+            poll_interval_s = 1.0 if stop_file and "://" in stop_file else 0.0
         self.device, self.poll_interval_s, self.clock = device, poll_interval_s, clock
         self.last_poll: float | None = None
         self.seen = False
