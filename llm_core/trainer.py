@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from llm_core.artifacts import check_state_shapes
 from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
 from llm_core.data import StepSampler, TokenStream, sequential_windows
@@ -456,6 +457,7 @@ class Trainer:
 
     def resume(self, path: Path, sampler: StepSampler) -> None:
         state = load_checkpoint(path, scheduler=self.scheduler, map_location="cpu")
+        check_state_shapes(self.model.state_dict(), state["model_state"], Path(path) / "state.pt")
         if self.parallelism == "fsdp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
