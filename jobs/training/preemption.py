@@ -81,6 +81,10 @@ def sigterm_requests_stop(stop_file: str, timeout_s: float) -> Iterator[StopRequ
     earlier attempt is removed first."""
     delete(stop_file)
     request = StopRequest(stop_file, timeout_s)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        log.warning("training launched outside the main thread: SIGTERM will not checkpoint before exiting")
+        yield request
+        return
     previous = signal.signal(signal.SIGTERM, request.request)
     try:
         yield request
