@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -131,8 +130,9 @@ class WorkerSpec(StrictModel):
         None,
         description="the run's stop file: when it exists, checkpoint after this step and end (preemption)",
     )
-    checkpoint_score: str = Field(
-        "val_loss", description="the metric Ray Train ranks checkpoints by (NaN in a preemption checkpoint)"
+    checkpoint_score: tuple[str, Literal["min", "max"]] = Field(
+        ("val_loss", "min"),
+        description="the metric Ray Train ranks checkpoints by, and whether lower or higher is better",
     )
 
     @field_validator("task", mode="before")
@@ -334,7 +334,7 @@ def launch(
         fault_marker=fault_marker,
         progress_bar=sys.stderr.isatty(),  # else periodic plain lines (logs stay readable)
         stop_file=stop_file_for(checkpoint_storage_path(settings), run_name),
-        checkpoint_score=checkpoint_score[0],
+        checkpoint_score=checkpoint_score,
     )
     error_file = error_file_for(settings, run_name)
     delete(error_file)  # a stale error from an earlier attempt of this run
@@ -385,11 +385,11 @@ def best_and_last(result, score: tuple[str, Literal["min", "max"]] = ("val_loss"
     Train result."""
     name, order = score
     latest = result.checkpoint
-    # a preemption checkpoint carries NaN for the score: it is never the best
+    # a preemption checkpoint (metric "preempted") has no evaluation: it is never the best
     ranked = [
         (c, m)
         for c, m in (result.best_checkpoints or [])
-        if m and m.get(name) is not None and not math.isnan(m[name])
+        if m and m.get(name) is not None and not m.get("preempted")
     ]
     pick = min if order == "min" else max
     best = pick(ranked, key=lambda cm: cm[1][name])[0] if ranked else latest
@@ -604,14 +604,18 @@ def report_preemption_checkpoint(
     step: int, spec: WorkerSpec, save: Callable[[Path], Path | None], rank: int
 ) -> None:
     """Every rank: write this step's checkpoint with `save(tmp_dir)` (rank 0 returns its path) and report it to
-    Ray Train with a NaN score, so it is the run's latest checkpoint (the resume point) but never its best."""
+    Ray Train as the run's latest checkpoint (the resume point) with the worst finite score, so Ray Train ranks it
+    last and `best_and_last` skips it ("preempted"). Not NaN or inf: Ray Train's saved checkpoint list (JSON)
+    turns those into null, which it cannot rank when the run resumes."""
     import ray.train
 
+    name, order = spec.checkpoint_score
+    worst = sys.float_info.max if order == "min" else -sys.float_info.max
     with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
         path = save(Path(tmp))
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
         ray.train.report(
-            {spec.checkpoint_score: float("nan"), "step": step, "preempted": 1.0},
+            {name: worst, "step": step, "preempted": 1.0},
             checkpoint=checkpoint,
             checkpoint_dir_name=f"step-{step:06d}",
         )
