@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from llm_core.io import atomic_dir
+from llm_core.artifacts import check_state_shapes
+from llm_core.io import atomic_dir, tensor_bytes
 
 FORMAT_VERSION = 1
 
@@ -69,7 +70,7 @@ def save_checkpoint(
         "data": data_state,
     }
     meta = {"format_version": FORMAT_VERSION, "step": step, "metrics": metrics or {}, "config": config}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, expected_bytes=tensor_bytes(state)) as tmp:
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     return Path(path)
@@ -98,7 +99,9 @@ def load_checkpoint(
     meta = read_meta(path)
     state = torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False)
     if model is not None:
-        unwrap_model(model).load_state_dict(state["model"])
+        core = unwrap_model(model)
+        check_state_shapes(core.state_dict(), state["model"], Path(path) / "state.pt")
+        core.load_state_dict(state["model"])
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

@@ -70,9 +70,10 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm_core.artifacts import check_safetensors
 from llm_core.checkpoint import unwrap_model
 from llm_core.config import ConfigError, ModelConfig, RopeScaling
-from llm_core.io import atomic_dir
+from llm_core.io import atomic_dir, tensor_bytes
 from llm_core.model import Transformer
 
 DTYPES: dict[str, torch.dtype] = {
@@ -620,7 +621,8 @@ def export_hf(
     gen = _generation_config(ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"], generation)
     tensors = to_hf_state_dict(model, dtype=dtype)
 
-    with atomic_dir(out_dir) as tmp:  # an interrupted export leaves the previous one in place
+    # an interrupted or failed export (a full disk: StorageFullError) leaves the previous one in place
+    with atomic_dir(out_dir, expected_bytes=tensor_bytes(tensors)) as tmp:
         _write_json(tmp / "config.json", config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "generation_config.json", gen)
@@ -887,6 +889,7 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of the .safetensors files (shards of one model); a key in two files is a ValueError."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        check_safetensors(f)  # a truncated file is a ValueError naming it, not a SafetensorError
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if key in tensors:

@@ -32,7 +32,7 @@ from torch import nn
 from llm_core.checkpoint import unwrap_model
 from llm_core.config import StrictModel
 from llm_core.export_hf import hf_module_names, read_tensors
-from llm_core.io import atomic_dir
+from llm_core.io import atomic_dir, tensor_bytes
 from llm_core.model import Transformer
 
 # Module names (last component) that can take a LoRA adapter: llm_core, PEFT and vLLM all support them.
@@ -303,7 +303,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_
         "target_parameters": None,
     }
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, expected_bytes=tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir

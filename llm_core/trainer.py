@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from llm_core.artifacts import check_state_shapes
 from llm_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from llm_core.config import StrictModel
 from llm_core.data import StepSampler, TokenStream, sequential_windows
@@ -133,6 +134,7 @@ class FitResult:
     step: int
     best_val_loss: float | None
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # `should_stop` ended the run before cfg.steps (e.g. a preemption notice)
 
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -455,6 +457,7 @@ class Trainer:
 
     def resume(self, path: Path, sampler: StepSampler) -> None:
         state = load_checkpoint(path, scheduler=self.scheduler, map_location="cpu")
+        check_state_shapes(self.model.state_dict(), state["model_state"], Path(path) / "state.pt")
         if self.parallelism == "fsdp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -484,12 +487,17 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
         progress: bool = True,
     ) -> FitResult:
         """Train until cfg.steps; evaluate every eval_every steps and at the end. With `checkpoint_root`, keep
         root/best and root/last there; otherwise `on_eval` decides where checkpoints go (e.g. Ray Train).
         `on_step` sees every optimizer step (e.g. to move a progress bar drawn elsewhere); `progress` draws a
-        tqdm bar on this process's stderr when it is a terminal."""
+        tqdm bar on this process's stderr when it is a terminal.
+
+        `should_stop` is asked after every optimizer step (on every rank, so it may be collective): True ends the
+        run there with `FitResult.stopped` (with `checkpoint_root`, after writing root/last; otherwise the caller
+        saves with `save_to`). Resuming from that checkpoint trains the same steps an uninterrupted run would."""
         from tqdm.auto import tqdm
 
         history: list[dict[str, float]] = []
@@ -498,6 +506,7 @@ class Trainer:
             total=self.cfg.steps, initial=self.step, desc="train", disable=None if show else True, leave=False
         )
         window_start, window_tokens = time.perf_counter(), 0.0
+        stopped = False
         while self.step < self.cfg.steps:
             metrics = self.train_step(sampler.next_step(self.accum))
             window_tokens += metrics["tokens"]
@@ -530,5 +539,10 @@ class Trainer:
                 history.append({"step": self.step, **val})
                 if on_eval:
                     on_eval(self.step, val, is_best)
+            if should_stop is not None and self.step < self.cfg.steps and should_stop():
+                stopped = True
+                if checkpoint_root is not None:
+                    self.save(checkpoint_root, sampler, {}, best=False)
+                break
         bar.close()
-        return FitResult(step=self.step, best_val_loss=self.best_val_loss, history=history)
+        return FitResult(step=self.step, best_val_loss=self.best_val_loss, history=history, stopped=stopped)

@@ -97,7 +97,7 @@ def export_hf_reward_model(
     from safetensors.torch import save_file
 
     from llm_core.export_hf import hf_config, to_hf_state_dict
-    from llm_core.io import atomic_dir
+    from llm_core.io import atomic_dir, tensor_bytes
 
     cfg = model.base.cfg
     if cfg.is_moe:
@@ -113,7 +113,7 @@ def export_hf_reward_model(
     tensors["score.weight"] = (
         model.head.weight.detach().to("cpu", dtype=tensors["model.norm.weight"].dtype).clone()
     )
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, expected_bytes=tensor_bytes(tensors)) as tmp:
         (tmp / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )

@@ -1,5 +1,6 @@
 """Data parallelism without Ray: DDP and FSDP2 over gloo give the single-process trajectory (the sigmoid MoE
-router's balancing bias included); FSDP checkpoints gather the full state and resume exactly."""
+router's balancing bias included); FSDP checkpoints gather the full state and resume exactly; a preemption stop
+request read by rank 0 reaches every rank."""
 
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jobs.training.preemption import StopPoller
 from llm_core.data import RandomWindows
 from llm_core.model import Transformer
 from llm_core.trainer import EvalSet, TrainConfig, Trainer
@@ -73,6 +75,16 @@ def _worker(rank: int, world: int, port: int, ckpt_dir: str, queue) -> None:
             gathered: list = [None] * world
             dist.all_gather_object(gathered, router_biases(make_sigmoid_moe(4, parallelism), sampler))
             out[f"router_bias_{parallelism}"] = gathered
+        # a preemption request: only rank 0 reads the stop file, and every rank gets its answer (all-reduce)
+        stop_file = Path(ckpt_dir).parent / "stop_requested"
+        answers = [StopPoller(str(stop_file), rank, world)()]
+        if rank == 0:
+            stop_file.write_text("signal 15")
+        dist.barrier()
+        answers.append(StopPoller(str(stop_file), rank, world)())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, answers)
+        out["stop_answers"] = gathered
         if rank == 0:
             queue.put(out)
     finally:
@@ -100,6 +112,7 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
         # the first update, from the same weights, is one process's on the whole batch; later ones may differ
         # from it by a token whose routing flips with the float rounding of another batch split
         assert rank0[0] == single_bias[0], parallelism
+    assert out["stop_answers"] == [[False, True], [False, True]], "every rank stops at the same step"
 
 
 # ------------------------------------------------------------------------------- typed training tasks

@@ -1,10 +1,12 @@
 """Distributed pretraining on Ray Train: the job end to end, 1 vs 2 workers, recovery from a killed worker, and
 continued pretraining from a model (`init`) with context extension."""
 
+import contextlib
 import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +71,14 @@ def dataset(tmp_path_factory, data_dir) -> Path:
 def run_pretrain(
     home: Path, dataset: Path, *overrides: str, data_dir: Path, config: str = "configs/pretrain/tiny.yaml"
 ) -> subprocess.CompletedProcess:
+    args, env = pretrain_command(home, dataset, *overrides, data_dir=data_dir, config=config)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def pretrain_command(
+    home: Path, dataset: Path, *overrides: str, data_dir: Path, config: str = "configs/pretrain/tiny.yaml"
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of a tiny jobs.pretrain run in its own TULPAR_HOME."""
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
@@ -85,7 +95,7 @@ def run_pretrain(
         "sample.max_new_tokens=8",
         *overrides,
     ]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return args, env
 
 
 def result_of(proc: subprocess.CompletedProcess) -> dict:
@@ -102,14 +112,20 @@ def val_losses(history_file: Path) -> dict:
     return json.loads(history_file.read_text())
 
 
+TINY_RUN = ("train.steps=40", "train.eval_every=20", "train.log_every=10")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, dataset, data_dir) -> tuple[Path, dict]:
+    """(TULPAR_HOME, result) of one uninterrupted 40-step run with TINY_RUN: the job test and the preemption
+    test's reference."""
+    home = tmp_path_factory.mktemp("tiny-run") / "home"
+    return home, result_of(run_pretrain(home, dataset, *TINY_RUN, data_dir=data_dir))
+
+
 @pytest.mark.slow
-def test_pretrain_job_trains_exports_registers_and_resumes(tmp_path, dataset, data_dir):
-    home = tmp_path / "home"
-    r = result_of(
-        run_pretrain(
-            home, dataset, "train.steps=40", "train.eval_every=20", "train.log_every=10", data_dir=data_dir
-        )
-    )
+def test_pretrain_job_trains_exports_registers_and_resumes(tmp_path, tiny_run, dataset, data_dir):
+    home, r = tiny_run
     m = r["metrics"]
     for lang in LANGS:
         assert 0 < m[f"best_val_bpb/{lang}"] < 10
@@ -144,7 +160,7 @@ def test_pretrain_job_trains_exports_registers_and_resumes(tmp_path, dataset, da
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
 
     # the same command again: the job finds its output current (same config, dataset and code) and returns it
-    same = ("train.steps=40", "train.eval_every=20", "train.log_every=10")
+    same = TINY_RUN
     r2 = result_of(run_pretrain(home, dataset, *same, data_dir=data_dir))
     assert r2["reused"] is True and r2["outputs"] == r["outputs"] and r2["cache_key"] == r["cache_key"]
     assert len(client.search_model_versions("name='tulpar-tiny'")) == 1, "no new version for a cached run"
@@ -221,6 +237,77 @@ def test_one_vs_two_workers_and_worker_crash_recovery(tmp_path, dataset, data_di
     assert console.count(f"resumed from checkpoint at step {step} (step-0000{step:02d})") == 1
     assert re.search(r"^step    12 \| train loss .* \| 100% of 12 steps, ETA 0s$", "\n".join(console), re.M)
     assert two_proc.stdout.strip().splitlines()[-1].startswith("{")  # the result stays the last stdout line
+
+
+def metric_histories(home: Path, run_ids: list[str] | None = None) -> dict[str, dict[int, float]]:
+    """name -> {step: value} of the training metrics (train_loss, val_loss/<lang>) of `run_ids` (default: every
+    run of `home`: a preempted run and its resumption are two MLflow runs); a step logged twice must agree."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    if run_ids is None:
+        run_ids = [
+            run.info.run_id
+            for exp in client.search_experiments()
+            for run in client.search_runs([exp.experiment_id])
+        ]
+    out: dict[str, dict[int, float]] = {}
+    for name in ["train_loss"] + [f"val_loss/{lang}" for lang in LANGS]:
+        for run_id in run_ids:
+            for m in client.get_metric_history(run_id, name):
+                kept = out.setdefault(name, {}).setdefault(m.step, m.value)
+                assert kept == m.value, f"{name} at step {m.step} logged twice, differently"
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_exits_75_and_the_same_command_resumes_bit_identically(
+    tmp_path, tiny_run, dataset, data_dir
+):
+    """The preemption notice a spot node or Kubernetes gives: SIGTERM to the driver. The Ray Train worker
+    checkpoints after its current optimizer step, the job exits 75 with one line naming the checkpoint and the
+    command that resumes; that command resumes, and the losses equal the uninterrupted run's bit for bit."""
+    ref_home, reference = tiny_run
+    home = tmp_path / "preempted"
+    args, env = pretrain_command(home, dataset, *TINY_RUN, data_dir=data_dir)
+    err_path, out_path = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
+    with open(err_path, "w") as err, open(out_path, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        deadline = dt.datetime.now() + dt.timedelta(seconds=600)
+        while not re.search(r"step +10 \| train loss", err_path.read_text()):  # poll until a step is logged
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            assert dt.datetime.now() < deadline, "no training step logged within 600 s"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        signalled = dt.datetime.now()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=300)
+    stopped_in = (dt.datetime.now() - signalled).total_seconds()
+    stderr = err_path.read_text()
+    assert code == 75, stderr[-3000:]
+    lines = re.findall(r"^preempted: .*$", stderr, re.M)
+    assert len(lines) == 1, stderr[-3000:]
+    line = re.fullmatch(
+        r"preempted: stopped on SIGTERM with a checkpoint at step (\d+) in (\S+); resume with: (.+)", lines[0]
+    )
+    assert line, lines[0]
+    step, checkpoint = int(line.group(1)), Path(line.group(2))
+    assert 10 <= step < 40, f"stopped at step {step}, though the signal came right after step 10"
+    assert checkpoint.name == f"step-{step:06d}"
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == step
+    assert line.group(3).endswith(" ".join(args[1:]))  # the same command
+    assert json.loads(out_path.read_text().strip().splitlines()[-1])["status"] == "preempted"
+    print(f"SIGTERM after step 10 -> exit 75 after {stopped_in:.1f} s, checkpoint at step {step}")
+
+    resumed = run_pretrain(home, dataset, *TINY_RUN, data_dir=data_dir)
+    assert f"resumed from checkpoint at step {step} (step-{step:06d})" in resumed.stderr, resumed.stderr[
+        -3000:
+    ]
+    assert result_of(resumed)["metrics"]["steps"] == 40.0
+    expected = metric_histories(ref_home, [reference["mlflow_run_id"]])
+    assert sorted(expected["train_loss"]) == [10, 20, 30, 40] and sorted(expected["val_loss/kk"]) == [20, 40]
+    assert metric_histories(home) == expected  # bit-identical: floats compared exactly
+    assert result_of(resumed)["metrics"]["best_val_loss"] == reference["metrics"]["best_val_loss"]
 
 
 @pytest.mark.slow

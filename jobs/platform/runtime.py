@@ -5,7 +5,9 @@ Contract (../shared/design/platform.md, mirrored in docs/architecture.md):
   - stdout's last line is one JSON object {"stage", "status", "outputs", "metrics", "mlflow_run_id"},
     also written as result.json in the job's output directory;
   - user errors (ValueError and subclasses) print `error: <message>` without a traceback and exit 2;
-  - anything else is an internal failure: traceback, exit 1.
+  - anything else is an internal failure: traceback, exit 1;
+  - a training stage stopped by SIGTERM (a preemption notice) after checkpointing exits 75 (EX_TEMPFAIL) with one
+    line naming the checkpoint and the command that resumes (`Preempted`; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -33,6 +36,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / "configs"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_PREEMPTED = (
+    75  # os.EX_TEMPFAIL: stopped on request (SIGTERM) after a checkpoint; the same command resumes
+)
+DEFAULT_PREEMPTION_TIMEOUT_S = 120.0
+
+
+class Preempted(Exception):
+    """A training run stopped on a preemption notice (SIGTERM) after writing `checkpoint` at `step`; running the
+    same command again resumes from it. Not a user error: the job exits EXIT_PREEMPTED."""
+
+    def __init__(self, step: int | None, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"checkpoint at step {step}: {checkpoint}")
+
 
 log = logging.getLogger("tulpar")
 
@@ -47,6 +64,8 @@ class Settings:
     mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
     ray_address: str | None  # RAY_ADDRESS; None starts a local Ray
     rerun: bool = False  # TULPAR_RERUN=1 or --rerun: redo the work even when a stored result is current
+    # TULPAR_PREEMPTION_TIMEOUT_S: after SIGTERM, how long a training driver waits for the workers' checkpoint
+    preemption_timeout_s: float = DEFAULT_PREEMPTION_TIMEOUT_S
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,6 +85,7 @@ class Settings:
             mlflow_tracking_uri=tracking,
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             rerun=os.environ.get("TULPAR_RERUN") == "1",
+            preemption_timeout_s=preemption_timeout_from_env(),
         )
 
     def require_data(self, *parts: str) -> Path:
@@ -87,6 +107,22 @@ class Settings:
         p = self.home.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+
+def preemption_timeout_from_env() -> float:
+    text = os.environ.get("TULPAR_PREEMPTION_TIMEOUT_S")
+    if not text:
+        return DEFAULT_PREEMPTION_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(
+            f"TULPAR_PREEMPTION_TIMEOUT_S={text!r} is not a positive number of seconds: set it below the "
+            f"grace period between SIGTERM and SIGKILL (default {DEFAULT_PREEMPTION_TIMEOUT_S:g})"
+        )
+    return value
 
 
 @dataclass
@@ -232,6 +268,18 @@ def run_job(
         print(f"error: {exc}", file=sys.stderr)
         emit({"stage": stage, "status": "error", "error": str(exc)})
         return EXIT_USER_ERROR
+    except Preempted as exc:
+        command = shlex.join(
+            [sys.executable, "-m", f"jobs.{stage}", *(sys.argv[1:] if argv is None else argv)]
+        )
+        print(
+            f"preempted: stopped on SIGTERM with a checkpoint at step {exc.step} in {exc.checkpoint}; resume "
+            f"with: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        emit({"stage": stage, "status": "preempted", "step": exc.step, "checkpoint": exc.checkpoint})
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -527,8 +527,10 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
         WorkerSpec,
         _quiet_ray_train_report_lines,
         mlflow_logger,
+        report_preemption_checkpoint,
         worker_device,
     )
+    from jobs.training.preemption import StopPoller
 
     try:
         spec = WorkerSpec.model_validate(config)
@@ -579,6 +581,7 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
     if start == 0:
         report(0, worker.evaluate())  # the starting policy's held-out reward: the baseline
     kill_at, marker = spec.ray.fault_injection_kill_at_step, spec.fault_marker
+    should_stop = StopPoller(spec.stop_file, rank, world, device)
     for step in range(start + 1, steps + 1):
         metrics = worker.step(step)
         if step % task.rl_train.log_every == 0 or step == steps:
@@ -606,3 +609,13 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
             )  # a real worker crash: Ray Train restarts from the checkpoint
         if step % task.rl_train.eval_every == 0 or step == steps:
             report(step, worker.evaluate())
+        if step < steps and should_stop():  # a preemption notice: checkpoint this step and end
+            report_preemption_checkpoint(
+                step,
+                spec,
+                lambda tmp, s=step: (
+                    save_rl_checkpoint(tmp / "checkpoint", worker.state(s), {}) if rank == 0 else None
+                ),
+                rank,
+            )
+            return

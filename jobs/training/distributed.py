@@ -11,6 +11,10 @@ User errors raised in a worker (ValueError and subclasses: bad data, a diverged 
 channel: the worker writes {"type", "message", "rank"} as JSON to the run's error file
 (`<storage>/checkpoints/<run>/fatal_error.txt`) and ends without a retry; the driver raises TrainingError with that
 message (exit 2). Any other failure, whatever its text says, is an internal failure (exit 1).
+
+SIGTERM to the driver (a preemption notice) crosses to the workers through the run's stop file
+(`jobs.training.preemption`): they checkpoint after the current optimizer step and end; `launch` raises `Preempted`
+(exit 75) naming that checkpoint, and the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Any, Literal
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from jobs.platform.raycluster import init_ray
-from jobs.platform.runtime import Settings
+from jobs.platform.runtime import Preempted, Settings
+from jobs.training.preemption import StopPoller, sigterm_requests_stop, stop_file_for
 from jobs.training.storage import delete, read_bytes, write_bytes
 from jobs.training.tasks import TaskSetup, TrainingTask, task_from_dict
 from llm_core.config import StrictModel
@@ -120,6 +125,14 @@ class WorkerSpec(StrictModel):
     fault_marker: str | None = Field(None, description="file recording the one injected fault of a run")
     progress_bar: bool = Field(
         False, description="rank 0 draws a step bar on the driver's stderr (a terminal)"
+    )
+    stop_file: str | None = Field(
+        None,
+        description="the run's stop file: when it exists, checkpoint after this step and end (preemption)",
+    )
+    checkpoint_score: tuple[str, Literal["min", "max"]] = Field(
+        ("val_loss", "min"),
+        description="the metric Ray Train ranks checkpoints by, and whether lower or higher is better",
     )
 
     @field_validator("task", mode="before")
@@ -320,6 +333,8 @@ def launch(
         mlflow_tracking_uri=settings.mlflow_tracking_uri if mlflow_run_id else None,
         fault_marker=fault_marker,
         progress_bar=sys.stderr.isatty(),  # else periodic plain lines (logs stay readable)
+        stop_file=stop_file_for(checkpoint_storage_path(settings), run_name),
+        checkpoint_score=checkpoint_score,
     )
     error_file = error_file_for(settings, run_name)
     delete(error_file)  # a stale error from an earlier attempt of this run
@@ -331,8 +346,12 @@ def launch(
         scaling_config=scaling,
         run_config=ray_run_config,
     )
+    assert spec.stop_file is not None
+    stop = sigterm_requests_stop(spec.stop_file, settings.preemption_timeout_s)
     try:
-        result = trainer.fit()
+        with stop as request:
+            request.latest_checkpoint = functools.partial(latest_checkpoint_dir, settings, run_name)
+            result = trainer.fit()
     except Exception as exc:
         user_error = read_user_error(error_file)
         if user_error is not None:
@@ -346,7 +365,19 @@ def launch(
         raise user_error
     if result.error is not None:
         raise _internal(result.error) from result.error
+    if request.requested:  # the workers checkpointed and stopped (or the run had just finished)
+        latest = result.checkpoint
+        step = int(latest.path.rsplit("step-", 1)[1]) if latest and "step-" in latest.path else None
+        raise Preempted(step, latest.path if latest else None)
     return result
+
+
+def latest_checkpoint_dir(settings: Settings, run_name: str) -> str | None:
+    """The newest step-XXXXXX directory of a run in local storage (None for object stores or when none)."""
+    if "://" in settings.storage:
+        return None
+    steps = sorted(Path(checkpoint_storage_path(settings), run_name).glob("step-*"))
+    return str(steps[-1]) if steps else None
 
 
 def best_and_last(result, score: tuple[str, Literal["min", "max"]] = ("val_loss", "min")) -> tuple[Any, Any]:
@@ -354,7 +385,12 @@ def best_and_last(result, score: tuple[str, Literal["min", "max"]] = ("val_loss"
     Train result."""
     name, order = score
     latest = result.checkpoint
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m and m.get(name) is not None]
+    # a preemption checkpoint (metric "preempted") has no evaluation: it is never the best
+    ranked = [
+        (c, m)
+        for c, m in (result.best_checkpoints or [])
+        if m and m.get(name) is not None and not m.get("preempted")
+    ]
     pick = min if order == "min" else max
     best = pick(ranked, key=lambda cm: cm[1][name])[0] if ranked else latest
     return best, latest
@@ -546,6 +582,42 @@ def worker_loop(config: dict[str, Any]) -> None:
                 checkpoint_dir_name=f"step-{step:06d}",
             )
 
-    trainer.fit(sampler, eval_sets, on_log=on_log, on_eval=on_eval, on_step=on_step, progress=False)
+    should_stop = StopPoller(spec.stop_file, rank, world, device)
+    fit = trainer.fit(
+        sampler,
+        eval_sets,
+        on_log=on_log,
+        on_eval=on_eval,
+        on_step=on_step,
+        should_stop=should_stop,
+        progress=False,
+    )
+    if fit.stopped:
+        report_preemption_checkpoint(
+            fit.step, spec, lambda tmp: trainer.save_to(tmp / "checkpoint", sampler, {}), rank
+        )
     if bar is not None:
         bar.close()
+
+
+def report_preemption_checkpoint(
+    step: int, spec: WorkerSpec, save: Callable[[Path], Path | None], rank: int
+) -> None:
+    """Every rank: write this step's checkpoint with `save(tmp_dir)` (rank 0 returns its path) and report it to
+    Ray Train as the run's latest checkpoint (the resume point) with the worst finite score, so Ray Train ranks it
+    last and `best_and_last` skips it ("preempted"). Not NaN or inf: Ray Train's saved checkpoint list (JSON)
+    turns those into null, which it cannot rank when the run resumes."""
+    import ray.train
+
+    name, order = spec.checkpoint_score
+    worst = sys.float_info.max if order == "min" else -sys.float_info.max
+    with tempfile.TemporaryDirectory(prefix="tulpar-ckpt-") as tmp:
+        path = save(Path(tmp))
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
+        ray.train.report(
+            {name: worst, "step": step, "preempted": 1.0},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"step-{step:06d}",
+        )
+    if rank == 0:
+        train_log.info("preemption: stopped after step %d with checkpoint step-%06d", step, step)
