@@ -282,11 +282,14 @@ class RepeatedSpanWindows(RandomWindows):
         min_tokens: int,
         max_tokens: int,
         min_distance: int = 0,
+        source: str = "text",
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         name: str = "train",
     ):
+        if source not in ("text", "shuffled"):
+            raise ValueError(f"repeated spans: source must be 'text' or 'shuffled', got {source!r}")
         if not 0 < share <= 1 or not 0 < min_tokens <= max_tokens or min_distance < 0:
             raise ValueError(
                 f"repeated spans: need 0 < share <= 1 (got {share}), 0 < min_tokens <= max_tokens (got "
@@ -299,7 +302,7 @@ class RepeatedSpanWindows(RandomWindows):
             )
         super().__init__(tokens, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size, name=name)
         self.share, self.min_tokens, self.max_tokens = share, min_tokens, max_tokens
-        self.min_distance = min_distance
+        self.min_distance, self.source = min_distance, source
 
     def repeat_span(self, window: np.ndarray, step: int, row: int) -> tuple[int, int, int] | None:
         """Copy a span of `window` (seq_len + 1 tokens, in place) as the class docstring says; (source, copy,
@@ -311,6 +314,8 @@ class RepeatedSpanWindows(RandomWindows):
         m = int(rng.integers(self.min_tokens, self.max_tokens + 1))
         d = int(rng.integers(m + self.min_distance, n - m + 1))
         a = int(rng.integers(0, n - m - d + 1))
+        if self.source == "shuffled":
+            window[a : a + m] = rng.permutation(window[a : a + m])
         window[a + d : a + d + m] = window[a : a + m]
         return a, a + d, m
 

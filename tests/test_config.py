@@ -288,3 +288,14 @@ def test_pretrain_data_repeated_spans_keeps_existing_run_keys():
         PretrainConfig, REPO / "configs/pretrain/tiny.yaml", ["data.repeated_spans={share: 0.25}"]
     )
     assert config_sha256(spans) != config_sha256(cfg)
+    text, shuffled = (
+        load_config(
+            PretrainConfig,
+            REPO / "configs/pretrain/tiny.yaml",
+            [f"data.repeated_spans={{share: 0.25, source: {s}}}"],
+        )
+        for s in ("text", "shuffled")
+    )
+    assert (
+        config_sha256(text) == config_sha256(spans) != config_sha256(shuffled)
+    )  # source: text is the default

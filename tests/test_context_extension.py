@@ -39,6 +39,33 @@ def test_repeated_spans_copy_a_span_of_the_window_further_on():
     assert 0.35 < edited / (30 * 8) < 0.65
 
 
+def test_shuffled_spans_repeat_a_permutation_of_the_source_in_both_places():
+    """source=shuffled: the same windows and spans as source=text, but the span's tokens are put in a random order
+    at its source and at its copy, so a memorised continuation of the corpus cannot predict the copy."""
+    shuffled = RepeatedSpanWindows(
+        TOKENS, 127, 8, share=1.0, min_tokens=8, max_tokens=16, seed=5, source="shuffled"
+    )
+    text = RepeatedSpanWindows(TOKENS, 127, 8, share=1.0, min_tokens=8, max_tokens=16, seed=5)
+    plain = RandomWindows(TOKENS, 127, 8, seed=5)
+    reordered = 0
+    for step in range(10):
+        ((x, y),), ((px, py),) = shuffled.batches_at(step), plain.batches_at(step)
+        full, original = torch.cat([x, y[:, -1:]], 1), torch.cat([px, py[:, -1:]], 1)
+        assert spans_of(shuffled, step) == spans_of(text, step)
+        for row, (a, copy, m) in enumerate(spans_of(shuffled, step)):
+            source = full[row, a : a + m]
+            assert full[row, copy : copy + m].equal(source)
+            assert sorted(source.tolist()) == sorted(original[row, a : a + m].tolist())
+            reordered += not source.equal(original[row, a : a + m])
+            changed = set((full[row] != original[row]).nonzero().flatten().tolist())
+            assert changed <= set(range(a, a + m)) | set(range(copy, copy + m))
+    assert (
+        reordered >= 75
+    )  # of 80 spans of 8-16 distinct tokens, all but a chance few come out in a new order
+    with pytest.raises(ValueError, match="source must be"):
+        RepeatedSpanWindows(TOKENS, 127, 8, share=1.0, min_tokens=8, max_tokens=16, source="random")
+
+
 def test_repeated_spans_reach_every_distance_and_are_world_size_invariant():
     one = RepeatedSpanWindows(TOKENS, 255, 8, share=1.0, min_tokens=8, max_tokens=8, seed=1)
     distances = [copy - a for step in range(40) for a, copy, _ in spans_of(one, step)]

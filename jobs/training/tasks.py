@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SerializationInfo, model_serializer, model_validator
 
 from jobs.training.storage import get_object
-from llm_core.config import ModelConfig, StrictModel
+from llm_core.config import ModelConfig, StrictModel, is_hash_context
 from llm_core.export_hf import load_hf
 from llm_core.lora import LoRAConfig, apply_lora
 from llm_core.model import Transformer
@@ -104,6 +104,18 @@ class RepeatedSpans(StrictModel):
     min_tokens: int = Field(8, gt=0, description="shortest span, in tokens")
     max_tokens: int = Field(32, gt=0, description="longest span, in tokens")
     min_distance: int = Field(0, ge=0, description="fewest tokens between the end of the span and its copy")
+    source: Literal["text", "shuffled"] = Field(
+        "text",
+        description="text: the span is a stretch of the window's text; shuffled: its tokens in a random order (in "
+        "both places), so only looking back predicts the copy, not a memorised continuation of the corpus",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if is_hash_context(info) and data.get("source") == "text":  # added later: keep earlier run keys
+            data.pop("source", None)
+        return data
 
     @model_validator(mode="after")
     def _span_lengths_are_ordered(self) -> RepeatedSpans:
