@@ -606,3 +606,4 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
             )  # a real worker crash: Ray Train restarts from the checkpoint
         if step % task.rl_train.eval_every == 0 or step == steps:
             report(step, worker.evaluate())
+    log_metrics.close()
