@@ -596,15 +596,20 @@ def publish_hf_model(
         model_uri, version = register_hf_model(
             staging, name, stage=stage, alias=alias, tags=tags, retry_s=retry_s
         )
-    except TrackingUnavailable as exc:
+    except TrackingUnavailable as exc:  # the record stays: jobs.register finishes it
+        from jobs.platform.registry import _redact
+
         checkpoint = (tags or {}).get("tulpar.checkpoint", "(none recorded)")
         raise RegistrationDeferred(
             f"trained and exported, but not registered as a version of {name!r}: {exc}. "
             f"Checkpoint: {checkpoint}. HF export: {staging}. "
-            f"Register it once the server is back (MLFLOW_TRACKING_URI={settings.mlflow_tracking_uri}): "
+            f"Register it once the server is back (MLFLOW_TRACKING_URI={_redact(settings.mlflow_tracking_uri)}): "
             f"{register_command(pending)}",
             pending,
         ) from None
+    except BaseException:  # an answer (permission, invalid name) or a bug: nothing to finish later
+        pending.unlink(missing_ok=True)
+        raise
     pending.unlink(missing_ok=True)
     return model_uri, place_version(settings, name, version, staging)
 
