@@ -112,16 +112,25 @@ def test_metrics_survive_a_tracking_outage_and_a_crash_exactly_once(tmp_path):
             sink.down()
 
 
-def test_end_of_run_gives_up_after_its_budget_and_keeps_the_journal(tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"
-    journal = tmp_path / "mlflow-metrics.jsonl"
-    buffer = tracking.MetricBuffer(dead, journal, min_backoff_s=0.01, max_backoff_s=0.02)
-    buffer.log("run-b", {"loss": 2.0}, 5)
+def test_end_of_run_gives_up_after_its_budget_and_keeps_the_journal(tmp_path, monkeypatch):
+    sink = FlakyServer()
+    sink.down()
+    uri, journal = f"http://127.0.0.1:{sink.port}", tmp_path / "mlflow-metrics.jsonl"
+    buffer = tracking.MetricBuffer(uri, journal, min_backoff_s=0.01, max_backoff_s=0.02)
+    buffer.log("run-b", {"loss": 2.0}, 5, timestamp_ms=1234)
     t0 = time.monotonic()
     assert not buffer.close(timeout_s=0.3)
     assert time.monotonic() - t0 < 10  # bounded: a few refused connections, no MLflow-internal retry loop
     kept = [json.loads(line) for line in journal.read_text().splitlines()]
     assert [(r["run_id"], r["key"], r["value"], r["step"]) for r in kept] == [("run-b", "loss", 2.0, 5)]
+
+    sink.up()  # later, the command the log line names delivers the journal
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        assert tracking._main(["deliver", str(journal)]) == 0
+    finally:
+        sink.down()
+    assert sink.received == [("run-b", "loss", 2.0, 5, 1234)] and not journal.exists()
 
 
 def test_a_rejected_metric_is_an_error_not_buffered(tmp_path):
