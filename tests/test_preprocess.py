@@ -25,7 +25,7 @@ from jobs.platform.runtime import run_job
 from jobs.prep.config import PreprocessConfig
 from jobs.prep.reference import run_loop
 from jobs.preprocess import Output, main
-from llm_core.shards import TokenDataset, read_manifest
+from llm_core.shards import DataError, TokenDataset, read_manifest
 from llm_core.tokenizer import Tokenizer, train_bpe
 from tests.conftest import REPO
 
@@ -416,11 +416,14 @@ def test_killed_run_resumes_committed_blocks_with_identical_shards(
     work = next(tmp_path.glob(".ds.work-*"))
     blocks_total = len(list(work.glob("clean/*.parquet")))
     assert not (tmp_path / "ds").exists() and blocks_total >= 3
+    with pytest.raises(DataError, match="no dataset manifest"):  # nothing that looks like a dataset
+        TokenDataset.open(tmp_path / "ds")
 
     rc, resumed, err = run_cli(cfg, tmp_path, home, corpus)
     assert rc == 0, err[-3000:]
     assert resumed["metrics"]["blocks_resumed/clean"] >= blocks_total
     assert not work.exists()  # the work store is gone once the dataset is published
+    TokenDataset.open(tmp_path / "ds", verify=True)  # complete: every shard with its size and sha256
     first = read_manifest(tmp_path / "ds")
     blocks_in_run = json.loads((tmp_path / "ds" / "report.json").read_text())["blocks"]
     assert (

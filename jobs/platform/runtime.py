@@ -5,9 +5,12 @@ Contract (../shared/design/platform.md, mirrored in docs/architecture.md):
   - stdout's last line is one JSON object {"stage", "status", "outputs", "metrics", "mlflow_run_id"},
     also written as result.json in the job's output directory;
   - user errors (ValueError and subclasses) print `error: <message>` without a traceback and exit 2;
-  - anything else is an internal failure: traceback, exit 1;
   - a training stage stopped by SIGTERM (a preemption notice) after checkpointing exits 75 (EX_TEMPFAIL) with one
-    line naming the checkpoint and the command that resumes (`Preempted`; docs/reliability.md).
+    line naming the checkpoint and the command that resumes (`Preempted`; docs/reliability.md);
+  - a model trained and exported but not registered because the tracking server stayed unavailable
+    (tracking.RegistrationDeferred) prints `error: <message>` naming the checkpoint, the export and the command
+    that registers it (`python -m jobs.register ...`) and exits 3 (EXIT_NOT_REGISTERED);
+  - anything else is an internal failure: traceback, exit 1.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from jobs.platform import locks
 from jobs.platform.configfile import load_config
 from jobs.platform.results import OUTPUTS_BY_STAGE, Outputs, ResultError, StageResult, parse_result
 from llm_core.io import atomic_write_json
@@ -36,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / "configs"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_NOT_REGISTERED = 3  # jobs.platform.tracking.RegistrationDeferred
 EXIT_PREEMPTED = (
     75  # os.EX_TEMPFAIL: stopped on request (SIGTERM) after a checkpoint; the same command resumes
 )
@@ -263,7 +268,10 @@ def run_job(
         settings = Settings.from_env()
         if rerun:
             settings = dataclasses.replace(settings, rerun=True)
-        result = main(cfg, settings)
+        try:
+            result = main(cfg, settings)
+        finally:
+            locks.release_all()  # directories this job held (jobs.platform.locks)
     except ValueError as exc:  # user error: say what and how to fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
         emit({"stage": stage, "status": "error", "error": str(exc)})
@@ -283,7 +291,13 @@ def run_job(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        from jobs.platform.tracking import RegistrationDeferred
+
+        if isinstance(exc, RegistrationDeferred):  # done but not registered: the message says how to finish
+            print(f"error: {exc}", file=sys.stderr)
+            emit({"stage": stage, "status": "not_registered", "error": str(exc)})
+            return EXIT_NOT_REGISTERED
         traceback.print_exc()
         emit({"stage": stage, "status": "failed"})
         return EXIT_INTERNAL_ERROR

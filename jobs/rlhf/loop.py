@@ -618,4 +618,6 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
                 ),
                 rank,
             )
+            log_metrics.close()
             return
+    log_metrics.close()

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from jobs.platform import locks, tracking
 from jobs.platform.raycluster import init_ray
 from jobs.platform.runtime import Preempted, Settings
 from jobs.training.preemption import StopPoller, sigterm_requests_stop, stop_file_for
@@ -122,6 +123,9 @@ class WorkerSpec(StrictModel):
     run_config: dict[str, Any] = Field(description="the stage's resolved config, kept in every checkpoint")
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
+    metrics_journal: str | None = Field(
+        None, description="rank 0's journal of metrics not yet delivered to MLflow (tracking.MetricBuffer)"
+    )
     fault_marker: str | None = Field(None, description="file recording the one injected fault of a run")
     progress_bar: bool = Field(
         False, description="rank 0 draws a step bar on the driver's stderr (a terminal)"
@@ -331,6 +335,7 @@ def launch(
         run_config=run_config,
         mlflow_run_id=mlflow_run_id,
         mlflow_tracking_uri=settings.mlflow_tracking_uri if mlflow_run_id else None,
+        metrics_journal=str(metrics_journal_for(settings, run_name)) if mlflow_run_id else None,
         fault_marker=fault_marker,
         progress_bar=sys.stderr.isatty(),  # else periodic plain lines (logs stay readable)
         stop_file=stop_file_for(checkpoint_storage_path(settings), run_name),
@@ -360,6 +365,10 @@ def launch(
         if internal is exc:
             raise
         raise internal from exc
+    if (
+        spec.metrics_journal
+    ):  # what rank 0 could not deliver before it exited (the server still down, a crash)
+        tracking.deliver_journal(Path(spec.metrics_journal), settings.mlflow_tracking_uri)
     user_error = read_user_error(error_file)
     if user_error is not None:
         raise user_error
@@ -397,12 +406,27 @@ def best_and_last(result, score: tuple[str, Literal["min", "max"]] = ("val_loss"
 
 
 def run_dir_for(settings: Settings, run_key: str) -> Path:
-    """A training run's own small files (best/last links, checkpoints.json, plots): beside Ray Train's
-    checkpoints (<storage>/checkpoints/<run>) for local storage, under TULPAR_HOME when storage is a URI."""
+    """A training run's own small files (best/last links, checkpoints.json, plots, the metrics journal): beside
+    Ray Train's checkpoints (<storage>/checkpoints/<run>) for local storage, under TULPAR_HOME when storage is a
+    URI. The run key is the config's hash, so two identical runs would share it: this process takes the
+    directory's lock (jobs.platform.locks) and a second job with the same config fails at once, naming the
+    holder, instead of both writing the same checkpoints."""
     local = "://" not in settings.storage
     run_dir = (Path(settings.storage) if local else settings.home) / "checkpoints" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
+    locks.hold(
+        run_dir,
+        "training run directory",
+        "a job with the same config is training it now; wait for it to finish (its result is then reused), "
+        "or change the config (e.g. name=...) to train a separate run",
+    )
     return run_dir
+
+
+def metrics_journal_for(settings: Settings, run_key: str) -> Path:
+    """Rank 0's journal of step metrics (tracking.MetricBuffer), in the run directory: undelivered metrics of a
+    crashed or cut-off worker are delivered by the next attempt's rank 0 or by the driver after training."""
+    return run_dir_for(settings, run_key) / "mlflow-metrics.jsonl"
 
 
 def final_checkpoints(
@@ -441,23 +465,39 @@ def link_best_last(run_dir: Path, best_path: str, last_path: str) -> None:
 # ------------------------------------------------------------------------------------------ worker side
 
 
-def mlflow_logger(spec: WorkerSpec, rank: int) -> Callable[[int, dict[str, float]], None]:
+class StepMetricLogger:
+    """`log(step, metrics)` to the driver's MLflow run from rank 0 through a tracking.MetricBuffer (a server
+    outage never stops training; see MetricBuffer), a no-op on other ranks; `close()` at the end of training
+    delivers what is still buffered."""
+
+    def __init__(self, spec: WorkerSpec, rank: int) -> None:
+        self.run_id, self.buffer = spec.mlflow_run_id, None
+        if rank != 0 or not spec.mlflow_run_id or not spec.mlflow_tracking_uri:
+            return
+        journal = Path(spec.metrics_journal) if spec.metrics_journal else None
+        if journal is not None:
+            try:
+                journal.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a worker on a node without the driver's run directory
+                train_log.warning(
+                    "no metrics journal at %s (%s): metrics are buffered in memory only", journal, exc
+                )
+                journal = None
+        self.buffer = tracking.MetricBuffer(spec.mlflow_tracking_uri, journal)
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if self.buffer is not None:
+            assert self.run_id is not None
+            self.buffer.log(self.run_id, metrics, step)
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+
+
+def mlflow_logger(spec: WorkerSpec, rank: int) -> StepMetricLogger:
     """Log step metrics to the driver's MLflow run from rank 0 (no-op on other ranks)."""
-    run_id, uri = spec.mlflow_run_id, spec.mlflow_tracking_uri
-    if rank != 0 or not run_id or not uri:
-        return lambda step, metrics: None
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(tracking_uri=uri)
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 500):
-            client.log_batch(run_id, metrics=items[i : i + 500], synchronous=True)
-
-    return log
+    return StepMetricLogger(spec, rank)
 
 
 class StepETA:
@@ -596,6 +636,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         report_preemption_checkpoint(
             fit.step, spec, lambda tmp: trainer.save_to(tmp / "checkpoint", sampler, {}), rank
         )
+    log_metrics.close()
     if bar is not None:
         bar.close()
 
