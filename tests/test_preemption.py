@@ -155,3 +155,34 @@ def test_the_watchdog_exits_when_no_checkpoint_comes_in_time(tmp_path, capsys):
     on_time.request()
     on_time.done.set()  # the checkpoint arrived: the watchdog ends without exiting
     assert codes == [1]
+
+
+def test_a_preempted_jobs_mlflow_run_is_killed_with_the_checkpoint_in_its_tags(tulpar_home, capsys):
+    import json
+
+    import mlflow
+    from pydantic import BaseModel
+
+    from jobs.platform import tracking
+    from jobs.platform.runtime import EXIT_PREEMPTED, Preempted, run_job
+
+    class Config(BaseModel):
+        steps: int = 3
+
+    runs = []
+
+    def main(cfg, settings):  # what launch() does when the workers checkpointed on a stop request
+        with tracking.start_run(settings, "pretrain", cfg, run_name="preempted-run") as run:
+            runs.append(run.info.run_id)
+            tracking.log_metrics({"loss": 5.0}, step=1)
+            raise Preempted(2, "/storage/checkpoints/r/step-000002", run.info.run_id)
+
+    assert run_job("pretrain", Config, main, []) == EXIT_PREEMPTED
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "preempted"
+    assert "preempted: stopped on SIGTERM with a checkpoint at step 2" in err and "resume with:" in err
+    run = mlflow.MlflowClient(f"sqlite:///{tulpar_home / 'mlflow.db'}").get_run(runs[0])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["tulpar.preempted"] == "true" and run.data.tags["tulpar.preempted_step"] == "2"
+    assert run.data.tags["tulpar.preemption_checkpoint"] == "/storage/checkpoints/r/step-000002"
+    assert run.data.metrics["loss"] == 5.0  # what the attempt logged is kept

@@ -46,8 +46,8 @@ class Preempted(Exception):
     """A training run stopped on a preemption notice (SIGTERM) after writing `checkpoint` at `step`; running the
     same command again resumes from it. Not a user error: the job exits EXIT_PREEMPTED."""
 
-    def __init__(self, step: int | None, checkpoint: str | None):
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int | None, checkpoint: str | None, mlflow_run_id: str | None = None):
+        self.step, self.checkpoint, self.mlflow_run_id = step, checkpoint, mlflow_run_id
         super().__init__(f"checkpoint at step {step}: {checkpoint}")
 
 
@@ -269,6 +269,10 @@ def run_job(
         emit({"stage": stage, "status": "error", "error": str(exc)})
         return EXIT_USER_ERROR
     except Preempted as exc:
+        if exc.mlflow_run_id:  # KILLED (stopped from outside), not FAILED, with the resume point in its tags
+            from jobs.platform.tracking import mark_run_preempted
+
+            mark_run_preempted(exc.mlflow_run_id, exc.step, exc.checkpoint)
         command = shlex.join(
             [sys.executable, "-m", f"jobs.{stage}", *(sys.argv[1:] if argv is None else argv)]
         )

@@ -368,7 +368,7 @@ def launch(
     if request.requested:  # the workers checkpointed and stopped (or the run had just finished)
         latest = result.checkpoint
         step = int(latest.path.rsplit("step-", 1)[1]) if latest and "step-" in latest.path else None
-        raise Preempted(step, latest.path if latest else None)
+        raise Preempted(step, latest.path if latest else None, mlflow_run_id)
     return result
 
 
