@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +55,29 @@ class Preempted(Exception):
 
 
 log = logging.getLogger("tulpar")
+_in_job = threading.Event()  # set while run_job runs a job's main in this process
+
+
+def running_a_job() -> bool:
+    """Whether run_job is running a job's main in this process (its SIGTERM handler is restored at the end)."""
+    return _in_job.is_set()
+
+
+@contextlib.contextmanager
+def job_sigterm_scope() -> Iterator[None]:
+    """run_job: whatever SIGTERM handler a job installs (launch's stop request, then
+    `jobs.training.preemption.finish_after_training`), the one in place when the job started is back when it ends
+    (for in-process callers: tests, the tokenizer study)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    _in_job.set()
+    try:
+        yield
+    finally:
+        _in_job.clear()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -263,7 +289,8 @@ def run_job(
         settings = Settings.from_env()
         if rerun:
             settings = dataclasses.replace(settings, rerun=True)
-        result = main(cfg, settings)
+        with job_sigterm_scope():
+            result = main(cfg, settings)
     except ValueError as exc:  # user error: say what and how to fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
         emit({"stage": stage, "status": "error", "error": str(exc)})
