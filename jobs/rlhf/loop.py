@@ -489,9 +489,7 @@ class RLWorker:
         rng = state.get("rng")
         if rng and len(rng) == self.world:
             set_rng_states(rng[self.rank])
-        elif (
-            rng
-        ):  # another number of workers: each rank keeps its fresh seed (no step draws from these streams)
+        elif rng:  # another number of workers: each rank keeps its fresh seed (no step draws from these)
             log.warning(
                 "checkpoint has the random state of %d workers, this run has %d: not restored",
                 len(rng),
