@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.platform.runtime import result_from_output
+from jobs.platform.runtime import EXIT_PREEMPTED, result_from_output
 from pipelines import chart_schemas, charts
 
 REPO = charts.REPO
@@ -154,11 +154,18 @@ def mlflow_run_link(result: dict[str, Any] | None, tracking_uri: str | None) -> 
 
 
 def finish(result: dict[str, Any] | None, ok: bool, tracking_uri: str | None) -> int:
+    """The exit status of a submission: 0 ok; EXIT_PREEMPTED (75) when the job's result line says it stopped on a
+    preemption notice after a checkpoint (the cluster reports that job FAILED: it exited 75); else 1."""
     if result is not None:
         print(json.dumps(result, ensure_ascii=False))
     link = mlflow_run_link(result, tracking_uri)
     if link:
         log(f"MLflow run: {link}")
+    if not ok and (result or {}).get("status") == "preempted":
+        log(
+            f"the job was preempted with a checkpoint at step {result.get('step')}: submit it again to resume"
+        )
+        return EXIT_PREEMPTED
     return 0 if ok else 1
 
 

@@ -26,6 +26,9 @@ Where the stages run (`run_stages`): in_process (default) runs them in the study
 one Ray connection (RAY_ADDRESS's cluster, or one local Ray started for the whole study) and one MLflow store, so
 the start-up of Python, its imports and Ray is paid once, not per stage (each pretraining run still starts its
 own Ray Train workers); subprocess runs each as its own `python -m jobs.<stage>` job. Both give the same results (the same configs, seeds and caches).
+Preemption (`pipelines.preemption`): a stage stopped on SIGTERM after a checkpoint (exit 75) makes the study exit
+75 naming it; running the study again resumes (the stage's job resumes from its checkpoint). SIGTERM to the study
+is passed on to a subprocess stage; an in-process training stage gets it directly.
 Logs: $TULPAR_HOME/tokenizer_study/<name>/logs/<variant>/<stage>[-<budget>-s<seed>].log.
 """
 
@@ -39,6 +42,7 @@ import importlib
 import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -69,6 +73,7 @@ from llm_core.config import ConfigError, StrictModel
 from llm_core.io import atomic_write_json, atomic_write_text
 from llm_core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from llm_core.tokenizer_eval import EvalText, LoadedTokenizer, measure
+from pipelines.preemption import EXIT_PREEMPTED, SigtermToStage, StagePreempted, stage_was_preempted
 from pipelines.recipes import StageSpec, stage_config_path
 from pipelines.tokenizer_study_report import render_markdown, write_plots
 
@@ -275,6 +280,9 @@ class Study:
         self.state_file = self.root / "state.json"
         self.stage_seconds: dict[str, float] = {}  # wall time of each stage of the variant being run
         self.output = StageOutput()
+        self.sigterm = SigtermToStage()
+        # what carries on after a preemption; main sets the invocation's own
+        self.resume_command = f"python -m pipelines.tokenizer_study --config {cfg.name}"
         self.state: dict[str, Any] = (
             json.loads(self.state_file.read_text()) if self.state_file.is_file() else {"variants": {}}
         )
@@ -348,6 +356,8 @@ class Study:
         logs.mkdir(parents=True, exist_ok=True)
         log_file = logs / f"{stage}{tag}.log"
         argv = ["--config", str(self.stage_files[stage]), *args]
+        if self.sigterm.requested:
+            raise StagePreempted(f"{stage}{tag}", None, None, self.resume_command)
         started = time.perf_counter()
         if self.cfg.run_stages == "subprocess":
             code, stdout = self.run_subprocess(stage, argv, parent_run_id, log_file)
@@ -355,6 +365,9 @@ class Study:
             code, stdout = self.run_in_process(stage, argv, parent_run_id, log_file)
         elapsed = time.perf_counter() - started
         raw = result_from_output(stdout)
+        if stage_was_preempted(code, raw) or (code != 0 and self.sigterm.requested):
+            self.say(f"    {variant:<14} {stage + tag:<22} preempted")
+            raise StagePreempted(f"{stage}{tag}", log_file, raw or {}, self.resume_command)
         if code != 0 or raw is None or raw.get("status") != "ok":
             raise StageFailed(stage, log_file, (raw or {}).get("error") or f"exit code {code}")
         try:
@@ -375,9 +388,13 @@ class Study:
         env = {**os.environ, "TULPAR_PARENT_RUN_ID": parent_run_id, "PYTHONUNBUFFERED": "1"}
         with log_file.open("w") as log:
             cmd = [sys.executable, "-m", f"jobs.{stage}", *argv]
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-            log.write(proc.stdout)
-        return proc.returncode, proc.stdout
+            child = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+            with self.sigterm.running(child):
+                stdout, _ = child.communicate()
+            log.write(stdout)
+        return child.returncode, stdout
 
     def run_in_process(
         self, stage: str, argv: list[str], parent_run_id: str, log_file: Path
@@ -666,7 +683,7 @@ class Study:
             run_id = self.client.create_run(self.experiment_id, **create).info.run_id
         try:
             yield run_id
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StagePreempted):
             self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException:
@@ -687,20 +704,22 @@ class Study:
         tracking.check_server(self.settings)
         self.client = MlflowClient()
         texts, eval_text = self.eval_text()
-        if self.cfg.run_stages == "subprocess":
-            return self.run_variants(texts, eval_text)
-        import ray
-
-        from jobs.platform.raycluster import init_ray
-
-        with self.output.installed():
-            started_ray = not ray.is_initialized()
-            init_ray(self.settings)
-            try:
+        # SIGTERM: the running stage checkpoints and stops, no later one starts
+        with self.sigterm.installed():
+            if self.cfg.run_stages == "subprocess":
                 return self.run_variants(texts, eval_text)
-            finally:
-                if started_ray:
-                    ray.shutdown()
+            import ray
+
+            from jobs.platform.raycluster import init_ray
+
+            with self.output.installed():
+                started_ray = not ray.is_initialized()
+                init_ray(self.settings)
+                try:
+                    return self.run_variants(texts, eval_text)
+                finally:
+                    if started_ray:
+                        ray.shutdown()
 
     def run_variants(self, texts: list[EvalText], eval_text: dict) -> dict[str, Any]:
         parent_id = self.state.get("parent_run_id")
@@ -877,7 +896,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_study(args.config, args.overrides)
         study = Study(cfg, Settings.from_env())
+        study.resume_command = shlex.join(
+            [sys.executable, "-m", "pipelines.tokenizer_study", *(sys.argv[1:] if argv is None else argv)]
+        )
         outputs = study.run()
+    except StagePreempted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        print(json.dumps({**exc.record(), "stage": "tokenizer_study"}, ensure_ascii=False))
+        return EXIT_PREEMPTED
     except StageFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         print(json.dumps({"stage": "tokenizer_study", "status": "error", "error": str(exc)}))

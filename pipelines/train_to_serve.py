@@ -15,6 +15,9 @@ runs, and one whose config, inputs and code are unchanged returns its stored res
 Serving is fail-closed: the pipeline serves the version the gate promoted; when the gate refused, the previous
 `@champion` if there is one, else it stops and says so. `--serve-unpromoted` serves the just-trained model anyway.
 Every stage's MLflow run is a child of one pipeline run (TULPAR_PARENT_RUN_ID).
+Preemption (`pipelines.preemption`): a stage that stopped on SIGTERM after a checkpoint (exit 75) is reported as
+preempted, not failed, and the pipeline exits 75; the same pipeline command resumes it (earlier stages are cached,
+the stage's job resumes from its checkpoint). SIGTERM to the pipeline is passed on to the running stage.
 Logs: $TULPAR_HOME/pipelines/<name>/logs/<stage>.log; results: $TULPAR_HOME/pipelines/<name>/results/<stage>.json.
 """
 
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +49,7 @@ from jobs.platform.results import (
 )
 from jobs.platform.runtime import EXIT_USER_ERROR, REPO_ROOT, Settings, result_from_output
 from llm_core.io import atomic_write_json
+from pipelines.preemption import EXIT_PREEMPTED, SigtermToStage, StagePreempted, stage_was_preempted
 from pipelines.recipes import (
     STAGES,
     RecipeConfig,
@@ -129,6 +134,11 @@ class Pipeline:
         (self.root / "results").mkdir(parents=True, exist_ok=True)
         self.runs: dict[str, StageRun] = {}
         self.serving: dict[str, Any] | None = None
+        self.sigterm = SigtermToStage()
+        # what carries on after a preemption (main sets the invocation's own; --from is dropped: it redoes stages)
+        self.resume_command = f"python -m pipelines.train_to_serve --recipe {recipe.name}" + (
+            " --rehearsal" if rehearsal else ""
+        )
         # a rehearsal's serve overrides: smoke-test keys (alias, max_tokens, ...) to the spec, the rest to the config
         spec_over, self.serve_config_overrides = split_serve_overrides(
             list(recipe.rehearsal.serve) if rehearsal else []
@@ -174,11 +184,10 @@ class Pipeline:
         args += [*(job_args or []), *self.overrides(stage, spec)]
         if stage in TRAINING or stage == "distill":
             args.append(f"name={self.model_name}")
+        if self.sigterm.requested:
+            raise StagePreempted(stage, None, None, self.resume_command)
         job = stage_job(stage)
-        if self.target == "local":
-            cmd = [sys.executable, "-m", f"jobs.{job}", *args]
-        else:
-            cmd = [sys.executable, "-m", "pipelines.submit", job, "--target", self.target, *args]
+        cmd = self.stage_command(job, args)
         env = {**os.environ, "TULPAR_PARENT_RUN_ID": parent_run_id, "PYTHONUNBUFFERED": "1"}
         tty = sys.stdout.isatty()
         if tty:
@@ -186,7 +195,7 @@ class Pipeline:
         started = time.perf_counter()
         with log_file.open("w") as log, tempfile.TemporaryFile("w+") as out:
             child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=log, text=True)
-            with PeakRss(child.pid) as rss:
+            with PeakRss(child.pid) as rss, self.sigterm.running(child):
                 child.wait()
             peak_rss = rss.peak
             out.seek(0)
@@ -196,6 +205,9 @@ class Pipeline:
         elapsed = time.perf_counter() - started
         back = chr(13) if tty else ""
         raw = result_from_output(proc.stdout)
+        if stage_was_preempted(proc.returncode, raw) or (proc.returncode != 0 and self.sigterm.requested):
+            print(f"{back}{label} preempted after {elapsed:.0f}s", flush=True)
+            raise StagePreempted(stage, log_file, raw or {}, self.resume_command)
         if proc.returncode != 0 or raw is None or raw.get("status") != "ok":
             print(f"{back}{label} failed after {elapsed:.0f}s", flush=True)
             message = (raw or {}).get("error") or f"exit code {proc.returncode}"
@@ -212,6 +224,12 @@ class Pipeline:
         self.runs[stage] = StageRun(result, elapsed, result_file, peak_rss)
         return result
 
+    def stage_command(self, job: str, args: list[str]) -> list[str]:
+        """The stage's process: its job's entry point here, or `pipelines.submit` to the recipe's target."""
+        if self.target == "local":
+            return [sys.executable, "-m", f"jobs.{job}", *args]
+        return [sys.executable, "-m", "pipelines.submit", job, "--target", self.target, *args]
+
     # ------------------------------------------------------------------ the chain
     def run(
         self, start_from: str | None, keep_serving: bool, serve_unpromoted: bool = False
@@ -223,11 +241,14 @@ class Pipeline:
         import mlflow
 
         exp = tracking.setup(self.settings, "tulpar-train")
-        with mlflow.start_run(
-            experiment_id=exp,
-            run_name=f"pipeline-{self.name}",
-            tags={"tulpar.stage": "pipeline", "tulpar.git_commit": tracking.git_commit()},
-        ) as run:
+        with (
+            self.sigterm.installed(),
+            mlflow.start_run(
+                experiment_id=exp,
+                run_name=f"pipeline-{self.name}",
+                tags={"tulpar.stage": "pipeline", "tulpar.git_commit": tracking.git_commit()},
+            ) as run,
+        ):
             mlflow.log_dict(self.recipe.model_dump(), "recipe.yaml")
             n = len(order)
             i = 0
@@ -240,32 +261,42 @@ class Pipeline:
             def file(stage: str) -> Path:
                 return self.runs[stage].result_file
 
-            step("tokenizer", {})
-            step("preprocess", {"tokenizer": file("tokenizer")})
-            step("pretrain", {"dataset": file("preprocess")})
-            last = "pretrain"
-            if "extend" in order:  # context extension: the same data, from the pretrained model
-                step("extend", {"dataset": file("preprocess"), "init": file("pretrain")})
-                last = "extend"
-            for stage in ("sft", "dpo", "rl"):
-                if stage in order:
-                    step(stage, {"init": file(last)})
-                    last = stage
-            if (
-                "distill" in order
-            ):  # the student starts from the pretrained model, the teacher is the aligned one
-                step("distill", {"init": file("pretrain"), "teacher": file(last)})
-            trained = self.runs[last].result.outputs
-            assert isinstance(trained, ModelVersionOutputs)
-            evaluation: EvalOutputs | None = None
-            if "eval" in order:
-                evaluation = step("eval", {"model": file(last)}, ["--promote"]).outputs  # type: ignore[assignment]
-            if "serve" in order:
-                i += 1
-                source, why = self.choose_served_model(trained, evaluation, serve_unpromoted)
-                self.serve(source, why, i, n, keep_serving)
+            try:
+                last = self.run_stages(order, step, file)
+                trained = self.runs[last].result.outputs
+                assert isinstance(trained, ModelVersionOutputs)
+                evaluation: EvalOutputs | None = None
+                if "eval" in order:
+                    evaluation = step("eval", {"model": file(last)}, ["--promote"]).outputs  # type: ignore[assignment]
+                if "serve" in order:
+                    if self.sigterm.requested:
+                        raise StagePreempted("serve", None, None, self.resume_command)
+                    i += 1
+                    source, why = self.choose_served_model(trained, evaluation, serve_unpromoted)
+                    self.serve(source, why, i, n, keep_serving)
+            except StagePreempted as exc:  # stopped from outside: KILLED, as the stages' own runs
+                mlflow.set_tags({"tulpar.preempted": "true", "tulpar.preempted_stage": exc.stage})
+                mlflow.end_run("KILLED")
+                raise
             mlflow.set_tag("tulpar.final_model_uri", trained.model_uri)
         return {"model_uri": trained.model_uri, "pipeline_run_id": run.info.run_id}
+
+    def run_stages(self, order: list[str], step, file) -> str:
+        """The training chain up to the last training stage; returns that stage's name."""
+        step("tokenizer", {})
+        step("preprocess", {"tokenizer": file("tokenizer")})
+        step("pretrain", {"dataset": file("preprocess")})
+        last = "pretrain"
+        if "extend" in order:  # context extension: the same data, from the pretrained model
+            step("extend", {"dataset": file("preprocess"), "init": file("pretrain")})
+            last = "extend"
+        for stage in ("sft", "dpo", "rl"):
+            if stage in order:
+                step(stage, {"init": file(last)})
+                last = stage
+        if "distill" in order:  # the student starts from the pretrained model, the teacher is the aligned one
+            step("distill", {"init": file("pretrain"), "teacher": file(last)})
+        return last
 
     # ------------------------------------------------------------------ what to serve
     def choose_served_model(
@@ -483,6 +514,19 @@ def summary_table(pipe: Pipeline, outcome: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resume_command(argv: list[str]) -> str:
+    """This invocation without --from (which would redo finished stages): what resumes a preempted pipeline."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--from":
+            skip = True
+        elif not a.startswith("--from="):
+            kept.append(a)
+    return shlex.join([sys.executable, "-m", "pipelines.train_to_serve", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.train_to_serve", description=__doc__.split("\n\n")[0]
@@ -511,12 +555,17 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         settings = Settings.from_env()
         pipe = Pipeline(recipe, settings, args.target or recipe.target, rehearsal=args.rehearsal)
+        pipe.resume_command = resume_command(sys.argv[1:] if argv is None else argv)
         started = time.perf_counter()
         outcome = pipe.run(
             args.start_from,
             args.keep_serving or os.environ.get("KEEP_SERVING") == "1",
             args.serve_unpromoted,
         )
+    except StagePreempted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        print(json.dumps(exc.record(), ensure_ascii=False))
+        return EXIT_PREEMPTED
     except (StageFailed, ServingRefused) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         print(json.dumps({"stage": "pipeline", "status": "error", "error": str(exc)}))

@@ -155,3 +155,73 @@ def test_the_watchdog_exits_when_no_checkpoint_comes_in_time(tmp_path, capsys):
     on_time.request()
     on_time.done.set()  # the checkpoint arrived: the watchdog ends without exiting
     assert codes == [1]
+
+
+def test_a_preempted_jobs_mlflow_run_is_killed_with_the_checkpoint_in_its_tags(tulpar_home, capsys):
+    import json
+
+    import mlflow
+    from pydantic import BaseModel
+
+    from jobs.platform import tracking
+    from jobs.platform.runtime import EXIT_PREEMPTED, Preempted, run_job
+
+    class Config(BaseModel):
+        steps: int = 3
+
+    runs = []
+
+    def main(cfg, settings):  # what launch() does when the workers checkpointed on a stop request
+        with tracking.start_run(settings, "pretrain", cfg, run_name="preempted-run") as run:
+            runs.append(run.info.run_id)
+            tracking.log_metrics({"loss": 5.0}, step=1)
+            raise Preempted(2, "/storage/checkpoints/r/step-000002", run.info.run_id)
+
+    assert run_job("pretrain", Config, main, []) == EXIT_PREEMPTED
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "preempted"
+    assert "preempted: stopped on SIGTERM with a checkpoint at step 2" in err and "resume with:" in err
+    run = mlflow.MlflowClient(f"sqlite:///{tulpar_home / 'mlflow.db'}").get_run(runs[0])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["tulpar.preempted"] == "true" and run.data.tags["tulpar.preempted_step"] == "2"
+    assert run.data.tags["tulpar.preemption_checkpoint"] == "/storage/checkpoints/r/step-000002"
+    assert run.data.metrics["loss"] == 5.0  # what the attempt logged is kept
+
+
+def test_sigterm_after_training_lets_the_export_finish_and_the_job_end_normally(tmp_path, capsys):
+    """Ray's driver handler (sys.exit(15)) would end the job in the middle of its export; after launch() has
+    trained, SIGTERM is reported and the job finishes. run_job puts the original handler back."""
+    import os
+    import signal
+
+    from pydantic import BaseModel
+
+    from jobs.platform.runtime import JobResult, run_job
+    from jobs.training.preemption import finish_after_training
+
+    class Config(BaseModel):
+        steps: int = 3
+
+    def rays_handler(signum, frame):
+        raise SystemExit(signum)
+
+    export = tmp_path / "export.txt"
+
+    def main(cfg, settings):
+        finish_after_training()  # what launch() does once Ray Train has returned
+        os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives during the export
+        for _ in range(1000):  # the handler runs at a bytecode boundary of this (the main) thread
+            if "received signal" in capsys.readouterr().err:
+                break
+        else:
+            raise AssertionError("the SIGTERM handler did not run")
+        export.write_text("every tensor")
+        return JobResult(stage="export-test", metrics={"steps": 3.0})
+
+    previous = signal.signal(signal.SIGTERM, rays_handler)
+    try:
+        assert run_job("export-test", Config, main, []) == 0
+        assert export.read_text() == "every tensor"
+        assert signal.getsignal(signal.SIGTERM) is rays_handler  # the job's own handler is gone with the job
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,12 +54,35 @@ class Preempted(Exception):
     """A training run stopped on a preemption notice (SIGTERM) after writing `checkpoint` at `step`; running the
     same command again resumes from it. Not a user error: the job exits EXIT_PREEMPTED."""
 
-    def __init__(self, step: int | None, checkpoint: str | None):
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int | None, checkpoint: str | None, mlflow_run_id: str | None = None):
+        self.step, self.checkpoint, self.mlflow_run_id = step, checkpoint, mlflow_run_id
         super().__init__(f"checkpoint at step {step}: {checkpoint}")
 
 
 log = logging.getLogger("tulpar")
+_in_job = threading.Event()  # set while run_job runs a job's main in this process
+
+
+def running_a_job() -> bool:
+    """Whether run_job is running a job's main in this process (its SIGTERM handler is restored at the end)."""
+    return _in_job.is_set()
+
+
+@contextlib.contextmanager
+def job_sigterm_scope() -> Iterator[None]:
+    """run_job: whatever SIGTERM handler a job installs (launch's stop request, then
+    `jobs.training.preemption.finish_after_training`), the one in place when the job started is back when it ends
+    (for in-process callers: tests, the tokenizer study)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    _in_job.set()
+    try:
+        yield
+    finally:
+        _in_job.clear()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -269,7 +295,8 @@ def run_job(
         if rerun:
             settings = dataclasses.replace(settings, rerun=True)
         try:
-            result = main(cfg, settings)
+            with job_sigterm_scope():
+                result = main(cfg, settings)
         finally:
             locks.release_all()  # directories this job held (jobs.platform.locks)
     except ValueError as exc:  # user error: say what and how to fix, no traceback
@@ -277,6 +304,10 @@ def run_job(
         emit({"stage": stage, "status": "error", "error": str(exc)})
         return EXIT_USER_ERROR
     except Preempted as exc:
+        if exc.mlflow_run_id:  # KILLED (stopped from outside), not FAILED, with the resume point in its tags
+            from jobs.platform.tracking import mark_run_preempted
+
+            mark_run_preempted(exc.mlflow_run_id, exc.step, exc.checkpoint)
         command = shlex.join(
             [sys.executable, "-m", f"jobs.{stage}", *(sys.argv[1:] if argv is None else argv)]
         )

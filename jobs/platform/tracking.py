@@ -729,6 +729,26 @@ def register_pending(pending: Path, settings: Settings) -> tuple[str, Path]:
     return model_uri, out
 
 
+def mark_run_preempted(run_id: str, step: int | None, checkpoint: str | None) -> None:
+    """Record a training run stopped by a preemption notice: status KILLED (MLflow's status for a run stopped from
+    outside; the run's context has just ended it FAILED) and the tags tulpar.preempted=true,
+    tulpar.preempted_step and tulpar.preemption_checkpoint (the checkpoint the same command resumes from). The
+    run's metrics are kept; the resumed attempt is a new run. A tracking failure here is logged, not raised: the
+    job still exits as preempted."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, "tulpar.preempted", "true")
+        client.set_tag(run_id, "tulpar.preempted_step", "" if step is None else str(step))
+        client.set_tag(run_id, "tulpar.preemption_checkpoint", checkpoint or "")
+        client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - the checkpoint is safe; only the run's status is wrong
+        logging.getLogger("tulpar.tracking").warning(
+            "could not mark MLflow run %s as preempted (KILLED): %s", run_id, exc
+        )
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -17,6 +17,14 @@ Every `train.eval_every` steps (and before the first step, as the baseline) the 
 prompts with a fixed seed, score them, and report `val_reward` (mean total reward) to Ray Train with a checkpoint
 (policy, critic, optimizers, KL controller); Ray Train keeps the best by `val_reward`. Metrics are reduced over
 the workers; rank 0 logs them to the job's MLflow run.
+
+Preemption (`jobs.training.preemption`): after each step the workers ask the run's stop file; on a stop request they
+write a checkpoint of that step and end, and the re-run resumes from it. A checkpoint holds everything a step
+depends on -- weights, optimizers, scheduler, critic, KL coefficient, and every rank's torch/CUDA/numpy/python
+random state -- and the prompts and rollout seeds of a step are functions of the seed and the step, so with the
+llm_core rollout engine a resumed run's rewards and losses are an uninterrupted run's, bit for bit. vLLM engines are
+restarted with the resumed weights pushed to them; their seeded sampling is reproducible, but their kernels are not
+the trainer's, so bit-identity is not promised there (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -454,9 +463,12 @@ class RLWorker:
 
     # -- checkpoints
 
-    def state(self, step: int) -> dict[str, Any]:
+    def state(self, step: int, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint of `step`; `rng`: every rank's random state (`rng_states_of_all_ranks`, a collective
+        every rank calls before rank 0 saves)."""
         return {
             "step": step,
+            "rng": rng,
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -474,11 +486,80 @@ class RLWorker:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         if self.kl is not None and state.get("kl_coef") is not None:
             self.kl.value = state["kl_coef"]
+        rng = state.get("rng")
+        if rng and len(rng) == self.world:
+            set_rng_states(rng[self.rank])
+        elif rng:  # another number of workers: each rank keeps its fresh seed (no step draws from these)
+            log.warning(
+                "checkpoint has the random state of %d workers, this run has %d: not restored",
+                len(rng),
+                self.world,
+            )
         if self.task.rollout.engine == "vllm":
             if self.rank == 0:
                 self.engine.update_weights(self.policy)
             _barrier()
         return int(state["step"])
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random streams: torch's (CPU and every CUDA device), numpy's global and python's `random`."""
+    import numpy as np
+
+    from llm_core.checkpoint import rng_state
+
+    return {**rng_state(), "numpy": np.random.get_state()}
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    from llm_core.checkpoint import set_rng_state
+
+    set_rng_state(state)
+    np.random.set_state(state["numpy"])
+
+
+def rng_states_of_all_ranks(world: int) -> list[dict[str, Any]]:
+    """Every rank's `rng_states()`, in rank order (a collective with several workers)."""
+    mine = rng_states()
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def run_rl_steps(
+    worker: RLWorker,
+    start: int,
+    *,
+    log_metrics: Callable[[int, dict[str, float]], None],
+    report: Callable[[int, dict[str, float]], None],
+    should_stop: Callable[[], bool],
+    checkpoint_preempted: Callable[[int], None],
+    after_step: Callable[[int], None] | None = None,
+) -> tuple[int, bool]:
+    """Steps start+1 .. rl_train.steps of `worker` (Ray-free; `rl_worker_loop` plugs Ray Train in). After each
+    step: `log_metrics` every log_every steps, `after_step` (fault injection), `report(step, held-out metrics)`
+    every eval_every steps and at the end (the caller checkpoints there), then `should_stop()` (before the last
+    step only): True ends the run after `checkpoint_preempted(step)` -- unless this step's evaluation already wrote
+    its checkpoint. Returns (last step run, stopped early)."""
+    t = worker.task.rl_train
+    for step in range(start + 1, t.steps + 1):
+        metrics = worker.step(step)
+        if step % t.log_every == 0 or step == t.steps:
+            log_metrics(step, metrics)
+        if after_step is not None:
+            after_step(step)
+        evaluated = step % t.eval_every == 0 or step == t.steps
+        if evaluated:
+            report(step, worker.evaluate())
+        if step < t.steps and should_stop():  # a preemption notice: checkpoint this step and end
+            if not evaluated:
+                checkpoint_preempted(step)
+            return step, True
+    return t.steps, False
 
 
 def _ppo_lib(task: RLTask):
@@ -571,8 +652,9 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
             )
         with tempfile.TemporaryDirectory(prefix="tulpar-rl-ckpt-") as tmp:
             checkpoint = None
+            rng = rng_states_of_all_ranks(world)  # every rank: a collective
             if rank == 0:
-                path = save_rl_checkpoint(Path(tmp) / "checkpoint", worker.state(step), metrics)
+                path = save_rl_checkpoint(Path(tmp) / "checkpoint", worker.state(step, rng), metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(
                 {**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}"
@@ -581,43 +663,46 @@ def rl_worker_loop(config: dict[str, Any]) -> None:
     if start == 0:
         report(0, worker.evaluate())  # the starting policy's held-out reward: the baseline
     kill_at, marker = spec.ray.fault_injection_kill_at_step, spec.fault_marker
-    should_stop = StopPoller(spec.stop_file, rank, world, device)
-    for step in range(start + 1, steps + 1):
-        metrics = worker.step(step)
-        if step % task.rl_train.log_every == 0 or step == steps:
-            log_metrics(step, metrics)
-            if rank == 0:
-                train_log.info(
-                    "step %4d/%d | reward %.3f | kl %s | entropy %.3f | clip %.3f | len %.1f | "
-                    "rollout %.1fs (%s tok/s) update %.1fs push %.2fs",
-                    step,
-                    steps,
-                    metrics["reward"],
-                    f"{metrics['kl']:.4f}" if "kl" in metrics else "-",
-                    metrics["entropy"],
-                    metrics["clip_fraction"],
-                    metrics["response_length"],
-                    metrics["time/rollout_s"],
-                    f"{metrics['rollout_tokens_per_s']:,.0f}",
-                    metrics["time/update_s"],
-                    metrics["time/push_s"],
-                )
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        log_metrics(step, metrics)
+        if rank == 0:
+            train_log.info(
+                "step %4d/%d | reward %.3f | kl %s | entropy %.3f | clip %.3f | len %.1f | "
+                "rollout %.1fs (%s tok/s) update %.1fs push %.2fs",
+                step,
+                steps,
+                metrics["reward"],
+                f"{metrics['kl']:.4f}" if "kl" in metrics else "-",
+                metrics["entropy"],
+                metrics["clip_fraction"],
+                metrics["response_length"],
+                metrics["time/rollout_s"],
+                f"{metrics['rollout_tokens_per_s']:,.0f}",
+                metrics["time/update_s"],
+                metrics["time/push_s"],
+            )
+
+    def inject_fault(step: int) -> None:
         if kill_at and step >= kill_at and rank == 0 and marker and not Path(marker).exists():
             Path(marker).write_text(f"killed at step {step}\n")
-            os.kill(
-                os.getpid(), signal.SIGKILL
-            )  # a real worker crash: Ray Train restarts from the checkpoint
-        if step % task.rl_train.eval_every == 0 or step == steps:
-            report(step, worker.evaluate())
-        if step < steps and should_stop():  # a preemption notice: checkpoint this step and end
-            report_preemption_checkpoint(
-                step,
-                spec,
-                lambda tmp, s=step: (
-                    save_rl_checkpoint(tmp / "checkpoint", worker.state(s), {}) if rank == 0 else None
-                ),
-                rank,
-            )
-            log_metrics.close()
-            return
+            # a real worker crash: Ray Train restarts from the checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def checkpoint_preempted(step: int) -> None:
+        def save(tmp: Path) -> Path | None:
+            rng = rng_states_of_all_ranks(world)  # every rank: a collective
+            return save_rl_checkpoint(tmp / "checkpoint", worker.state(step, rng), {}) if rank == 0 else None
+
+        report_preemption_checkpoint(step, spec, save, rank)
+
+    run_rl_steps(
+        worker,
+        start,
+        log_metrics=log_step,
+        report=report,
+        should_stop=StopPoller(spec.stop_file, rank, world, device),
+        checkpoint_preempted=checkpoint_preempted,
+        after_step=inject_fault,
+    )
     log_metrics.close()

@@ -37,7 +37,12 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 from jobs.platform import locks, tracking
 from jobs.platform.raycluster import init_ray
 from jobs.platform.runtime import Preempted, Settings
-from jobs.training.preemption import StopPoller, sigterm_requests_stop, stop_file_for
+from jobs.training.preemption import (
+    StopPoller,
+    finish_after_training,
+    sigterm_requests_stop,
+    stop_file_for,
+)
 from jobs.training.storage import delete, read_bytes, write_bytes
 from jobs.training.tasks import TaskSetup, TrainingTask, task_from_dict
 from llm_core.config import StrictModel
@@ -354,9 +359,12 @@ def launch(
     assert spec.stop_file is not None
     stop = sigterm_requests_stop(spec.stop_file, settings.preemption_timeout_s)
     try:
-        with stop as request:
-            request.latest_checkpoint = functools.partial(latest_checkpoint_dir, settings, run_name)
-            result = trainer.fit()
+        try:
+            with stop as request:
+                request.latest_checkpoint = functools.partial(latest_checkpoint_dir, settings, run_name)
+                result = trainer.fit()
+        finally:  # from here on SIGTERM lets the job finish its export (not Ray's handler: exit 15 mid-write)
+            finish_after_training()
     except Exception as exc:
         user_error = read_user_error(error_file)
         if user_error is not None:
@@ -377,7 +385,7 @@ def launch(
     if request.requested:  # the workers checkpointed and stopped (or the run had just finished)
         latest = result.checkpoint
         step = int(latest.path.rsplit("step-", 1)[1]) if latest and "step-" in latest.path else None
-        raise Preempted(step, latest.path if latest else None)
+        raise Preempted(step, latest.path if latest else None, mlflow_run_id)
     return result
 
 

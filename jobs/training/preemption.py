@@ -8,6 +8,11 @@ is all-reduced, so every rank stops at the same step and writes one checkpoint t
 checkpoint to Ray Train and end normally; the driver then raises `Preempted` naming it. Running the same command
 again resumes from it (Ray Train hands the run's latest checkpoint back), with the losses of an uninterrupted run.
 
+After training (the export, registration and samples that follow it) SIGTERM no longer ends the job: launch()
+installs `finish_after_training`'s handler, which says so and lets the job finish (every checkpoint is already
+saved; should the platform's SIGKILL come first, the same command resumes the finished run and exports again).
+`run_job` puts the job's original handler back when the job ends (`jobs.platform.runtime.job_sigterm_scope`).
+
 If no checkpoint arrives within `Settings.preemption_timeout_s` (TULPAR_PREEMPTION_TIMEOUT_S, default 120 s; keep
 it below the platform's grace period, e.g. Kubernetes' terminationGracePeriodSeconds), the driver says so, names
 the last checkpoint Ray Train had, and exits 1 before the SIGKILL would come.
@@ -24,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from jobs.platform.runtime import EXIT_INTERNAL_ERROR
+from jobs.platform.runtime import EXIT_INTERNAL_ERROR, running_a_job
 from jobs.training.storage import delete, exists, write_bytes
 
 log = logging.getLogger("tulpar.preemption")
@@ -131,3 +136,20 @@ class StopPoller:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item() > 0)
         return flag
+
+
+def _finish_instead(signum: int, frame=None) -> None:
+    sys.stderr.write(
+        f"preemption: received signal {signum} after training; finishing the export and registration before "
+        "exiting (the checkpoints are saved: if the job is killed first, the same command resumes the finished "
+        "run and exports again)\n"
+    )
+    sys.stderr.flush()
+
+
+def finish_after_training() -> None:
+    """Called by launch() once training has ended: until the job returns, SIGTERM is reported and the job
+    finishes its export and registration, instead of Ray's handler ending it mid-write (exit 15). Only inside
+    run_job (which restores the handler) and in the main thread."""
+    if running_a_job() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _finish_instead)
