@@ -136,8 +136,19 @@ def assert_openai_error(error: dict, status: int) -> None:
 
 def test_replica_killed_under_streaming_load(endpoints):
     app_url, gw_url, app = endpoints
+    # a plain (non-streamed) request per endpoint: its answer comes only at the end, so the kill finds it unanswered
+    plain: dict[str, httpx.Response | Exception] = {}
+
+    def post_plain(base: str) -> None:
+        body = {"model": MODEL, "prompt": "Алматы", "max_tokens": 900, "ignore_eos": True}
+        try:
+            plain[base] = httpx.post(f"{base}/completions", json=body, timeout=CLIENT_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            plain[base] = exc
+
     streams = [Stream(gw_url) for _ in range(3)] + [Stream(app_url) for _ in range(3)]
-    threads = [threading.Thread(target=s.run, daemon=True) for s in streams]
+    threads = [threading.Thread(target=post_plain, args=(b,), daemon=True) for b in (gw_url, app_url)]
+    threads += [threading.Thread(target=s.run, daemon=True) for s in streams]
     for t in threads:
         t.start()
     for s in streams:
@@ -146,7 +157,7 @@ def test_replica_killed_under_streaming_load(endpoints):
     replica.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
 
-    # every in-flight request ends within its timeout, with complete events and an OpenAI-format error event
+    # every in-flight request ends within its timeout: streams with complete events and an OpenAI-format error event
     for t in threads:
         t.join(CLIENT_TIMEOUT_S + 5)
         assert not t.is_alive(), "a request hung past its client timeout"
@@ -165,6 +176,20 @@ def test_replica_killed_under_streaming_load(endpoints):
         else:  # finished before the kill
             assert chunks[-1]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
     assert cut >= 1, "no stream was cut: the kill came after every answer ended"
+    for (
+        base,
+        r,
+    ) in plain.items():  # lost before its output: 503 + Retry-After in OpenAI's format, not a bare 500
+        assert isinstance(r, httpx.Response), (base, r)
+        if r.status_code == 200:  # finished before the kill
+            assert r.json()["usage"]["completion_tokens"] == 900
+            continue
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (
+            base,
+            r.status_code,
+            r.text[:300],
+        )
+        assert_openai_error(r.json()["error"], 503)
 
     # while no replica runs: 503 + Retry-After in OpenAI's format, from the gateway and from the app itself
     # (polled every 0.5 s); once Ray Serve has started a new replica, new requests succeed again

@@ -7,7 +7,8 @@ the ingress's 10-minute timeout). Here:
 
 - a streamed answer whose replica is lost ends with an OpenAI-format error event,
   `data: {"error": {"message", "type": "ServiceUnavailable", "code": 503}}`, then `data: [DONE]`;
-- a request whose replica is lost before its first token gets 503 `{"error": {...}}` + `Retry-After`;
+- a request whose replica is lost before its first output gets 503 `{"error": {...}}` + `Retry-After`; so does one
+  still waiting in Ray Serve's router for a replica when the router is left with none (checked every 0.5 s);
 - while the model's deployment has no running replica (the router's replica set is empty), a new request gets the
   same 503 + `Retry-After` at once instead of waiting; once Ray Serve has started a new replica, requests go
   through again.
@@ -15,6 +16,8 @@ the ingress's 10-minute timeout). Here:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -26,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 log = logging.getLogger("tulpar.serve")
 
 RETRY_AFTER_S = 5  # a replica restart of a small model on CPU takes seconds to a minute
+WATCH_S = 0.5  # how often a request waiting for its first output checks that a replica is left
 
 
 class ReplicaLost(Exception):
@@ -67,15 +71,21 @@ class TulparIngress(OpenAiIngress):
             return unavailable(body.model, str(exc))
 
     async def _get_response(self, **kwargs):
-        sent = False
+        handle = self._get_configured_serve_handle(await self._get_model_id(kwargs["body"].model))
+        stream = super()._get_response(**kwargs)
         try:
-            async for response in super()._get_response(**kwargs):
-                sent = True
+            first = await _first_unless_no_replica(stream, handle)
+        except StopAsyncIteration:
+            return
+        except RayActorError as exc:
+            log.warning("model replica lost before a request's first output: %s", type(exc).__name__)
+            raise ReplicaLost(f"its replica was lost: {type(exc).__name__}") from None
+        yield first
+        try:
+            async for response in stream:
                 yield response
         except RayActorError as exc:
-            log.warning("model replica lost during a request: %s", type(exc).__name__)
-            if not sent:
-                raise ReplicaLost(f"its replica was lost: {type(exc).__name__}") from None
+            log.warning("model replica lost during a streamed answer: %s", type(exc).__name__)
             # headers and events already went out: end the stream with an OpenAI-format error event
             yield ErrorResponse(
                 error=ErrorInfo(
@@ -85,3 +95,22 @@ class TulparIngress(OpenAiIngress):
                     code=503,
                 )
             )
+
+
+async def _first_unless_no_replica(stream, handle):
+    """The stream's first output; ReplicaLost if, while waiting for it, the router is left with no replica (a request
+    still queued in Ray Serve's router when its replica died would wait there for the next one)."""
+    first = asyncio.ensure_future(stream.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=WATCH_S)
+            if done:
+                return first.result()
+            if running_replicas(handle) == 0:
+                log.warning("no model replica left for a waiting request")
+                raise ReplicaLost("its replica was lost while it waited")
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
