@@ -242,7 +242,13 @@ def prepare(cfg: ServeConfig, settings: Settings | None = None) -> list[ServedMo
 def build_from(cfg: ServeConfig, resolved: list[ServedModelPlan]):
     from ray.serve.llm import build_openai_app
 
-    args: dict[str, Any] = {"llm_configs": [llm_config(m, cfg) for m in resolved]}
+    from services.llm_serve.ingress import TulparIngress
+
+    args: dict[str, Any] = {
+        "llm_configs": [llm_config(m, cfg) for m in resolved],
+        # OpenAiIngress plus an OpenAI-format error for a replica lost mid-answer and 503 while none runs
+        "ingress_cls_config": {"ingress_cls": TulparIngress},
+    }
     if not cfg.use_gpu:
         # the ingress needs no CPU of its own; on small machines a reserved CPU would keep it from scheduling
         args["ingress_deployment_config"] = {"ray_actor_options": {"num_cpus": 0}}
