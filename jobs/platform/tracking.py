@@ -175,9 +175,11 @@ def _finish_run(run_id: str, finished: bool) -> None:
                 lambda: MlflowClient().set_terminated(run_id, status),
                 env_seconds(FLUSH_ENV, 120.0),
             )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - see below
         if finished:
             raise
+        # the job itself already failed and its own exception is propagating: an unrecorded run status must not
+        # replace it (the run stays RUNNING in MLflow; the log line says so)
         log.error("could not record MLflow run %s as %s: %s", run_id, status, exc)
 
 
