@@ -39,6 +39,7 @@ from jobs.platform.results import (
     take_inputs,
 )
 from jobs.platform.runtime import JobResult, Settings, main_entry
+from jobs.prep.sources import join_uri
 from jobs.reporting.plots import plot_loss_curve
 from jobs.training.distributed import (
     RayTrainConfig,
@@ -81,7 +82,7 @@ ModelChanges = create_model(
 
 class DataSpec(StrictModel):
     dataset: str = Field(
-        description="a jobs.preprocess output: a path, or a name under $TULPAR_HOME/datasets/"
+        description="a jobs.preprocess output: a path or URI, or a name under $TULPAR_STORAGE/datasets/"
     )
     languages: list[str] | None = Field(
         None, description="languages to evaluate on; default: all in the dataset"
@@ -264,12 +265,17 @@ def check_init_vocabulary(init_dir: Path, init_cfg: ModelConfig, init: str, data
 
 
 def resolve_dataset(spec: str, settings: Settings) -> str:
-    """A dataset path/URI from a path or a bare name under $TULPAR_HOME/datasets/."""
+    """A dataset path/URI from a path, a URI, or a bare name: `jobs.preprocess` writes `<name>` to
+    $TULPAR_STORAGE/datasets/<name> ($TULPAR_STORAGE defaults to $TULPAR_HOME; on a cluster it is an s3:// URI or a
+    shared volume), and a name is looked up there."""
     if "://" in spec:
         return spec
     p = Path(spec)
     if not p.exists() and "/" not in spec:
-        p = settings.home / "datasets" / spec
+        stored = join_uri(settings.storage, f"datasets/{spec}")
+        if "://" in stored:
+            return stored  # TokenDataset.open reads the manifest there and names it when it is missing
+        p = Path(stored)
     if not (p / "manifest.json").is_file():
         raise DataError(
             f"no dataset at {spec!r} (looked for {p / 'manifest.json'}): run `make preprocess` first, or set "

@@ -532,3 +532,22 @@ def test_input_init_continues_from_the_version_a_training_result_registered():
     unregistered = result(None)
     with pytest.raises(ValueError, match="registered no model version"):
         cfg.with_inputs({"init": unregistered})
+
+
+def test_a_dataset_name_resolves_where_preprocess_writes_it(tmp_path, monkeypatch):
+    """jobs.preprocess writes <name> to $TULPAR_STORAGE/datasets/<name>: pretraining finds it there by name, on a
+    shared volume (the compose stack) or in S3 (a cluster), not only when TULPAR_STORAGE is TULPAR_HOME."""
+    from jobs.platform.runtime import Settings
+    from jobs.pretrain import resolve_dataset
+    from llm_core.data import DataError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TULPAR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TULPAR_STORAGE", str(tmp_path / "shared"))
+    (tmp_path / "shared/datasets/tiny").mkdir(parents=True)
+    (tmp_path / "shared/datasets/tiny/manifest.json").write_text("{}")
+    assert resolve_dataset("tiny", Settings.from_env()) == str(tmp_path / "shared/datasets/tiny")
+    with pytest.raises(DataError, match="shared/datasets/other/manifest.json"):
+        resolve_dataset("other", Settings.from_env())
+    monkeypatch.setenv("TULPAR_STORAGE", "s3://tulpar/storage")
+    assert resolve_dataset("tiny", Settings.from_env()) == "s3://tulpar/storage/datasets/tiny"
