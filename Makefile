@@ -122,7 +122,22 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
 images: ## build images with docker buildx bake (needs Docker; PUSH=1 pushes): make images REGISTRY=ghcr.io/me IMAGE_TAG=0.1.0
-	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) docker buildx bake -f infra/images/docker-bake.hcl $(if $(PUSH),--push,--load) $(IMAGES)
+	mkdir -p build/wheels
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) GIT_COMMIT=$$(git rev-parse HEAD) docker buildx bake -f infra/images/docker-bake.hcl $(if $(PUSH),--push,--load) $(IMAGES)
+
+LOCAL_IMAGES ?=
+images-local: ## every CPU image on this machine, no registry: installs/starts Docker, a debootstrap base (make images-local LOCAL_IMAGES="gateway")
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) TORCH_VERSION=$(TORCH_VERSION) infra/images/build_local.sh $(LOCAL_IMAGES)
+
+SERVE_MODEL ?=
+stack-up: ## the platform as containers (infra/compose): make stack-up [SERVE_MODEL=models:/tulpar-tiny@pretrain-latest] (after make images-local)
+	$(if $(SERVE_MODEL),SERVE_MODEL=$(SERVE_MODEL)) infra/compose/stack.sh up $(if $(SERVE_MODEL),--serve)
+
+stack-down: ## stop the compose stack (volumes stay; VOLUMES=1 removes them)
+	infra/compose/stack.sh down $(if $(VOLUMES),--volumes)
+
+stack-ps: ## the compose stack's containers and their health
+	infra/compose/stack.sh ps
 
 charts-deps: setup ## vendor chart dependencies (tulpar-lib; the released KubeRay operator chart: needs network)
 	$(PY) -m pipelines.charts deps
@@ -146,8 +161,8 @@ $(CHECKOV_VENV)/bin/checkov:
 
 checkov: charts-check $(CHECKOV_VENV)/bin/checkov ## checkov on the rendered manifests and the Dockerfiles (own venv: it pins old deps)
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --config-file .checkov.yaml -d $(RENDER_DIR) --framework kubernetes
-	$(CHECKOV_VENV)/bin/checkov --quiet --compact --config-file .checkov.yaml -d infra/images --framework dockerfile
-.PHONY: images charts-deps charts-lint charts-check render checkov
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --config-file .checkov.yaml -d infra --framework dockerfile
+.PHONY: images images-local stack-up stack-down stack-ps charts-deps charts-lint charts-check render checkov
 
 # --- gateway and chat UI (docs/serving.md) ---
 GATEWAY_CONFIG ?= local
