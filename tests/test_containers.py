@@ -369,12 +369,8 @@ def _chat_ui_renders(tmp_path: Path, model: str) -> None:
             box.fill("Сәлем")
             box.press("Enter")
             messages = page.get_by_test_id("stChatMessage")
-            deadline = time.monotonic() + 120
-            while (
-                messages.count() < 2
-            ):  # the user's turn, then the assistant's (sampled: its text may be short)
-                assert time.monotonic() < deadline, "the chat UI container showed no answer within 120 s"
-                time.sleep(0.2)
+            # the user's turn, then the assistant's (sampled: its text may be short); Playwright polls until then
+            messages.nth(1).wait_for(timeout=120_000)
             assert messages.nth(0).inner_text().strip().endswith("Сәлем")
             for error in ("stAlert", "stException"):
                 assert page.get_by_test_id(error).count() == 0, page.get_by_test_id(error).first.inner_text()
