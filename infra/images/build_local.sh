@@ -99,8 +99,6 @@ build() {
   local started=$SECONDS
   DOCKER_BUILDKIT=1 $SUDO "$DOCKER" build --network host -f "$file" ${target:+--target "$target"} "${args[@]}" \
     "${secret[@]}" --build-arg "VERSION=$IMAGE_TAG" --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-    --label "org.opencontainers.image.version=$IMAGE_TAG" \
-    --label "org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     -t "$tag" . >"build/image-$name.log" 2>&1 || { tail -30 "build/image-$name.log" >&2; die "building $name failed: see build/image-$name.log"; }
   local seconds=$((SECONDS - started)) size
   size=$($SUDO "$DOCKER" image inspect -f '{{.Size}}' "$tag")

@@ -25,13 +25,8 @@ target "_common" {
   context    = "."
   dockerfile = "infra/images/Dockerfile"
   platforms  = ["linux/amd64"]
+  // the Dockerfiles' LABELs carry the OCI labels from these two args
   args       = { VERSION = IMAGE_TAG, GIT_COMMIT = GIT_COMMIT }
-  labels = {
-    "org.opencontainers.image.source"   = "https://github.com/tulpar-ai/tulpar"
-    "org.opencontainers.image.version"  = "${IMAGE_TAG}"
-    "org.opencontainers.image.revision" = "${GIT_COMMIT}"
-    "org.opencontainers.image.licenses" = "Apache-2.0"
-  }
 }
 
 target "train" {
