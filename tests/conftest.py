@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ DATA = Path(os.environ.get("TULPAR_DATA", REPO.parent / "shared" / "data")).reso
 
 
 def pytest_collection_modifyitems(config, items):
+    # The container tests go last: their images build in the background meanwhile (pytest_collection_finish).
+    items.sort(key=lambda item: "containers" in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -94,3 +97,62 @@ def _log_handlers_never_keep_a_closed_stream():
             ):
                 with handler.lock:  # not setStream: it flushes the old, closed stream first
                     handler.stream = sys.__stderr__
+
+
+# ------------------------------------------------------------------ the images, built while the other tests run
+
+IMAGE_BUILD_KEY = pytest.StashKey["ImageBuild"]()
+
+
+class ImageBuild:
+    """`infra/images/build_local.sh` (engine, then every CPU image) as a background process started when the
+    session collects a `containers` test; tests/test_containers.py waits for it. Building the seven images from
+    cold takes ~10 minutes of mostly downloading and unpacking wheels, which overlaps the rest of the suite instead
+    of adding to it. Exit 3: no Docker engine can be started here."""
+
+    def __init__(self, names: list[str]):
+        build = REPO / "build"
+        build.mkdir(exist_ok=True)
+        self.log = build / "image-build-test.log"
+        self.timings = build / "image-timings-test.txt"
+        self.timings.unlink(missing_ok=True)
+        script = (
+            "infra/images/build_local.sh --engine || exit $?; exec infra/images/build_local.sh "
+            + " ".join(names)
+        )
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "TIMINGS": str(self.timings)},
+                start_new_session=True,
+            )
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=60)
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    if any("containers" in item.keywords for item in session.items):
+        from tests.test_containers import IMAGES
+
+        session.config.stash[IMAGE_BUILD_KEY] = ImageBuild(IMAGES)
+
+
+def pytest_sessionfinish(session):
+    build = session.config.stash.get(IMAGE_BUILD_KEY, None)
+    if build is not None:
+        build.stop()

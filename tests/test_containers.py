@@ -1,8 +1,9 @@
 """The platform as containers: every CPU image built here from a debootstrap base, then the compose stack end to end.
 
 `make images-local` (infra/images/build_local.sh) installs and starts Docker when it can; where no engine can be
-started (no apt, no root) the tests skip and say why. With an engine they build every CPU image (pip's cache and
-BuildKit's layers make a rebuild take seconds), check what is inside the images, then run the stack of
+started (no apt, no root) the tests skip and say why. With an engine every CPU image is built (in the background
+from the moment pytest has collected these tests, which run last; pip's cache and BuildKit's layers make a
+rebuild take seconds), the tests check what is inside the images, then run the stack of
 infra/compose (as the compose project `tulpar-test`, its own volumes) and drive it as a user would:
 
   tokenizer -> preprocess -> pretrain submitted through the Ray Jobs API to the containerized Ray head (training on
@@ -81,16 +82,18 @@ def _logs(service: str, lines: int = 40) -> str:
 
 
 @pytest.fixture(scope="module")
-def images():
-    """Docker started (or the module skips, saying why), then every CPU image built; their build seconds."""
-    engine = _run(["infra/images/build_local.sh", "--engine"], 600, check=False)
-    if engine.returncode == 3:
-        pytest.skip(f"no Docker engine can be started here: {engine.stderr.strip().splitlines()[-1]}")
-    assert engine.returncode == 0, engine.stderr
-    timings = REPO / "build/image-timings-test.txt"
-    timings.unlink(missing_ok=True)
-    _run(["infra/images/build_local.sh", *IMAGES], 2400, {"TIMINGS": str(timings)})
-    return {name: float(sec) for name, sec, _ in (line.split() for line in timings.read_text().splitlines())}
+def images(request):
+    """Docker started (or the module skips, saying why), then every CPU image built; their build seconds. The build
+    started in the background when the session was collected (tests/conftest.py); this waits for it."""
+    from tests.conftest import IMAGE_BUILD_KEY, ImageBuild
+
+    build = request.config.stash.get(IMAGE_BUILD_KEY, None) or ImageBuild(IMAGES)
+    rc = build.wait(timeout=2400)
+    if rc == 3:
+        pytest.skip(f"no Docker engine can be started here: {build.tail(1)}")
+    assert rc == 0, f"infra/images/build_local.sh exited {rc}:\n{build.tail()}"
+    lines = build.timings.read_text().splitlines()
+    return {name: float(sec) for name, sec, _ in (line.split() for line in lines)}
 
 
 def _inspect(image: str) -> dict:
