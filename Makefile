@@ -47,9 +47,8 @@ recipe-check: setup ## validate recipes without training (configs, vocab, head_d
 
 .PHONY: recipe-check
 
-test: setup lint browser postgres ## lint, then run the test suite (GPU tests skip without a GPU)
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+test: setup lint browser postgres ## lint, then the test suite (GPU tests skip without a GPU; the container tests run beside the rest)
+	@PY=$(PY) tests/run_suite.sh $(PYTEST_ARGS)
 
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check .

@@ -149,7 +149,12 @@ def test_missing_and_corrupt_tokenizer_files_name_the_file(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: after an earlier test imported it, only the constant
+    # makes this process offline (else the hub is tried over the network, with retries: ~45 s here)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"(?s)tulpar-test/does-not-exist.*online"):
         load_tokenizer("hub", hub_id="tulpar-test/does-not-exist")
 
