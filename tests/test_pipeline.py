@@ -110,14 +110,16 @@ def test_recipe_end_to_end_caching_preset_edit_refused_gate_and_failure(
     assert len(client.search_model_versions(f"name='{name}'")) == 3
 
     # editing a preset re-runs pretraining and what follows it, and only that; the new model fails a gate that
-    # cannot be met, so the pipeline serves the previous champion, never the refused model
+    # cannot be met, so the pipeline serves the previous champion, never the refused model. (SFT and DPO are
+    # switched off for this run: the chain pretrain -> eval -> serve shows the same and saves two trainings.)
     preset = restore_tiny_preset
     preset.write_text(preset.read_text() + "norm_eps: 1.0e-6\n")
-    third = run(home, data_dir, REFUSING_GATE)
+    third = run(home, data_dir, REFUSING_GATE, "sft.enabled=false", "dpo.enabled=false")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     out = last_json(third)["outputs"]
     assert sorted(out["cached"]) == ["preprocess", "tokenizer"], third.stdout
-    assert out["model_uri"] == f"models:/{name}/6"
+    assert "] pretrain   ok in" in third.stdout and "] eval       ok in" in third.stdout, third.stdout
+    assert out["model_uri"] == f"models:/{name}/4"
     assert "the gate refused" in third.stdout
     assert out["serve"]["source"] == f"models:/{name}/3", "the refused model must not be served"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
