@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,10 @@ class ImageBuild:
         build = REPO / "build"
         build.mkdir(exist_ok=True)
         self.log = build / "image-build-test.log"
-        self.timings = build / "image-timings-test.txt"
-        self.timings.unlink(missing_ok=True)
+        timings = (
+            build / "image-timings-test.txt"
+        )  # build_local.sh: one "name seconds size_bytes" line per image
+        timings.unlink(missing_ok=True)
         script = (
             "infra/images/build_local.sh --engine || exit $?; exec infra/images/build_local.sh "
             + " ".join(names)
@@ -127,7 +130,7 @@ class ImageBuild:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "TIMINGS": str(self.timings)},
+                env={**os.environ, "TIMINGS": str(timings)},
                 start_new_session=True,
             )
 
@@ -139,7 +142,7 @@ class ImageBuild:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=60)
 
 

@@ -83,8 +83,9 @@ def _logs(service: str, lines: int = 40) -> str:
 
 @pytest.fixture(scope="module")
 def images(request):
-    """Docker started (or the module skips, saying why), then every CPU image built; their build seconds. The build
-    started in the background when the session was collected (tests/conftest.py); this waits for it."""
+    """Docker started (or the module skips, saying why), then every CPU image built (seconds and size of each in
+    build/image-timings-test.txt). The build started in the background when the session was collected
+    (tests/conftest.py); this waits for it."""
     from tests.conftest import IMAGE_BUILD_KEY, ImageBuild
 
     build = request.config.stash.get(IMAGE_BUILD_KEY, None) or ImageBuild(IMAGES)
@@ -92,8 +93,6 @@ def images(request):
     if rc == 3:
         pytest.skip(f"no Docker engine can be started here: {build.tail(1)}")
     assert rc == 0, f"infra/images/build_local.sh exited {rc}:\n{build.tail()}"
-    lines = build.timings.read_text().splitlines()
-    return {name: float(sec) for name, sec, _ in (line.split() for line in lines)}
 
 
 def _inspect(image: str) -> dict:
