@@ -74,13 +74,18 @@ log = logging.getLogger("tulpar.preprocess")
 
 def start_ray_data(cfg: PreprocessConfig, settings: Settings) -> None:
     """Join Ray (a local Ray limited to execution.local_num_cpus / object_store_mb, workers' output not
-    forwarded), then set Ray Data's progress bars and CPU limit."""
+    forwarded), then set Ray Data's progress bars and CPU limit.
+
+    On a cluster (RAY_ADDRESS) the workers get the driver's TULPAR_*/MLFLOW_*/AWS_* environment, as training's do:
+    they read and write s3:// sources, work store and dataset with the driver's endpoint and credentials. A local
+    Ray's workers inherit the driver's environment already, and keep the prestarted workers a runtime_env would
+    replace."""
     from ray.data import DataContext, ExecutionResources
 
     store = cfg.execution.object_store_mb * 1024 * 1024 if cfg.execution.object_store_mb else None
     init_ray(
         settings,
-        forward_settings=False,
+        forward_settings=settings.ray_address is not None,
         log_to_driver=False,
         num_cpus=cfg.execution.local_num_cpus,
         object_store_memory=store,

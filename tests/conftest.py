@@ -45,6 +45,15 @@ def tulpar_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's intra-op thread count does so for itself only: the count sets the order of
+    float sums, so a leaked count would make a later test's numerics depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_config(**overrides) -> ModelConfig:
     base = dict(
         vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=128, max_seq_len=128
@@ -156,6 +165,9 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
+    from tests.stack import stop_shared_ray
+
+    stop_shared_ray()  # the session's Ray for job subprocesses, if a test started it
     build = session.config.stash.get(IMAGE_BUILD_KEY, None)
     if build is not None:
         build.stop()

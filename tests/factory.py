@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,18 @@ from llm_core.model import Transformer
 from llm_core.text import sample_language
 from llm_core.tokenizer import train_bpe
 from llm_core.trainer import TrainConfig, Trainer
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one intra-op thread, then restore the count: a float sum's order follows the thread count, so a
+    model trained here is the same weights whichever test asks and however many threads the process had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_corpus(data_dir: Path, vocab: int = 1024):
@@ -45,8 +59,9 @@ def train_tiny_hf(
         tcfg = TrainConfig(steps=steps, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10, eval_every=10**6)
         trainer = Trainer(model, tcfg)
         sampler = RandomWindows(np.asarray(tokens), 64, 16, seed=seed)
-        for _ in range(steps):
-            trainer.train_step(sampler.next_step())
+        with one_thread():
+            for _ in range(steps):
+                trainer.train_step(sampler.next_step())
     export_hf(model.eval(), out_dir, tokenizer=tok)
     return out_dir
 
@@ -83,7 +98,8 @@ def sft_tiny_hf(
     tcfg = TrainConfig(steps=steps, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, eval_every=10**6)
     trainer = Trainer(model, tcfg)
     sampler = RowSampler(rows, 16, seed=seed)
-    for _ in range(steps):
-        trainer.train_step(sampler.next_step())
+    with one_thread():
+        for _ in range(steps):
+            trainer.train_step(sampler.next_step())
     export_hf(model.eval(), out_dir, tokenizer=tok)
     return out_dir

@@ -6,6 +6,7 @@ listens on 127.0.0.1 on a free port, runs in its own session and is stopped (its
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import re
@@ -201,10 +202,20 @@ def mlflow_from_chart(
 # -- Ray -------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RayHead:
+    dashboard_url: str  # the Jobs API and the State API
+    address: str  # GCS, `127.0.0.1:<port>`: what RAY_ADDRESS and ray.init take
+
+
 @contextlib.contextmanager
-def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
-    """`ray start --head --block` on free ports with its own temp dir; yields the dashboard's http address.
-    Stopped by signalling its process group: `ray stop` would stop every Ray on the machine."""
+def ray_head(
+    workdir: Path, env: dict[str, str], num_cpus: int = 2, token_auth: bool = True
+) -> Iterator[RayHead]:
+    """`ray start --head --block` with its dashboard, on free ports and with its own temp dir. Stopped by
+    signalling its process group: `ray stop` would stop every Ray on the machine (a containerized one too). Every
+    port is chosen here, since a Ray in a container on the host network may hold Ray's default ones.
+    token_auth=False: drivers join over GCS on loopback without the token `ray start` otherwise requires."""
     flags = [
         "--port",
         "--dashboard-port",
@@ -223,12 +234,40 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2) -> Iterator[
            f"--temp-dir={temp}", "--min-worker-port=0", "--max-worker-port=0",
            *[f"{k}={v}" for k, v in ports.items()]]  # fmt: skip
     log = workdir / "ray-head.log"
+    # As in the images: `python` on the head's PATH is the one with Tulpar's dependencies.
+    path = f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}"
+    head_env = {**env, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0"}
+    if not token_auth:
+        head_env["RAY_AUTH_MODE"] = "disabled"
     try:
-        # As in the images: `python` on the head's PATH is the one with Tulpar's dependencies.
-        path = f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}"
-        with process(cmd, log, env={**env, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0"}) as proc:
+        with process(cmd, log, env=head_env) as proc:
             url = f"http://127.0.0.1:{ports['--dashboard-port']}"
             wait_until(lambda: http_ok(f"{url}/api/gcs_healthz"), 120, "Ray head", proc, log)
-            yield url
+            yield RayHead(dashboard_url=url, address=f"127.0.0.1:{ports['--port']}")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+_SHARED_RAY: dict[str, Any] = {}
+
+
+def shared_ray_address() -> str:
+    """RAY_ADDRESS of the test session's one Ray (a `ray_head`, 2 CPUs like this machine), started at the first
+    call and stopped when the session ends (tests/conftest.py). Job subprocesses join it as they would a
+    cluster's head, instead of each starting and stopping a local Ray of its own (~5 s a job)."""
+    if "address" not in _SHARED_RAY:
+        stack = contextlib.ExitStack()
+        workdir = Path(tempfile.mkdtemp(prefix="tulpar-test-ray-"))
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        head = stack.enter_context(ray_head(workdir, env, num_cpus=2, token_auth=False))
+        _SHARED_RAY["address"] = head.address
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        _SHARED_RAY["stack"] = stack
+    return _SHARED_RAY["address"]
+
+
+def stop_shared_ray() -> None:
+    stack = _SHARED_RAY.pop("stack", None)
+    _SHARED_RAY.pop("address", None)
+    if stack is not None:
+        stack.close()

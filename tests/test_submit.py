@@ -243,7 +243,8 @@ def test_make_submit_pretrain_on_a_ray_head_logs_to_postgres_s3_mlflow(mlflow_st
         if not k.startswith(("TULPAR_", "MLFLOW_", "RAY_", "AWS_", "MAKE"))
     }
     env.update(TULPAR_HOME=str(home), TULPAR_DATA=str(data_dir), MLFLOW_TRACKING_URI=mlflow_stack["url"])
-    with stack.ray_head(tmp_path, env, num_cpus=2) as dashboard:
+    with stack.ray_head(tmp_path, env, num_cpus=2) as head:
+        dashboard = head.dashboard_url
         overrides = [
             f"data.dataset={dataset}",
             "train.steps=6",
