@@ -251,19 +251,20 @@ def ray_head(
 _SHARED_RAY: dict[str, Any] = {}
 
 
-def shared_ray_address() -> str:
-    """RAY_ADDRESS of the test session's one Ray (a `ray_head`, 2 CPUs like this machine), started at the first
-    call and stopped when the session ends (tests/conftest.py). Job subprocesses join it as they would a
-    cluster's head, instead of each starting and stopping a local Ray of its own (~5 s a job)."""
+def shared_ray_env() -> dict[str, str]:
+    """The environment that makes a job subprocess join the test session's one Ray (a `ray_head`, 2 CPUs like this
+    machine), started at the first call and stopped when the session ends (tests/conftest.py): RAY_ADDRESS, as for
+    a cluster's head, instead of each job starting and stopping a local Ray of its own (~5 s a job and its CPU),
+    and RAY_AUTH_MODE as the head has it. A driver left to choose turns token authentication on when
+    ~/.ray/auth_token exists, and then refuses the head's unauthenticated calls: the job hangs."""
     if "address" not in _SHARED_RAY:
         stack = contextlib.ExitStack()
         workdir = Path(tempfile.mkdtemp(prefix="tulpar-test-ray-"))
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
         head = stack.enter_context(ray_head(workdir, env, num_cpus=2, token_auth=False))
-        _SHARED_RAY["address"] = head.address
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        _SHARED_RAY["stack"] = stack
-    return _SHARED_RAY["address"]
+        _SHARED_RAY.update(address=head.address, stack=stack)
+    return {"RAY_ADDRESS": _SHARED_RAY["address"], "RAY_AUTH_MODE": "disabled"}
 
 
 def stop_shared_ray() -> None:

@@ -23,7 +23,7 @@ from pipelines.train_to_serve import (
 )
 from tests.conftest import REPO
 from tests.fake_openai import FakeUpstream, ServerThread
-from tests.stack import free_port, shared_ray_address
+from tests.stack import free_port, shared_ray_env
 
 JOB_STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "eval")
 REFUSING_GATE = 'eval.overrides=["gate.rules=[{metric: bpb/flores200_devtest/avg, max: 0.001}]"]'
@@ -32,7 +32,7 @@ REFUSING_GATE = 'eval.overrides=["gate.rules=[{metric: bpb/flores200_devtest/avg
 def run(home: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env["RAY_ADDRESS"] = shared_ray_address()  # the session's Ray, joined as a cluster's head
+    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
     cmd = [
         sys.executable,
         "-m",

@@ -28,7 +28,7 @@ from jobs.preprocess import Output, main
 from llm_core.shards import DataError, TokenDataset, read_manifest
 from llm_core.tokenizer import Tokenizer, train_bpe
 from tests.conftest import REPO
-from tests.stack import shared_ray_address
+from tests.stack import shared_ray_env
 
 FIXTURES = REPO / "tests" / "fixtures" / "preprocess"
 RU_IN_KK = "многие читатели обвиняют Дамблдора"
@@ -472,9 +472,7 @@ def test_s3_dataset_and_work_store(corpus, tokenizer_dir, home, tmp_path):
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         env = {**os.environ, **creds, "TULPAR_HOME": str(home), "TULPAR_DATA": str(corpus)}
-        env["RAY_ADDRESS"] = (
-            shared_ray_address()
-        )  # the session's Ray: AWS_* reach its workers as on a cluster
+        env.update(shared_ray_env())  # the session's Ray: AWS_* reach its workers as on a cluster
         env.pop("MLFLOW_TRACKING_URI", None)
         r = subprocess.run(
             [sys.executable, "-m", "jobs.preprocess", "--config", str(path)],

@@ -17,7 +17,7 @@ from llm_core.shards import build_manifest, dtype_name, write_shard
 from llm_core.text import is_validation, sample_language
 from llm_core.tokenizer import train_bpe
 from tests.conftest import REPO
-from tests.stack import shared_ray_address
+from tests.stack import shared_ray_env
 
 LANGS = ("kk", "ru", "en")
 
@@ -82,7 +82,7 @@ def pretrain_command(
     """(argv, environment) of a tiny jobs.pretrain run in its own TULPAR_HOME."""
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env["RAY_ADDRESS"] = shared_ray_address()  # the session's Ray, joined as a cluster's head
+    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
     args = [
         sys.executable,
         "-m",

@@ -18,7 +18,7 @@ import torch
 from jobs.platform.runtime import Settings
 from tests.conftest import REPO
 from tests.factory import train_tiny_hf
-from tests.stack import shared_ray_address
+from tests.stack import shared_ray_env
 from tests.test_pretrain import result_of
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ LANGUAGE_PAIRS = [
 def env_for(home: Path, data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env["RAY_ADDRESS"] = shared_ray_address()  # the session's Ray, joined as a cluster's head
+    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
     return env
 
 

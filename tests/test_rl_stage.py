@@ -17,7 +17,7 @@ import torch
 from jobs.platform.runtime import run_job
 from tests.conftest import REPO
 from tests.factory import sft_tiny_hf, train_tiny_hf
-from tests.stack import shared_ray_address
+from tests.stack import shared_ray_env
 from tests.test_pretrain import result_of
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def sft_model(tmp_path_factory, data_dir) -> Path:
 def run_rl(config: str, home: Path, data_dir: Path, *overrides: str) -> dict:
     env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env["RAY_ADDRESS"] = shared_ray_address()  # the session's Ray, joined as a cluster's head
+    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.rl", "--config", f"configs/rl/{config}.yaml", *overrides],
         cwd=REPO,
