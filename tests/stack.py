@@ -261,8 +261,8 @@ def shared_ray_env() -> dict[str, str]:
         stack = contextlib.ExitStack()
         workdir = Path(tempfile.mkdtemp(prefix="tulpar-test-ray-"))
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # last: after the head has stopped
         head = stack.enter_context(ray_head(workdir, env, num_cpus=2, token_auth=False))
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         _SHARED_RAY.update(address=head.address, stack=stack)
     return {"RAY_ADDRESS": _SHARED_RAY["address"], "RAY_AUTH_MODE": "disabled"}
 
