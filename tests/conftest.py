@@ -124,9 +124,8 @@ class ImageBuild:
         build = REPO / "build"
         build.mkdir(exist_ok=True)
         self.log = build / "image-build-test.log"
-        timings = (
-            build / "image-timings-test.txt"
-        )  # build_local.sh: one "name seconds size_bytes" line per image
+        # build_local.sh writes one "name seconds size_bytes" line per image there
+        timings = build / "image-timings-test.txt"
         timings.unlink(missing_ok=True)
         script = (
             "infra/images/build_local.sh --engine || exit $?; exec infra/images/build_local.sh "

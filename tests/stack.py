@@ -267,6 +267,16 @@ def shared_ray_env() -> dict[str, str]:
     return {"RAY_ADDRESS": _SHARED_RAY["address"], "RAY_AUTH_MODE": "disabled"}
 
 
+def job_env(home: Path, data_dir: Path) -> dict[str, str]:
+    """The environment of a job or pipeline subprocess in a test: this process's, with its own TULPAR_HOME (MLflow
+    on SQLite there, not MLFLOW_TRACKING_URI), TULPAR_DATA, unbuffered output, and the session's Ray joined as a
+    cluster's head (`shared_ray_env`)."""
+    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(shared_ray_env())
+    return env
+
+
 def stop_shared_ray() -> None:
     stack = _SHARED_RAY.pop("stack", None)
     _SHARED_RAY.pop("address", None)

@@ -3,7 +3,6 @@ endpoint, lineage in MLflow, jobs that say when their output is current, a prese
 affected stages, a refused gate that is never served, and a clear stop on a failing stage."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,16 +22,14 @@ from pipelines.train_to_serve import (
 )
 from tests.conftest import REPO
 from tests.fake_openai import FakeUpstream, ServerThread
-from tests.stack import free_port, shared_ray_env
+from tests.stack import free_port, job_env
 
 JOB_STAGES = ("tokenizer", "preprocess", "pretrain", "sft", "dpo", "eval")
 REFUSING_GATE = 'eval.overrides=["gate.rules=[{metric: bpb/flores200_devtest/avg, max: 0.001}]"]'
 
 
 def run(home: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
+    env = job_env(home, data_dir)
     cmd = [
         sys.executable,
         "-m",

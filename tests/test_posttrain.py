@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.stack import shared_ray_env
+from tests.stack import job_env
 from tests.test_pretrain import make_dataset, result_of, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -21,9 +21,7 @@ SMALL = ["train.seq_len=128", "train.batch_size=4", "train.log_every=2", "sample
 
 
 def run_job(stage: str, config: str, home: Path, data_dir: Path, *overrides: str) -> dict:
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
+    env = job_env(home, data_dir)
     proc = subprocess.run(
         [sys.executable, "-m", f"jobs.{stage}", "--config", config, *overrides],
         cwd=REPO,

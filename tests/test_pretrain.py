@@ -4,7 +4,6 @@ continued pretraining from a model (`init`) with context extension."""
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from llm_core.shards import build_manifest, dtype_name, write_shard
 from llm_core.text import is_validation, sample_language
 from llm_core.tokenizer import train_bpe
 from tests.conftest import REPO
-from tests.stack import shared_ray_env
+from tests.stack import job_env
 
 LANGS = ("kk", "ru", "en")
 
@@ -80,9 +79,7 @@ def pretrain_command(
     home: Path, dataset: Path, *overrides: str, data_dir: Path, config: str = "configs/pretrain/tiny.yaml"
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of a tiny jobs.pretrain run in its own TULPAR_HOME."""
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
+    env = job_env(home, data_dir)
     args = [
         sys.executable,
         "-m",

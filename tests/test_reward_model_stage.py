@@ -6,7 +6,6 @@ scores through transformers and vLLM against ours."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from jobs.platform.runtime import Settings
 from tests.conftest import REPO
 from tests.factory import train_tiny_hf
-from tests.stack import shared_ray_env
+from tests.stack import job_env
 from tests.test_pretrain import result_of
 
 pytestmark = pytest.mark.slow
@@ -46,10 +45,7 @@ LANGUAGE_PAIRS = [
 
 
 def env_for(home: Path, data_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
-    return env
+    return job_env(home, data_dir)
 
 
 def run_stage(home: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

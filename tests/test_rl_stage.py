@@ -6,7 +6,6 @@ with a message naming the setting."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from jobs.platform.runtime import run_job
 from tests.conftest import REPO
 from tests.factory import sft_tiny_hf, train_tiny_hf
-from tests.stack import shared_ray_env
+from tests.stack import job_env
 from tests.test_pretrain import result_of
 
 pytestmark = pytest.mark.slow
@@ -31,9 +30,7 @@ def sft_model(tmp_path_factory, data_dir) -> Path:
 
 
 def run_rl(config: str, home: Path, data_dir: Path, *overrides: str) -> dict:
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
+    env = job_env(home, data_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.rl", "--config", f"configs/rl/{config}.yaml", *overrides],
         cwd=REPO,

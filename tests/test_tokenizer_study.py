@@ -19,7 +19,7 @@ from jobs.platform.runtime import Settings
 from pipelines.tokenizer_study import Study, StudyConfig, check_same_eval_text, load_study, main
 from pipelines.tokenizer_study_report import Stat, compare
 from tests.conftest import REPO
-from tests.stack import shared_ray_env
+from tests.stack import job_env
 
 TINY = REPO / "configs" / "tokenizer_study" / "tiny.yaml"
 
@@ -229,9 +229,7 @@ def test_a_stage_in_process_gives_what_its_own_job_gives(tmp_path, monkeypatch, 
 
 
 def run_study(home: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TULPAR_HOME": str(home), "TULPAR_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(shared_ray_env())  # the session's Ray, joined as a cluster's head
+    env = job_env(home, data_dir)
     cmd = [sys.executable, "-m", "pipelines.tokenizer_study", "--config", "tiny"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
