@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(StageResult(stage="serve", outputs=EndpointOutputs(models=summary)).model_dump_json())
         return 0
 
+    if cfg.throughput_optimized and settings.ray_address in (None, "local"):
+        # Read by Ray Serve's controller and replicas when they start: it must be in the environment of the local
+        # Ray this process starts (a cluster's Ray has its own environment: docs/serving.md).
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     import ray
     from ray import serve
 

@@ -179,6 +179,8 @@ def llm_config(model: ServedModelPlan, cfg: ServeConfig):
     """The Ray Serve LLM config of one resolved model."""
     from ray.serve.llm import LLMConfig
 
+    from services.llm_serve.server import TulparLLMServer
+
     spec = model.spec
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if cfg.use_gpu else "float32")
     engine: dict[str, Any] = {"dtype": dtype, "tensor_parallel_size": spec.tensor_parallel_size}
@@ -212,6 +214,9 @@ def llm_config(model: ServedModelPlan, cfg: ServeConfig):
         "engine_kwargs": engine,
         "deployment_config": {"autoscaling_config": autoscaling},
         "log_engine_metrics": cfg.log_engine_metrics,
+        # the first output of a streamed answer at once, the rest batched (services/llm_serve/server.py)
+        "server_cls": TulparLLMServer,
+        "experimental_configs": {"stream_batching_interval_ms": cfg.stream_batching_interval_ms},
     }
     if spec.lora:
         kwargs["lora_config"] = {

@@ -91,6 +91,18 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     app_name: str = "tulpar"
+    stream_batching_interval_ms: float = Field(
+        50.0,
+        ge=0,
+        description="streamed answers: after the first output (sent at once), a replica sends the outputs of each "
+        "interval in one message (fewer Ray messages under load); 0 sends every output on its own",
+    )
+    throughput_optimized: bool = Field(
+        True,
+        description="a local Ray started by `python -m services.llm_serve` runs Ray Serve in its throughput-optimized "
+        "mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica serves HTTP itself, no proxy hop; gRPC between "
+        "replicas); a cluster's Ray takes the setting from its own environment",
+    )
     log_engine_metrics: bool = Field(
         True, description="export vLLM engine metrics to Ray's Prometheus endpoint"
     )
