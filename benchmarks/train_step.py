@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layers", type=int, default=4, help="num_layers override (default 4 so it runs on 2 cores)"
     )
     p.add_argument("--override", action="append", default=[], help="extra preset override key=value")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=32768,
+        help="vocabulary of the models (presets take theirs from a tokenizer; 32768 = the recipe's 32k tokenizer)",
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
@@ -83,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time llm_core wrapped in torch.compile")
     p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed for compile warmup")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one step of each eager variant (torch.profiler): where the time goes",
+    )
     p.add_argument("--peak-repeats", type=int, default=5, help="repeats per matmul shape (best is kept)")
     p.add_argument(
         "--loss-steps", type=int, default=100, help="steps of the bf16-vs-fp32 loss check (0 = skip)"
@@ -306,6 +317,47 @@ def compile_first_step(v: Variant, timeout: float) -> None:
 # ------------------------------------------------------------------------------------------- loss check
 
 
+# aten op -> what it is, for the profile's breakdown (self time of the op on the calling thread)
+OP_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "vocabulary head loss": ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
+                             "aten::nll_loss_backward", "aten::logsumexp", "aten::exp", "aten::gather"),
+    "casts and copies": ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous", "aten::cat"),
+    "optimizer": ("aten::_fused_adamw_", "aten::_foreach_", "aten::zero_", "aten::fill_"),
+    "embedding": ("aten::embedding_dense_backward", "aten::index_select", "aten::embedding",
+                  "aten::index_add_", "aten::index_put_", "aten::embedding_backward"),
+}  # fmt: skip
+
+
+def op_kind(name: str) -> str:
+    for kind, names in OP_KINDS.items():
+        if any(name == n or (n.endswith("_") and name.startswith(n)) for n in names):
+            return kind
+    return "other elementwise / norms / autograd"
+
+
+def profile_step(step_fn) -> tuple[float, list[tuple[str, float]], list[tuple[str, float]]]:
+    """One profiled step (after an unprofiled one): (step wall s, [(kind, self s)], top [(op, self s)])."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step_fn()
+        wall = time.perf_counter() - t0
+    per_op: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+            per_op[e.key] = per_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    kinds: dict[str, float] = {}
+    for name, t in per_op.items():
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + t
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:12]
+    return wall, sorted(kinds.items(), key=lambda kv: -kv[1]), top
+
+
 def markov_batches(vocab: int, steps: int, batch: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """Fixed token batches from a random sparse order-1 Markov chain: learnable, so the loss actually falls."""
     g = torch.Generator().manual_seed(seed)
@@ -323,7 +375,7 @@ def markov_batches(vocab: int, steps: int, batch: int, seq_len: int, seed: int) 
 
 
 def loss_check(args) -> dict:
-    cfg = model_config_from_preset(args.loss_preset)
+    cfg = model_config_from_preset(args.loss_preset, [f"vocab_size={args.vocab_size}"])
     seq = min(args.loss_seq_len, cfg.max_seq_len)
     batches = markov_batches(cfg.vocab_size, args.loss_steps, args.loss_batch, seq, args.seed + 1)
     torch.manual_seed(args.seed)
@@ -396,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = cpu_info()
     load_start = os.getloadavg()
     overrides = [f"num_layers={args.layers}"] if args.layers else []
-    cfg = model_config_from_preset(args.preset, overrides + args.override)
+    cfg = model_config_from_preset(args.preset, [f"vocab_size={args.vocab_size}", *overrides, *args.override])
     if args.seq_len > cfg.max_seq_len:
         raise SystemExit(f"--seq-len {args.seq_len} > max_seq_len {cfg.max_seq_len} of preset {args.preset}")
     tokens = args.batch * args.seq_len
@@ -538,6 +590,22 @@ def main(argv: list[str] | None = None) -> int:
         if v.error:
             print(f"  {v.impl} {v.dtype}: ERROR {v.error}")
 
+    # 3b. profile: where one step's time goes, by kind of op
+    profiles: list[str] = []
+    if args.profile:
+        for v in variants:
+            if v.error or "compile" in v.impl:
+                continue
+            wall, kinds, top = profile_step(v.step_fn)
+            ops = sum(t for _, t in kinds)
+            lines = [
+                f"profile {v.impl} {v.dtype}: one step {wall * 1e3:.0f} ms under the profiler, aten self time "
+                f"{ops * 1e3:.0f} ms: " + ", ".join(f"{k} {100 * t / ops:.1f}%" for k, t in kinds),
+                "  top ops: " + ", ".join(f"{n.removeprefix('aten::')} {t * 1e3:.0f} ms" for n, t in top),
+            ]
+            profiles += lines
+            print("\n".join(lines))
+
     # 4. loss agreement
     lc = None
     if args.loss_steps > 0:
@@ -599,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         parts += [f"- torch.compile {n}" for n in compile_notes]
         parts += ["", tab, ""]
         parts += [f"- {line}" for line in breakdown]
+        parts += [f"- {line.strip()}" for line in profiles]
         if lc:
             parts.append(f"- {lc_text}")
         parts += [f"- {line}" for line in goals]
