@@ -232,7 +232,7 @@ def row(model: str, server: str, c: int, r: dict, ref: dict | None, b: dict | No
 
 def table(rows: list[dict]) -> str:
     def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+        return "-" if v is None else format(v, fmt) + "x"
 
     lines = [
         "| model | server | C | prompts | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | tok/s vs (a) | "
@@ -243,7 +243,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['prompts']} | {r['tok_s']:,.0f} | "
             f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} | "
-            f"{f(r['vs_a'], '.2f')}x | {f(r['ttft_vs_a'], '.2f')}x | {f(r['vs_b'], '.3f')}x | {r['greedy_equal_a']} |"
+            f"{f(r['vs_a'], '.2f')} | {f(r['ttft_vs_a'], '.2f')} | {f(r['vs_b'], '.3f')} | {r['greedy_equal_a']} |"
         )
     return "\n".join(lines)
 
