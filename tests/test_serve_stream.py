@@ -44,3 +44,23 @@ def test_interval_zero_sends_every_output_and_an_empty_stream_sends_nothing():
 def test_an_engine_error_reaches_the_caller(fail_after):
     with pytest.raises(RuntimeError, match="engine died"):
         asyncio.run(collect(first_then_batched(engine_outputs(6, 0.001, fail_after), 20)))
+
+
+def test_a_caller_that_leaves_after_the_first_output_ends_the_engine_stream():
+    ended = []
+
+    async def engine():
+        try:
+            for i in range(100):
+                yield i
+                await asyncio.sleep(0.001)
+        finally:
+            ended.append(True)  # vLLM aborts the request here
+
+    async def take_first():
+        stream = first_then_batched(engine(), 50)
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first, list(ended)  # before the event loop's shutdown would close a forgotten generator
+
+    assert asyncio.run(take_first()) == ([0], [True])

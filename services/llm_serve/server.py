@@ -22,8 +22,12 @@ async def first_then_batched(generator: AsyncGenerator[Any, None], interval_ms: 
         first = await generator.__anext__()
     except StopAsyncIteration:
         return
-    yield [first]
-    async for batch in Batcher(generator, interval_ms=interval_ms).stream():
+    try:
+        yield [first]
+    except GeneratorExit:  # the caller went away after the first output: end the engine's request too
+        await generator.aclose()
+        raise
+    async for batch in Batcher(generator, interval_ms=interval_ms).stream():  # cancels its reader when closed
         yield batch
 
 
