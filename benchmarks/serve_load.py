@@ -127,46 +127,43 @@ def command_line() -> str:
     return "python " + shlex.join(argv + sys.argv[1:])
 
 
-class ServeProcess:
-    """`python -m services.llm_serve --model <dir> port=<free> [overrides]` on a private local Ray.
+class ServerProcess:
+    """A server subprocess on loopback, ready once GET <url>/models lists a model.
 
-    Started in its own session; stopped with SIGINT to the app process (it shuts Serve and Ray down), then
-    SIGKILL to whatever of its process group is left."""
+    Started in its own session, its output in `log_path`; stopped with SIGINT (an app shuts Serve and Ray down),
+    then SIGKILL to whatever of its process group is left."""
 
-    def __init__(self, model: str, overrides: list[str] | None = None, timeout: float = 600.0):
-        self.model, self.overrides, self.timeout = model, list(overrides or []), timeout
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+    def __init__(
+        self,
+        cmd: list[str],
+        url: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 600.0,
+        headers: dict[str, str] | None = None,
+        name: str = "the server",
+    ):
+        self.cmd, self.url, self.log_path, self.timeout, self.headers = cmd, url, log_path, timeout, headers
+        self.name = name
+        self.env = dict(env if env is not None else os.environ)
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "serve.log"
         self.startup_s: float | None = None
         self.models: list[str] = []
 
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "services.llm_serve",
-            "--model",
-            self.model,
-            f"port={self.port}",
-            *self.overrides,
-        ]
+        return self.cmd
 
-    def __enter__(self) -> ServeProcess:
-        env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
-        env.setdefault("TULPAR_HOME", str(self.log_path.parent / "home"))
+    def __enter__(self) -> ServerProcess:
         t0 = time.perf_counter()
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -178,12 +175,10 @@ class ServeProcess:
     def _wait_ready(self) -> None:
         assert self.proc is not None
         deadline = time.time() + self.timeout
-        with httpx.Client(trust_env=False, timeout=5) as client:
+        with httpx.Client(trust_env=False, timeout=5, headers=self.headers) as client:
             while time.time() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"the serving app exited with {self.proc.returncode}:\n{self.log_tail()}"
-                    )
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
                 try:
                     r = client.get(self.url + "/models")
                     if r.status_code == 200 and r.json().get("data"):
@@ -192,7 +187,7 @@ class ServeProcess:
                 except (httpx.HTTPError, ValueError):
                     pass
                 time.sleep(1)
-        raise TimeoutError(f"the serving app was not ready after {self.timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} was not ready after {self.timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -215,6 +210,26 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServeProcess(ServerProcess):
+    """`python -m services.llm_serve --model <dir> port=<free> [overrides]` on a private local Ray."""
+
+    def __init__(self, model: str, overrides: list[str] | None = None, timeout: float = 600.0):
+        port = free_port()
+        log_path = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "serve.log"
+        env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+        env.setdefault("TULPAR_HOME", str(log_path.parent / "home"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.llm_serve",
+            "--model",
+            model,
+            f"port={port}",
+            *(overrides or []),
+        ]
+        super().__init__(cmd, f"http://127.0.0.1:{port}/v1", log_path, env, timeout, name="the serving app")
 
 
 # --------------------------------------------------------------------------------------------------- load test

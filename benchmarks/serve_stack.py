@@ -31,16 +31,13 @@ import contextlib
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from machine import append_section, cpu_model  # benchmarks/machine.py, beside this script
-from serve_load import REPO, ServeProcess, command_line, fmt_load, free_port, loadavg
+from serve_load import REPO, ServeProcess, ServerProcess, command_line, fmt_load, free_port, loadavg
 
 sys.path.insert(0, str(REPO))
 
@@ -55,66 +52,7 @@ BENCH_CLIENT = (
 )
 
 
-def wait_ready(
-    url: str, proc: subprocess.Popen, log: Path, timeout: float, headers: dict | None = None
-) -> None:
-    deadline = time.time() + timeout
-    with httpx.Client(trust_env=False, timeout=5, headers=headers) as client:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{log.name}: the server exited with {proc.returncode}:\n{tail(log)}")
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                r = client.get(url + "/models")
-                if r.status_code == 200 and r.json().get("data"):
-                    return
-            time.sleep(1)
-    raise TimeoutError(f"{log.name}: not ready after {timeout:.0f} s:\n{tail(log)}")
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-class Server:
-    """A server subprocess in its own session (stopped with SIGINT, then SIGKILL to its process group)."""
-
-    def __init__(
-        self, name: str, cmd: list[str], env: dict, url: str, workdir: Path, headers: dict | None = None
-    ):
-        self.name, self.cmd, self.env, self.url, self.headers = name, cmd, env, url, headers
-        self.log = workdir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            wait_ready(self.url, self.proc, self.log, 600, self.headers)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self.proc = None
-
-
-def vllm_server(model_dir: Path, name: str, max_len: int, workdir: Path) -> Server:
+def vllm_server(model_dir: Path, name: str, max_len: int, workdir: Path) -> ServerProcess:
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -122,30 +60,23 @@ def vllm_server(model_dir: Path, name: str, max_len: int, workdir: Path) -> Serv
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return Server("a-vllm", cmd, env, f"http://127.0.0.1:{port}/v1", workdir)
+    url = f"http://127.0.0.1:{port}/v1"
+    return ServerProcess(cmd, url, workdir / "a-vllm.log", env, name="vLLM's server")
 
 
-def gateway_server(upstream: str, workdir: Path) -> tuple[Server, str]:
+def gateway_server(upstream: str, workdir: Path) -> tuple[ServerProcess, str]:
+    """The gateway in front of `upstream` with one API key (returned), rate limits out of the way."""
     from services.gateway.keys import hash_key, new_key
 
     _, key = new_key()
     port = free_port()
-    cfg = {
-        "host": "127.0.0.1",
-        "port": port,
-        "admin": {"port": None},
-        "upstream": {"base_url": upstream},
-        "auth": {"enabled": True, "keys_env": "TULPAR_GATEWAY_KEYS"},
-        "rate_limits": {"requests_per_minute": 1e9, "tokens_per_minute": 1e12},
-        "aliases": {},
-        "allow_served_ids": True,
-    }
-    path = workdir / "gateway.yaml"
-    path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
-    env = {**os.environ, "TULPAR_GATEWAY_KEYS": f"bench: {hash_key(key)}"}
-    cmd = [sys.executable, "-m", "services.gateway", "--config", str(path)]
-    headers = {"authorization": f"Bearer {key}"}
-    return Server("c-gateway", cmd, env, f"http://127.0.0.1:{port}/v1", workdir, headers), key
+    cmd = [
+        sys.executable, "-m", "services.gateway", f"port={port}", "admin.port=null", f"upstream.base_url={upstream}",
+        "rate_limits.requests_per_minute=1e9", "rate_limits.tokens_per_minute=1e12",
+    ]  # fmt: skip
+    env = {**os.environ, "TULPAR_GATEWAY_KEYS": f"bench: {hash_key(key)}"}  # auth.keys_env's default
+    url, headers = f"http://127.0.0.1:{port}/v1", {"authorization": f"Bearer {key}"}
+    return ServerProcess(cmd, url, workdir / "c-gateway.log", env, headers=headers, name="the gateway"), key
 
 
 def prepare_model(spec: str, tokenizer: Path | None, workdir: Path) -> tuple[str, Path]:
@@ -161,17 +92,15 @@ def prepare_model(spec: str, tokenizer: Path | None, workdir: Path) -> tuple[str
     if tokenizer is None:
         raise SystemExit(f"error: --models {spec}: a preset needs --tokenizer (a tokenizer directory)")
     import torch
-    import yaml
 
-    from llm_core.config import ModelConfig
+    from jobs.platform.configfile import model_config_from_preset
     from llm_core.export_hf import export_hf
     from llm_core.model import Transformer
     from llm_core.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer)
-    raw = yaml.safe_load(preset.read_text(encoding="utf-8"))
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**raw, "name": spec, "vocab_size": tok.vocab_size}))
+    model = Transformer(model_config_from_preset(spec, [f"vocab_size={tok.vocab_size}"]))
     out = export_hf(model.eval(), workdir / f"{spec}-hf", tokenizer=tok)
     return f"{spec} (random, {model.num_params() / 1e6:.1f}M)", out
 
