@@ -353,7 +353,8 @@ def profile_step(step_fn) -> tuple[float, list[tuple[str, float]], list[tuple[st
             per_op[e.key] = per_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
     kinds: dict[str, float] = {}
     for name, t in per_op.items():
-        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + t
+        kind = op_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:12]
     return wall, sorted(kinds.items(), key=lambda kv: -kv[1]), top
 
