@@ -3,7 +3,7 @@
 The fake answers like Ray Serve's OpenAI app: /v1/models lists `models`; an unknown model gets FastAPI's
 `{"detail": ...}` 404 (what Ray Serve returns today); model "crash" gets a plain-text 500 and model "no-replica"
 a plain-text 503 (Ray Serve with no replica to take the request); with `break_stream_after` set, streams break
-off mid-event like a killed replica's; chat and completions answer `Hello from
+off mid-event like a killed replica's (`streams_abandoned` counts streams whose caller left before the end); chat and completions answer `Hello from
 <model>! You said: <last user text>` and stream it word by word, `chunk_delay_s` apart; embeddings answer one
 4-dimensional zero vector per input.
 """
@@ -33,6 +33,7 @@ class FakeUpstream:
         None  # streams: after this many events, half an event, then the server dies
     )
     requests: list[dict[str, Any]] = field(default_factory=list)
+    streams_abandoned: int = 0  # streams that stopped because the caller went away (not finished, not broken)
 
     def reply(self, model: str, prompt: str) -> str:
         return f"Hello from {model}! You said: {prompt}"
@@ -139,15 +140,22 @@ class FakeUpstream:
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
         async def events():
-            for i, word in enumerate(words):
-                if i == self.break_stream_after:
-                    yield event(word, None)[:20]
-                    raise RuntimeError("fake upstream: replica killed mid-stream")
-                yield event(word if i == len(words) - 1 else word + " ", None)
-                if self.chunk_delay_s:
-                    await asyncio.sleep(self.chunk_delay_s)
-            yield event(None, "stop")
-            yield "data: [DONE]\n\n"
+            ended = False  # finished, or broken off on purpose
+            try:
+                for i, word in enumerate(words):
+                    if i == self.break_stream_after:
+                        yield event(word, None)[:20]
+                        ended = True
+                        raise RuntimeError("fake upstream: replica killed mid-stream")
+                    yield event(word if i == len(words) - 1 else word + " ", None)
+                    if self.chunk_delay_s:
+                        await asyncio.sleep(self.chunk_delay_s)
+                yield event(None, "stop")
+                yield "data: [DONE]\n\n"
+                ended = True
+            finally:
+                if not ended:
+                    self.streams_abandoned += 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

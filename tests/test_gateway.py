@@ -4,14 +4,17 @@ good one to show the gateway keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -244,6 +247,7 @@ def test_streaming_passes_chunks_through_as_they_arrive(client, upstream):
 
 def test_client_disconnect_mid_stream_closes_upstream(gw, keys, upstream, still_serving):
     upstream.chunk_delay_s = 0.3
+    abandoned = upstream.streams_abandoned
     try:
         with httpx.stream(
             "POST",
@@ -260,9 +264,13 @@ def test_client_disconnect_mid_stream_closes_upstream(gw, keys, upstream, still_
     finally:
         upstream.chunk_delay_s = 0.0
     deadline = time.monotonic() + 10
-    while True:  # the relay noticed, closed the upstream response and counted a 499
+    while True:  # the relay noticed, closed the upstream connection (the upstream stopped) and counted a 499
         text = TestClient(gw.admin_app).get("/metrics").text
-        if "tulpar_gateway_in_flight_requests 0.0" in text and 'status="499"' in text:
+        if (
+            "tulpar_gateway_in_flight_requests 0.0" in text
+            and 'status="499"' in text
+            and upstream.streams_abandoned == abandoned + 1
+        ):
             break
         assert time.monotonic() < deadline, text
         time.sleep(0.1)
@@ -796,6 +804,87 @@ def test_no_healthy_upstream_503_with_retry_after_then_recovers():
         r = gw.post("/v1/chat/completions", json=CHAT)
         assert_openai_error(r, 503)
         assert r.headers["retry-after"] == "5"
+
+
+class RawUpstream:
+    """A loopback TCP server that answers /v1/models like an OpenAI server and treats every other request as
+    `mode` says: "close" (read it, then close the connection without a word: a replica that died with the
+    request) or "stall" (read it and never answer: a hung replica)."""
+
+    MODELS = b'{"object": "list", "data": [{"id": "m-v1", "object": "model", "owned_by": "raw"}]}'
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.held = mode, []
+        self.sock = bound_socket()
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return conn.close()
+                    data += piece
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = (
+                    int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"POST" in head else 0
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if head.startswith(b"GET /v1/models"):
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                        + str(len(self.MODELS)).encode()
+                        + b"\r\n\r\n"
+                        + self.MODELS
+                    )
+                elif self.mode == "close":
+                    return conn.close()
+                else:
+                    self.held.append(conn)
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    "mode, status, words",
+    [("close", 502, "closed the connection before answering"), ("stall", 504, "upstream timed out")],
+)
+def test_upstream_that_drops_or_stalls_gets_502_or_504(mode, status, words):
+    """Through the real upstream transport (aiohttp): a connection closed with the request unanswered is a 502,
+    an answer that never comes a 504 after upstream.read_timeout_s, both in OpenAI's format, plain and
+    streaming; the gateway then serves the next request."""
+    raw = RawUpstream(mode)
+    cfg = load_gateway_config(
+        None, [f"upstream.base_url={raw.url}", "auth.enabled=false", "upstream.read_timeout_s=0.5"]
+    )
+    cfg.aliases = {"m": AliasConfig(targets=[{"model": "m-v1"}])}
+    try:
+        with TestClient(Gateway(cfg).app) as gw:
+            for body in (CHAT, {**CHAT, "stream": True}, CHAT):
+                t0 = time.monotonic()
+                err = assert_openai_error(gw.post("/v1/chat/completions", json=body), status)
+                assert words in err["message"], err
+                assert time.monotonic() - t0 < 10
+            assert gw.get("/v1/models").json()["data"][0]["id"] == "m"
+    finally:
+        raw.close()
 
 
 def test_restart_keeps_keys_and_quota_usage(keys, keys_yaml, tmp_path):

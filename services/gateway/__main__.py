@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg.admin.port is not None:
         log.info("admin (metrics, detailed health) on http://%s:%d", cfg.admin.host, cfg.admin.port)
-    asyncio.run(serve(gateway))
+    import uvicorn
+
+    # the event loop `uvicorn.run` would pick (uvloop where installed, else asyncio's): both servers share it
+    loop_factory = uvicorn.Config(gateway.app, loop="auto").get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(gateway))
     return 0
 
 

@@ -42,6 +42,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelimit import BucketStore, Limits, RateLimiter
 from services.gateway.routing import Router
 from services.gateway.schema import RequestError, RequestLimits, validate_request
+from services.gateway.upstream import AiohttpTransport
 
 log = logging.getLogger("tulpar.gateway")
 
@@ -201,9 +202,9 @@ class Gateway:
         up = self.cfg.upstream
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(up.read_timeout_s, connect=up.connect_timeout_s),
-            limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=64),
             trust_env=False,  # never send loopback/in-cluster traffic through an HTTP(S)_PROXY
-            transport=self._upstream_transport,
+            # aiohttp underneath unless a test passes an in-process transport (services/gateway/upstream.py)
+            transport=self._upstream_transport or AiohttpTransport(max_connections=up.max_connections),
         )
         await self.fetch_upstream_models()
         self._tasks = [asyncio.create_task(self._every(up.models_refresh_s, self.fetch_upstream_models))]
