@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +52,25 @@ def train_tiny_hf(
     max_seq_len: int | None = None,
 ) -> Path:
     """Train the `tiny` preset (vocab shrunk; max_seq_len too if given) on 64-token windows of a little kk/ru/en
-    text and export it in HF format."""
+    text and export it in HF format to `out_dir`. Training is deterministic (seeded, one thread), so a session
+    trains each combination of arguments once and hands every caller its own copy of that export."""
+    key = (str(data_dir), steps, vocab, seed, max_seq_len)
+    if key not in _TRAINED:
+        root = tempfile.mkdtemp(prefix="tulpar-tiny-hf-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        cache = Path(root) / "hf"
+        _train_tiny_hf(cache, data_dir, steps=steps, vocab=vocab, seed=seed, max_seq_len=max_seq_len)
+        _TRAINED[key] = cache
+    shutil.copytree(_TRAINED[key], out_dir, dirs_exist_ok=True)
+    return out_dir
+
+
+_TRAINED: dict[tuple, Path] = {}  # train_tiny_hf's arguments -> the export trained for them in this session
+
+
+def _train_tiny_hf(
+    out_dir: Path, data_dir: Path, *, steps: int, vocab: int, seed: int, max_seq_len: int | None
+) -> None:
     tok, tokens = tiny_corpus(data_dir, vocab)
     torch.manual_seed(seed)
     overrides = [f"vocab_size={vocab}"] + ([f"max_seq_len={max_seq_len}"] if max_seq_len else [])
@@ -63,7 +84,6 @@ def train_tiny_hf(
             for _ in range(steps):
                 trainer.train_step(sampler.next_step())
     export_hf(model.eval(), out_dir, tokenizer=tok)
-    return out_dir
 
 
 def sft_tiny_hf(

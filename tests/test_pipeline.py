@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.platform.results import EvalOutputs, GateOutcome, ModelVersionOutputs
+from jobs.platform.results import EvalOutputs, GateOutcome, ModelVersionOutputs, parse_result
 from jobs.platform.runtime import Settings
 from pipelines.train_to_serve import (
     Pipeline,
@@ -107,19 +107,31 @@ def test_recipe_end_to_end_caching_preset_edit_refused_gate_and_failure(
     assert len(client.search_model_versions(f"name='{name}'")) == 3
 
     # editing a preset re-runs pretraining and what follows it, and only that; the new model fails a gate that
-    # cannot be met, so the pipeline serves the previous champion, never the refused model. (SFT and DPO are
-    # switched off for this run: the chain pretrain -> eval -> serve shows the same and saves two trainings.)
+    # cannot be met, so the champion stays, and what the pipeline serves is the previous champion, never the
+    # refused model. (SFT, DPO and serving are off for this run: the chain pretrain -> eval shows the same and saves
+    # two trainings; serving a registered version is the first run's path, so the choice is asked of the pipeline
+    # directly, against this registry and the run's own results.)
     preset = restore_tiny_preset
     preset.write_text(preset.read_text() + "norm_eps: 1.0e-6\n")
-    third = run(home, data_dir, REFUSING_GATE, "sft.enabled=false", "dpo.enabled=false")
+    third = run(
+        home, data_dir, REFUSING_GATE, "sft.enabled=false", "dpo.enabled=false", "serve.enabled=false"
+    )
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     out = last_json(third)["outputs"]
     assert sorted(out["cached"]) == ["preprocess", "tokenizer"], third.stdout
     assert "] pretrain   ok in" in third.stdout and "] eval       ok in" in third.stdout, third.stdout
     assert out["model_uri"] == f"models:/{name}/4"
-    assert "the gate refused" in third.stdout
-    assert out["serve"]["source"] == f"models:/{name}/3", "the refused model must not be served"
+    assert "gate refused" in next(line for line in third.stdout.splitlines() if "] eval" in line)
     assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    ran = {s: parse_result(s, json.loads(Path(p).read_text())).outputs for s, p in out["results"].items()}
+    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+    settings = Settings(
+        data=data_dir, home=home, storage=str(home), mlflow_tracking_uri=tracking_uri, ray_address=None
+    )
+    pipe = Pipeline(load_recipe("tiny", []), settings, "local", rehearsal=True)
+    source, why = pipe.choose_served_model(ran["pretrain"], ran["eval"], False)
+    assert source == f"models:/{name}/3", "the refused model must not be served"
+    assert "previous @champion" in why
 
     failed = run(home, data_dir, 'sft.overrides=["train.stepz=3"]')
     assert failed.returncode == 1
