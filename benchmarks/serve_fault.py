@@ -20,23 +20,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psutil
 from machine import BENCHMARKS_DOC, append_section, cpu_model  # benchmarks/machine.py, beside this script
 from serve_load import (
     PROMPTS,
-    REPO,
     ServeProcess,
+    ServerProcess,
     command_line,
     fmt_load,
     free_port,
@@ -196,25 +197,13 @@ def complete_once(url: str, model: str) -> str | None:
     return None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
 
 
-def start_gateway(upstream: str, log_path) -> tuple[subprocess.Popen, str]:
+def gateway_process(upstream: str, log_path: Path) -> ServerProcess:
+    """`python -m services.gateway` (auth and rate limits off) in front of `upstream`, ready once it lists the
+    upstream's model."""
     port = free_port()
     cmd = [sys.executable, "-m", "services.gateway", f"port={port}", "admin.port=null", "auth.enabled=false"]
     cmd += [f"upstream.base_url={upstream}", "rate_limits.requests_per_minute=null", "log_level=warning"]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {proc.returncode}: see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise TimeoutError(f"the gateway did not listen within 120 s: see {log_path}")
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}/v1", log_path, timeout=120, name="the gateway")
 
 
 def table(result: dict) -> str:
@@ -261,31 +250,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_start = loadavg()
-    gateway = None
-    with ServeProcess(args.start_model, args.serve_arg, args.start_timeout) as server:
+    with (
+        ServeProcess(args.start_model, args.serve_arg, args.start_timeout) as server,
+        contextlib.ExitStack() as up,
+    ):
         print(f"app ready at {server.url} after {server.startup_s:.1f} s: {server.models}", flush=True)
         url = server.url
-        try:
-            if args.gateway:
-                gateway, url = start_gateway(server.url, server.log_path.parent / "gateway.log")
-                print(f"gateway at {url}", flush=True)
-            assert server.proc is not None
-            # /v1/models answers before the model replica runs: wait for a served request (untimed)
-            deadline = time.time() + args.start_timeout
-            while (warm := complete_once(url, server.models[0])) is not None:
-                if time.time() > deadline:
-                    raise TimeoutError(f"no request succeeded within --start-timeout: {warm}")
-                time.sleep(1)
-            result = asyncio.run(run(url, server.models[0], server.proc.pid, args))
-            print(json.dumps(result), flush=True)
-        finally:
-            if gateway is not None:
-                gateway.send_signal(signal.SIGTERM)
-                try:
-                    gateway.wait(30)
-                except subprocess.TimeoutExpired:  # uvicorn still draining connections
-                    gateway.kill()
-                    gateway.wait(10)
+        if args.gateway:
+            url = up.enter_context(gateway_process(server.url, server.log_path.parent / "gateway.log")).url
+            print(f"gateway at {url}", flush=True)
+        assert server.proc is not None
+        # /v1/models answers before the model replica runs: wait for a served request (untimed)
+        deadline = time.time() + args.start_timeout
+        while (warm := complete_once(url, server.models[0])) is not None:
+            if time.time() > deadline:
+                raise TimeoutError(f"no request succeeded within --start-timeout: {warm}")
+            time.sleep(1)
+        result = asyncio.run(run(url, server.models[0], server.proc.pid, args))
+        print(json.dumps(result), flush=True)
     load_end = loadavg()
     rec = "not within the run" if result["recovery_s"] is None else f"{result['recovery_s']:.1f} s"
     errors = "; ".join(f"{k}: {v}" for k, v in result["errors"].items()) or "none"
