@@ -34,9 +34,8 @@ def _mapped(exc: BaseException, *, reading_body: bool) -> httpx.HTTPError:
         return httpx.ConnectError(msg)
     if reading_body:
         return httpx.ReadError(msg)
-    return httpx.RemoteProtocolError(
-        msg
-    )  # disconnected or reset before the status line, or a malformed answer
+    # disconnected or reset before the status line, or a malformed answer
+    return httpx.RemoteProtocolError(msg)
 
 
 class _Body(httpx.AsyncByteStream):
