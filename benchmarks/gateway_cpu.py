@@ -17,8 +17,8 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +27,9 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serve_load import free_port  # noqa: E402
-from services.gateway.keys import hash_key, new_key  # noqa: E402
+from serve_load import ServerProcess, free_port, gateway_process  # noqa: E402  (benchmarks/, beside this script)
+
+from services.gateway.keys import new_key  # noqa: E402
 
 CHUNK = {
     "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": "m",
@@ -69,23 +70,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as session:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{url}: the server exited with {proc.returncode}")
-            try:
-                async with session.get(f"{url}/models", headers=headers) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not answer in 60 s")
-            await asyncio.sleep(0.1)
-
-
 async def load(url: str, headers: dict[str, str] | None, requests: int, concurrency: int, chunks: int) -> int:
     """Send `requests` streamed completions, `concurrency` at a time; the number of SSE events received."""
     sem, events = asyncio.Semaphore(concurrency), 0
@@ -105,42 +89,42 @@ async def load(url: str, headers: dict[str, str] | None, requests: int, concurre
 
 
 async def bench(args: argparse.Namespace) -> None:
-    up_port, gw_port = free_port(), free_port()
-    up = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port), "--chunk-gap-ms",
-                           str(args.chunk_gap_ms)])  # fmt: skip
-    _, key = new_key()
-    env = {**os.environ, "TULPAR_GATEWAY_KEYS": f"bench: {hash_key(key)}", "PYTHONPATH": str(args.repo)}
-    gw = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", f"port={gw_port}", "admin.port=null", "log_level=warning",
-         f"upstream.base_url=http://127.0.0.1:{up_port}/v1", "rate_limits.requests_per_minute=1e9",
-         "rate_limits.tokens_per_minute=1e12"],
-        cwd=args.repo, env=env,
+    work = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
+    up_port = free_port()
+    upstream = ServerProcess(
+        [sys.executable, __file__, "--serve-upstream", str(up_port), "--chunk-gap-ms", str(args.chunk_gap_ms)],
+        f"http://127.0.0.1:{up_port}/v1", work / "upstream.log", timeout=60, name="the upstream",
     )  # fmt: skip
-    headers = {"authorization": f"Bearer {key}"}
-    direct, gateway = f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{gw_port}/v1"
-    try:
-        await wait_ready(direct, up)
-        await wait_ready(gateway, gw, headers)
-        await load(gateway, headers, args.concurrency, args.concurrency, args.chunks)  # warm both
+    _, key = new_key()
+    limits = [
+        "rate_limits.requests_per_minute=1e9",
+        "rate_limits.tokens_per_minute=1e12",
+        "log_level=warning",
+    ]
+    with (
+        upstream,
+        gateway_process(
+            upstream.url, work / "gateway.log", limits, api_key=key, cwd=args.repo, timeout=60
+        ) as gateway,
+    ):
+        assert upstream.proc is not None and gateway.proc is not None
+        up_pid, gw_pid = upstream.proc.pid, gateway.proc.pid
+        await load(gateway.url, gateway.headers, args.concurrency, args.concurrency, args.chunks)  # warm both
         print(f"gateway from {args.repo}; {args.requests} streamed requests of {args.chunks} events, "
               f"concurrency {args.concurrency}")  # fmt: skip
         for label, url, hdrs in (
-            ("upstream directly", direct, None),
-            ("through the gateway", gateway, headers),
+            ("upstream directly", upstream.url, None),
+            ("through the gateway", gateway.url, gateway.headers),
         ):
-            g0, u0, t0 = cpu_seconds(gw.pid), cpu_seconds(up.pid), time.perf_counter()
+            g0, u0, t0 = cpu_seconds(gw_pid), cpu_seconds(up_pid), time.perf_counter()
             events = await load(url, hdrs, args.requests, args.concurrency, args.chunks)
             wall = time.perf_counter() - t0
-            g, u = cpu_seconds(gw.pid) - g0, cpu_seconds(up.pid) - u0
+            g, u = cpu_seconds(gw_pid) - g0, cpu_seconds(up_pid) - u0
             print(
                 f"{label:>20}: {wall:6.2f} s, {events} events; CPU per request: gateway "
                 f"{1000 * g / args.requests:.2f} ms, upstream {1000 * u / args.requests:.2f} ms",
                 flush=True,
             )
-    finally:
-        for proc in (gw, up):
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:

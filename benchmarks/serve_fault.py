@@ -29,7 +29,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psutil
@@ -37,10 +36,9 @@ from machine import BENCHMARKS_DOC, append_section, cpu_model  # benchmarks/mach
 from serve_load import (
     PROMPTS,
     ServeProcess,
-    ServerProcess,
     command_line,
     fmt_load,
-    free_port,
+    gateway_process,
     loadavg,
     ms,
     percentile,
@@ -197,15 +195,6 @@ def complete_once(url: str, model: str) -> str | None:
     return None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
 
 
-def gateway_process(upstream: str, log_path: Path) -> ServerProcess:
-    """`python -m services.gateway` (auth and rate limits off) in front of `upstream`, ready once it lists the
-    upstream's model."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "services.gateway", f"port={port}", "admin.port=null", "auth.enabled=false"]
-    cmd += [f"upstream.base_url={upstream}", "rate_limits.requests_per_minute=null", "log_level=warning"]
-    return ServerProcess(cmd, f"http://127.0.0.1:{port}/v1", log_path, timeout=120, name="the gateway")
-
-
 def table(result: dict) -> str:
     lines = [
         "| phase (by request start) | requests | succeeded | TTFT p50 (ms) | TTFT p99 (ms) |",
@@ -257,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app ready at {server.url} after {server.startup_s:.1f} s: {server.models}", flush=True)
         url = server.url
         if args.gateway:
-            url = up.enter_context(gateway_process(server.url, server.log_path.parent / "gateway.log")).url
+            limits = ["rate_limits.requests_per_minute=null", "log_level=warning"]
+            gateway = gateway_process(server.url, server.log_path.parent / "gateway.log", limits, timeout=120)
+            url = up.enter_context(gateway).url
             print(f"gateway at {url}", flush=True)
         assert server.proc is not None
         # /v1/models answers before the model replica runs: wait for a served request (untimed)

@@ -142,9 +142,10 @@ class ServerProcess:
         timeout: float = 600.0,
         headers: dict[str, str] | None = None,
         name: str = "the server",
+        cwd: Path = REPO,
     ):
         self.cmd, self.url, self.log_path, self.timeout, self.headers = cmd, url, log_path, timeout, headers
-        self.name = name
+        self.name, self.cwd = name, cwd
         self.env = dict(env if env is not None else os.environ)
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
@@ -158,7 +159,7 @@ class ServerProcess:
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 self.command(),
-                cwd=REPO,
+                cwd=self.cwd,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -230,6 +231,42 @@ class ServeProcess(ServerProcess):
             *(overrides or []),
         ]
         super().__init__(cmd, f"http://127.0.0.1:{port}/v1", log_path, env, timeout, name="the serving app")
+
+
+def gateway_process(
+    upstream: str,
+    log_path: Path,
+    overrides: list[str],
+    *,
+    api_key: str | None = None,
+    cwd: Path = REPO,
+    timeout: float = 600.0,
+) -> ServerProcess:
+    """`python -m services.gateway` on a free loopback port in front of `upstream` (no admin listener), plus
+    `overrides`. With `api_key`, auth stays on with that key as its only one (the caller's requests and the
+    readiness check send it); without, `auth.enabled=false`. `cwd` is the checkout whose gateway runs."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.gateway",
+        f"port={port}",
+        "admin.port=null",
+        f"upstream.base_url={upstream}",
+    ]
+    env, headers = dict(os.environ), None
+    if api_key is None:
+        cmd.append("auth.enabled=false")
+    else:
+        sys.path.insert(0, str(REPO))
+        from services.gateway.keys import hash_key
+
+        env["TULPAR_GATEWAY_KEYS"] = f"bench: {hash_key(api_key)}"  # auth.keys_env's default
+        headers = {"authorization": f"Bearer {api_key}"}
+    url = f"http://127.0.0.1:{port}/v1"
+    return ServerProcess(
+        cmd + overrides, url, log_path, env, timeout, headers=headers, name="the gateway", cwd=cwd
+    )
 
 
 # --------------------------------------------------------------------------------------------------- load test

@@ -37,7 +37,16 @@ import tempfile
 from pathlib import Path
 
 from machine import append_section, cpu_model  # benchmarks/machine.py, beside this script
-from serve_load import REPO, ServeProcess, ServerProcess, command_line, fmt_load, free_port, loadavg
+from serve_load import (
+    REPO,
+    ServeProcess,
+    ServerProcess,
+    command_line,
+    fmt_load,
+    free_port,
+    gateway_process,
+    loadavg,
+)
 
 sys.path.insert(0, str(REPO))
 
@@ -66,17 +75,11 @@ def vllm_server(model_dir: Path, name: str, max_len: int, workdir: Path) -> Serv
 
 def gateway_server(upstream: str, workdir: Path) -> tuple[ServerProcess, str]:
     """The gateway in front of `upstream` with one API key (returned), rate limits out of the way."""
-    from services.gateway.keys import hash_key, new_key
+    from services.gateway.keys import new_key
 
     _, key = new_key()
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "services.gateway", f"port={port}", "admin.port=null", f"upstream.base_url={upstream}",
-        "rate_limits.requests_per_minute=1e9", "rate_limits.tokens_per_minute=1e12",
-    ]  # fmt: skip
-    env = {**os.environ, "TULPAR_GATEWAY_KEYS": f"bench: {hash_key(key)}"}  # auth.keys_env's default
-    url, headers = f"http://127.0.0.1:{port}/v1", {"authorization": f"Bearer {key}"}
-    return ServerProcess(cmd, url, workdir / "c-gateway.log", env, headers=headers, name="the gateway"), key
+    limits = ["rate_limits.requests_per_minute=1e9", "rate_limits.tokens_per_minute=1e12"]
+    return gateway_process(upstream, workdir / "c-gateway.log", limits, api_key=key), key
 
 
 def prepare_model(spec: str, tokenizer: Path | None, workdir: Path) -> tuple[str, Path]:
