@@ -7,7 +7,8 @@ For each model (an HF export directory) and each (window length, distance): `--w
 validation tokens (one language), in each a span of `--span` tokens put in a random order (so no memorised
 continuation of the corpus predicts it) and written a second time `distance` tokens further on. Reported: copy
 accuracy, the share of the second occurrence's tokens 2..span the model predicts greedily, and the same on the
-first occurrence (where nothing earlier tells it: the chance line). A model that retrieves by looking back (an
+first occurrence (where nothing earlier tells it: the chance line). `--source random` writes token ids drawn
+uniformly from the vocabulary instead (what `data.recall`'s rows hold, but here inside text). A model that retrieves by looking back (an
 induction head) scores far above the chance line; passkey retrieval needs exactly that.
 """
 
@@ -25,10 +26,22 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from llm_core.export_hf import load_hf  # noqa: E402
 from llm_core.shards import TokenDataset  # noqa: E402
+from llm_core.tokenizer import Tokenizer  # noqa: E402
 
 
-def copy_accuracy(model, tokens: np.ndarray, length: int, distance: int, span: int, windows: int, seed: int):
-    """(accuracy at the copy, accuracy at the first occurrence) over `windows` probe windows of `length` tokens."""
+def copy_accuracy(
+    model,
+    tokens: np.ndarray,
+    length: int,
+    distance: int,
+    span: int,
+    windows: int,
+    seed: int,
+    source: str = "shuffled",
+    vocab: np.ndarray | None = None,
+):
+    """(accuracy at the copy, accuracy at the first occurrence) over `windows` probe windows of `length` tokens.
+    source "shuffled": the span is the window's own text in a random order; "random": ids drawn from `vocab`."""
     if 10 + distance + span > length:
         raise ValueError(
             f"a span of {span} at distance {distance} does not fit {length} tokens: lower --distances"
@@ -39,7 +52,10 @@ def copy_accuracy(model, tokens: np.ndarray, length: int, distance: int, span: i
         start = int(rng.integers(0, len(tokens) - length - 1))
         w = tokens[start : start + length + 1].astype(np.int64).copy()
         first, copy = 10, 10 + distance
-        w[first : first + span] = rng.permutation(w[first : first + span])
+        if source == "random":
+            w[first : first + span] = rng.choice(vocab, span)
+        else:
+            w[first : first + span] = rng.permutation(w[first : first + span])
         w[copy : copy + span] = w[first : first + span]
         x, y = torch.from_numpy(w[None, :-1]), torch.from_numpy(w[None, 1:])
         with torch.no_grad():
@@ -59,6 +75,13 @@ def main() -> None:
     p.add_argument("--span", type=int, default=20)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--source",
+        choices=["shuffled", "random"],
+        default="shuffled",
+        help="the span: the window's own text in a random order, or token ids drawn uniformly from the vocabulary "
+        "(special tokens excluded), as data.recall's rows are, but here inside text",
+    )
     args = p.parse_args()
     stream = TokenDataset.open(args.dataset).tokens("val", args.language)
     tokens = np.asarray(stream[0 : len(stream)])
@@ -67,7 +90,13 @@ def main() -> None:
     print("|---|" + "---|" * len(cases))
     for path in args.models:
         model = load_hf(path, dtype="float32")
-        cells = [copy_accuracy(model, tokens, n, d, args.span, args.windows, args.seed) for n, d in cases]
+        tokenizer = Tokenizer.from_dir(path)
+        specials = sorted(tokenizer.tk.token_to_id(t) for t in tokenizer.special_tokens)
+        vocab = np.setdiff1d(np.arange(model.cfg.require_vocab_size()), specials)
+        cells = [
+            copy_accuracy(model, tokens, n, d, args.span, args.windows, args.seed, args.source, vocab)
+            for n, d in cases
+        ]
         print(f"| {path} | " + " | ".join(f"{c:.3f} / {f:.3f}" for c, f in cells) + " |")
 
 

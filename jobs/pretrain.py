@@ -49,7 +49,7 @@ from jobs.training.distributed import (
     run_dir_for,
 )
 from jobs.training.sampling import end_of_training_samples
-from jobs.training.tasks import PretrainWindowsTask, RepeatedSpans
+from jobs.training.tasks import PretrainWindowsTask, Recall, RepeatedSpans
 from llm_core.checkpoint import load_model_from_checkpoint, read_meta
 from llm_core.config import ModelConfig, StrictModel, config_sha256, config_to_dict, is_hash_context
 from llm_core.data import DataError
@@ -94,11 +94,18 @@ class DataSpec(StrictModel):
         "of the window's own text is copied further on (null: plain windows)",
     )
 
+    recall: Recall | None = Field(
+        None,
+        description="synthetic in-context recall rows added to each training micro-batch, beside the text windows: "
+        "random tokens with a span written again at a random distance, learnt only on the copy (null: none)",
+    )
+
     @model_serializer(mode="wrap")
     def _dump(self, handler, info: SerializationInfo) -> dict[str, Any]:
         data = handler(self)
-        if is_hash_context(info) and data.get("repeated_spans") is None:  # added later: keep earlier run keys
-            data.pop("repeated_spans", None)
+        for key in ("repeated_spans", "recall"):  # added later: keep earlier run keys
+            if is_hash_context(info) and data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -160,6 +167,16 @@ class PretrainConfig(StrictModel):
                 f"data.repeated_spans: a span of max_tokens {spans.max_tokens}, its copy and min_distance "
                 f"{spans.min_distance} do not fit a window of train.seq_len {self.train.seq_len} + 1 tokens: lower "
                 "data.repeated_spans.max_tokens / min_distance or raise train.seq_len"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _recall_segments_tile_the_window(self) -> PretrainConfig:
+        recall = self.data.recall
+        if recall is not None and self.train.seq_len % recall.segment_tokens:
+            raise ValueError(
+                f"data.recall.segment_tokens {recall.segment_tokens} does not divide train.seq_len "
+                f"{self.train.seq_len}: recall rows are cut into whole segments; choose a divisor of the seq_len"
             )
         return self
 
@@ -386,6 +403,8 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             dataset=dataset_path,
             languages=cfg.data.languages,
             repeated_spans=cfg.data.repeated_spans,
+            recall=cfg.data.recall,
+            special_token_ids=sorted(tokenizer.tk.token_to_id(t) for t in tokenizer.special_tokens),
         )
         result = launch(
             settings=settings,

@@ -338,6 +338,101 @@ class RepeatedSpanWindows(RandomWindows):
         return out
 
 
+class RecallRows(StepSampler):
+    """Another sampler's micro-batches with `rows` synthetic recall rows added to each: in-context retrieval to
+    learn from the first step (an induction head: find the earlier occurrence of the current token, predict what
+    followed it), the skill passkey retrieval and quoting need, which a small model does not pick up from a
+    corpus in a CPU budget.
+
+    Each recall row is cut into segments of `segment_tokens`, independent sequences (segment_ids: no attention
+    across them). A segment is segment_tokens + 1 tokens drawn uniformly from `token_ids` (so nothing in it is
+    predictable from a corpus), in which a span is written a second time further on:
+
+        m ~ U{min_tokens .. max_tokens}               span length
+        d ~ U{m .. segment_tokens + 1 - m}             distance from the span to its copy (never a fixed one)
+        a ~ U{0 .. segment_tokens + 1 - m - d}         w[a + d : a + d + m] = w[a : a + m]
+
+    and only the copy's tokens 2..m are targets (every other target is -100): the only loss a recall row adds is
+    for predicting a copy from its first token on, by content. The text rows are the base sampler's, unchanged.
+    Deterministic per (seed, step, row of the global batch): world-size invariant and resumable like the base.
+    """
+
+    def __init__(
+        self,
+        base: StepSampler,
+        seq_len: int,
+        *,
+        rows: int,
+        segment_tokens: int,
+        min_tokens: int,
+        max_tokens: int,
+        token_ids: np.ndarray,
+    ):
+        if rows < 1 or seq_len % segment_tokens or not 0 < min_tokens <= max_tokens:
+            raise ValueError(
+                f"recall rows: need rows >= 1 (got {rows}), segment_tokens dividing seq_len (got {segment_tokens}, "
+                f"{seq_len}) and 0 < min_tokens <= max_tokens (got {min_tokens}, {max_tokens})"
+            )
+        if 2 * max_tokens > segment_tokens + 1:
+            raise ValueError(
+                f"recall rows: a span of up to {max_tokens} tokens and its copy do not fit a segment of "
+                f"{segment_tokens} + 1 tokens: need 2 x max_tokens <= segment_tokens + 1"
+            )
+        if len(token_ids) < 2:
+            raise ValueError(f"recall rows: need at least 2 token ids to draw from, got {len(token_ids)}")
+        super().__init__(base.batch_size, seed=base.seed, rank=base.rank, world_size=base.world_size)
+        self.base, self.seq_len, self.rows = base, seq_len, rows
+        self.segment_tokens, self.min_tokens, self.max_tokens = segment_tokens, min_tokens, max_tokens
+        self.token_ids = np.asarray(token_ids, dtype=np.int64)
+
+    def segment(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of one segment, (segment_tokens,) each, targets -100 except the copy's tokens 2..m."""
+        S = self.segment_tokens
+        w = self.token_ids[rng.integers(0, len(self.token_ids), S + 1)]
+        m = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+        d = int(rng.integers(m, S + 2 - m))
+        a = int(rng.integers(0, S + 2 - m - d))
+        w[a + d : a + d + m] = w[a : a + m]
+        targets = np.full(S, -100, dtype=np.int64)
+        # input position j predicts w[j + 1]: the copy's tokens 2..m are predicted at positions a + d .. a + d + m - 2
+        targets[a + d : a + d + m - 1] = w[a + d + 1 : a + d + m]
+        return w[:-1], targets
+
+    def recall_batch(self, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, segment_ids), (rows, seq_len) each, for global recall rows first_row .. + rows."""
+        per_row = self.seq_len // self.segment_tokens
+        inputs = np.empty((self.rows, self.seq_len), dtype=np.int64)
+        targets = np.empty_like(inputs)
+        for i in range(self.rows):
+            rng = np.random.default_rng([self.seed, step, first_row + i, 1])  # 1: not the base's streams
+            for k in range(per_row):
+                cut = slice(k * self.segment_tokens, (k + 1) * self.segment_tokens)
+                inputs[i, cut], targets[i, cut] = self.segment(rng)
+        segments = np.repeat(np.arange(per_row), self.segment_tokens)[None].repeat(self.rows, 0)
+        return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segments)
+
+    def batches_at(self, step: int, accum_steps: int = 1) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for m, batch in enumerate(self.base.batches_at(step, accum_steps)):
+            x, y = (batch["input_ids"], batch["targets"]) if isinstance(batch, dict) else batch
+            if x.shape[1] != self.seq_len:
+                raise ValueError(
+                    f"recall rows: the base sampler's windows are {x.shape[1]} tokens, not {self.seq_len}"
+                )
+            # this micro-batch's first recall row in the global batch
+            rx, ry, rs = self.recall_batch(step, (m * self.world_size + self.rank) * self.rows)
+            out.append(
+                {
+                    "input_ids": torch.cat([x, rx]),
+                    "targets": torch.cat([y, ry]),
+                    "segment_ids": torch.cat([torch.zeros_like(x), rs]),  # a text row: one segment (causal)
+                    # the recall rows are the last ones: the pretrain loss reports them apart
+                    "recall_rows": torch.tensor(self.rows),
+                }
+            )
+        return out
+
+
 def sequential_windows(tokens: np.ndarray | TokenStream, seq_len: int, max_windows: int | None = None):
     """Non-overlapping (inputs, targets) windows covering the stream in order, for evaluation. Yields (1, T) pairs."""
     n = (len(tokens) - 1) // seq_len

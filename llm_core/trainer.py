@@ -145,6 +145,11 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         segment_ids=batch.get("segment_ids"),
         position_ids=batch.get("position_ids"),
     )
+    return out.loss, lm_extras(model, out)
+
+
+def lm_extras(model: torch.nn.Module, out) -> dict[str, float]:
+    """The metrics lm_loss reports beside the loss of a model output: ce_loss, and a MoE's expert utilisation."""
     extra: dict[str, float] = {"ce_loss": float(out.ce_loss.detach())}
     if out.aux_loss is not None:
         extra["aux_loss"] = float(out.aux_loss.detach())
@@ -153,7 +158,7 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         share = loads / loads.sum(dim=1, keepdim=True)
         extra["expert_load_max"] = float(share.max() * loads.size(1))  # 1.0 = perfectly balanced
         extra["experts_used_fraction"] = float((loads > 0).float().mean())
-    return out.loss, extra
+    return extra
 
 
 def device_peak_flops(device: torch.device) -> float | None:

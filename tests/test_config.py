@@ -277,8 +277,8 @@ def test_deepseek_style_moe_fails_at_config_validation_until_mla():
 
 
 def test_pretrain_data_repeated_spans_keeps_existing_run_keys():
-    """`data.repeated_spans` came after runs were stored: unset, the pretrain config hashes as before it existed
-    (the value below is tiny.yaml's key at 7cff4c0); set, the key changes."""
+    """`data.repeated_spans` and `data.recall` came after runs were stored: unset, the pretrain config hashes as
+    before they existed (the value below is tiny.yaml's key at 7cff4c0); set, the key changes."""
     from jobs.platform.configfile import load_config
     from jobs.pretrain import PretrainConfig
 
@@ -299,3 +299,8 @@ def test_pretrain_data_repeated_spans_keeps_existing_run_keys():
     assert (
         config_sha256(text) == config_sha256(spans) != config_sha256(shuffled)
     )  # source: text is the default
+    recall = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", ["data.recall={rows: 8}"])
+    assert config_sha256(recall) not in (
+        config_sha256(cfg),
+        config_sha256(spans),
+    )  # data.recall came later too

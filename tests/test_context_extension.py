@@ -1,5 +1,6 @@
-"""Context extension: its optional training data (repeated spans: llm_core.data.RepeatedSpanWindows), and the
-tiny model extended x4 scoring the passkey key better at the new length than before."""
+"""Context extension: its optional training data (repeated spans: llm_core.data.RepeatedSpanWindows; recall rows:
+llm_core.data.RecallRows), and the tiny model extended x4 scoring the passkey key better at the new length than
+before."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_core.data import RandomWindows, RepeatedSpanWindows
+from llm_core.data import RandomWindows, RecallRows, RepeatedSpanWindows
 
 TOKENS = np.arange(5000, dtype=np.int64) % 4093  # no span of it repeats within a window by itself
 
@@ -96,6 +97,107 @@ def test_repeated_spans_that_do_not_fit_the_window_are_refused():
         )
     with pytest.raises(ConfigError, match=r"repeated_spans\.min_tokens \(40\) > repeated_spans\.max_tokens"):
         load_config(PretrainConfig, extend, ["data.repeated_spans={share: 0.5, min_tokens: 40}"])
+
+
+def recall_rows(batch_size=4, rows=3, rank=0, world_size=1, seed=2):
+    base = RandomWindows(TOKENS, 128, batch_size, seed=seed, rank=rank, world_size=world_size)
+    ids = np.arange(5, 4096)  # the ids of a 4,096-token vocabulary but its 5 special tokens
+    return base, RecallRows(
+        base, 128, rows=rows, segment_tokens=32, min_tokens=4, max_tokens=12, token_ids=ids
+    )
+
+
+def test_recall_rows_add_copy_only_segments_beside_the_unchanged_text_windows():
+    base, recall = recall_rows()
+    spans = []
+    for step in range(6):
+        ((x, y),), (batch,) = base.batches_at(step), recall.batches_at(step)
+        inputs, targets, segments = batch["input_ids"], batch["targets"], batch["segment_ids"]
+        assert inputs.shape == targets.shape == segments.shape == (4 + 3, 128)
+        assert (
+            inputs[:4].equal(x) and targets[:4].equal(y) and not segments[:4].any()
+        )  # text rows as they were
+        assert segments[4:].equal(torch.arange(4).repeat_interleave(32).expand(3, 128))
+        rx, ry = inputs[4:].reshape(-1, 32), targets[4:].reshape(-1, 32)  # one segment per row
+        assert rx.min() >= 5  # never a special token
+        for seg_x, seg_y in zip(rx.tolist(), ry.tolist()):
+            learnt = [j for j, t in enumerate(seg_y) if t != -100]
+            m = len(learnt) + 1  # the copy's tokens 2..m are learnt
+            first = learnt[0]  # the input position holding the copy's first token
+            assert 4 <= m <= 12 and learnt == list(range(first, first + m - 1))
+            assert all(seg_y[j] == seg_x[j + 1] for j in learnt if j + 1 < 32)  # next-token targets
+            copy = seg_x[first : first + m - 1]  # the copy, as far as the inputs hold it
+            sources = [a for a in range(first - m + 1) if seg_x[a : a + m - 1] == copy]
+            assert sources, "the copied span is not written earlier in its segment"
+            spans.append(first - sources[-1])
+    assert min(spans) < 16 and max(spans) > 20  # copies at many distances, never one fixed offset
+    assert recall.batches_at(3)[0]["input_ids"].equal(
+        recall_rows()[1].batches_at(3)[0]["input_ids"]
+    )  # seeded
+
+
+def test_recall_rows_are_world_size_invariant_and_refuse_what_does_not_fit():
+    _, one = recall_rows(batch_size=4, rows=4)
+    for step in range(3):
+        (whole,) = one.batches_at(step)
+        for rank in range(2):  # 2 workers x (2 text + 2 recall rows) see the rows of 1 worker x (4 + 4)
+            (part,) = recall_rows(batch_size=2, rows=2, rank=rank, world_size=2)[1].batches_at(step)
+            for key in ("input_ids", "targets", "segment_ids"):
+                text, rec = whole[key][:4], whole[key][4:]
+                assert part[key].equal(
+                    torch.cat([text[2 * rank : 2 * rank + 2], rec[2 * rank : 2 * rank + 2]])
+                )
+    base = RandomWindows(TOKENS, 128, 2)
+    with pytest.raises(ValueError, match="segment_tokens dividing seq_len"):
+        RecallRows(base, 128, rows=1, segment_tokens=48, min_tokens=4, max_tokens=8, token_ids=np.arange(10))
+    with pytest.raises(ValueError, match=r"2 x max_tokens <= segment_tokens \+ 1"):
+        RecallRows(base, 128, rows=1, segment_tokens=32, min_tokens=4, max_tokens=20, token_ids=np.arange(10))
+
+    from jobs.platform.configfile import load_config
+    from jobs.pretrain import PretrainConfig
+    from llm_core.config import ConfigError
+    from tests.conftest import REPO
+
+    tiny = REPO / "configs/pretrain/tiny.yaml"
+    with pytest.raises(
+        ConfigError, match=r"data\.recall\.segment_tokens 48 does not divide train\.seq_len 128"
+    ):
+        load_config(PretrainConfig, tiny, ["data.recall={rows: 8, segment_tokens: 48}"])
+    with pytest.raises(ConfigError, match=r"recall\.max_tokens 40: a span and its copy do not fit"):
+        load_config(PretrainConfig, tiny, ["data.recall={rows: 8, max_tokens: 40}"])
+
+
+def test_recall_rows_train_with_the_lm_loss_and_report_the_copies_apart():
+    """jobs.pretrain with data.recall: its loss is lm_loss's, to the bit (one forward over text and recall rows);
+    recall_loss / recall_copy_acc / text_loss are those of the rows scored on their own."""
+    from jobs.platform.configfile import model_config_from_preset
+    from jobs.training.tasks import recall_lm_loss
+    from llm_core.model import Transformer
+    from llm_core.trainer import TrainConfig, Trainer, lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(model_config_from_preset("tiny", ["vocab_size=4096", "num_layers=2"])).eval()
+    _, recall = recall_rows()
+    (batch,) = recall.batches_at(0)
+    loss, extra = recall_lm_loss(model, batch)
+    reference, reference_extra = lm_loss(model, batch)
+    assert torch.equal(loss, reference) and extra["ce_loss"] == reference_extra["ce_loss"]
+    with torch.no_grad():
+        text = model(batch["input_ids"][:4], batch["targets"][:4]).loss
+        rows = model(batch["input_ids"][4:], segment_ids=batch["segment_ids"][4:]).logits
+    y = batch["targets"][4:]
+    keep = y != -100
+    assert extra["text_loss"] == pytest.approx(float(text), rel=1e-5)
+    assert extra["recall_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(rows[keep], y[keep])), rel=1e-5
+    )
+    assert extra["recall_copy_acc"] == pytest.approx(float((rows[keep].argmax(-1) == y[keep]).float().mean()))
+    # a training step takes these batches as they are (the recall_rows count travels with the tensors)
+    trainer = Trainer(
+        model.train(), TrainConfig(steps=2, batch_size=4, seq_len=128, eval_every=10), loss_fn=recall_lm_loss
+    )
+    metrics = trainer.train_step(recall.next_step())
+    assert {"recall_loss", "recall_copy_acc", "text_loss"} <= set(metrics) and metrics["loss"] > 0
 
 
 # ---------------------------------------------------------------------------------------- acceptance

@@ -602,10 +602,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     def on_log(step: int, metrics: dict[str, float]) -> None:
         log_metrics(step, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()})
         if rank == 0:
+            # pretraining with data.recall: the text windows' loss and the recall rows' copy accuracy apart
+            recall = (
+                f" (text {metrics['text_loss']:.4f}, recall copy acc {metrics['recall_copy_acc']:.3f})"
+                if "recall_copy_acc" in metrics and "text_loss" in metrics
+                else ""
+            )
             train_log.info(
-                "step %5d | train loss %.4f | lr %.2e | %s tok/s | %s",
+                "step %5d | train loss %.4f%s | lr %.2e | %s tok/s | %s",
                 step,
                 metrics["loss"],
+                recall,
                 metrics["lr"],
                 f"{metrics['tokens_per_s']:,.0f}",
                 eta.describe(step),

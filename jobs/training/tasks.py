@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
 import torch
 from pydantic import Field, SerializationInfo, model_serializer, model_validator
 
@@ -127,6 +128,36 @@ class RepeatedSpans(StrictModel):
         return self
 
 
+class Recall(StrictModel):
+    """Synthetic in-context recall rows added to every pretraining micro-batch (llm_core.data.RecallRows): random
+    tokens in which a span is written again at a random distance, learnt only on the copy. They teach retrieval by
+    content (induction heads), which passkey retrieval needs and which a small model does not learn from a corpus
+    in a CPU budget; the text windows are unchanged, so the language model is trained as before beside them."""
+
+    rows: int = Field(gt=0, description="recall rows per micro-batch, beside train.batch_size text windows")
+    segment_tokens: int = Field(
+        64,
+        ge=4,
+        description="each row is cut into independent segments of this many tokens (divides train.seq_len)",
+    )
+    min_tokens: int = Field(8, gt=1, description="shortest repeated span, in tokens")
+    max_tokens: int = Field(20, gt=1, description="longest repeated span, in tokens")
+
+    @model_validator(mode="after")
+    def _span_fits(self) -> Recall:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"recall.min_tokens ({self.min_tokens}) > recall.max_tokens ({self.max_tokens}): lower min_tokens or "
+                "raise max_tokens"
+            )
+        if 2 * self.max_tokens > self.segment_tokens + 1:
+            raise ValueError(
+                f"recall.max_tokens {self.max_tokens}: a span and its copy do not fit a segment of "
+                f"recall.segment_tokens {self.segment_tokens} + 1 tokens: lower max_tokens or raise segment_tokens"
+            )
+        return self
+
+
 @register_task
 class PretrainWindowsTask(TrainingTask):
     """Pretraining: random windows of the token shards, read through a TokenStream (never loaded into memory);
@@ -144,6 +175,12 @@ class PretrainWindowsTask(TrainingTask):
     repeated_spans: RepeatedSpans | None = Field(
         None, description="copy spans of a share of the training windows further on (None: plain windows)"
     )
+    recall: Recall | None = Field(
+        None, description="synthetic recall rows added to each micro-batch (None: none)"
+    )
+    special_token_ids: list[int] = Field(
+        default_factory=list, description="token ids recall rows never draw (the tokenizer's special tokens)"
+    )
 
     def build_model(self) -> Transformer:
         """The model to train: `model` with random weights, or with the init's weights (RoPE tables are buffers
@@ -155,7 +192,7 @@ class PretrainWindowsTask(TrainingTask):
         return model.train()
 
     def build(self, rank: int, world_size: int, device: torch.device) -> TaskSetup:
-        from llm_core.data import RandomWindows, RepeatedSpanWindows
+        from llm_core.data import RandomWindows, RecallRows, RepeatedSpanWindows
         from llm_core.shards import TokenDataset
 
         dataset = TokenDataset.open(self.dataset)
@@ -167,11 +204,37 @@ class PretrainWindowsTask(TrainingTask):
             sampler = RepeatedSpanWindows(
                 tokens, seq_len, batch_size, **self.repeated_spans.model_dump(), **windows
             )
+        if self.recall is not None:
+            vocab = np.setdiff1d(np.arange(self.model.require_vocab_size()), self.special_token_ids)
+            sampler = RecallRows(sampler, seq_len, **self.recall.model_dump(), token_ids=vocab)
+        loss_fn = recall_lm_loss if self.recall is not None else None
         eval_sets = [
             EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
             for lang in self.languages or dataset.languages
         ]
-        return TaskSetup(self.build_model(), sampler, eval_sets)
+        return TaskSetup(self.build_model(), sampler, eval_sets, loss_fn)
+
+
+def recall_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """lm_loss (the same forward, loss and gradient) of a batch whose last `recall_rows` rows are recall rows
+    (llm_core.data.RecallRows), reporting them apart: recall_loss and recall_copy_acc (greedy accuracy on the
+    copies) show when the model starts to retrieve by content; text_loss is the text windows' loss alone."""
+    from llm_core.losses import IGNORE_INDEX
+    from llm_core.trainer import lm_extras
+
+    targets = batch["targets"]
+    out = model(batch["input_ids"], targets, segment_ids=batch.get("segment_ids"))
+    extra = lm_extras(model, out)
+    n_text = targets.size(0) - int(batch["recall_rows"])
+    with torch.no_grad():
+        for name, rows in (("text", slice(0, n_text)), ("recall", slice(n_text, None))):
+            logits, tgt = out.logits[rows].float(), targets[rows]
+            keep = tgt != IGNORE_INDEX
+            if keep.any():
+                extra[f"{name}_loss"] = float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep]))
+                if name == "recall":
+                    extra["recall_copy_acc"] = float((logits[keep].argmax(-1) == tgt[keep]).float().mean())
+    return out.loss, extra
 
 
 # ------------------------------------------------------------------------------------------ post-training
