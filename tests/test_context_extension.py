@@ -173,7 +173,7 @@ def test_recall_rows_train_with_the_lm_loss_and_report_the_copies_apart():
     from jobs.platform.configfile import model_config_from_preset
     from jobs.training.tasks import recall_lm_loss
     from llm_core.model import Transformer
-    from llm_core.trainer import TrainConfig, Trainer, lm_loss
+    from llm_core.trainer import EvalSet, TrainConfig, Trainer, lm_loss
 
     torch.manual_seed(0)
     model = Transformer(model_config_from_preset("tiny", ["vocab_size=4096", "num_layers=2"])).eval()
@@ -198,6 +198,9 @@ def test_recall_rows_train_with_the_lm_loss_and_report_the_copies_apart():
     )
     metrics = trainer.train_step(recall.next_step())
     assert {"recall_loss", "recall_copy_acc", "text_loss"} <= set(metrics) and metrics["loss"] > 0
+    # and validates on plain text windows (no recall rows), as lm_loss does
+    val = EvalSet("en", TOKENS, 1.0)
+    assert trainer.evaluate([val]) == Trainer(model, trainer.cfg).evaluate([val])
 
 
 # ---------------------------------------------------------------------------------------- acceptance

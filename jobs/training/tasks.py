@@ -220,8 +220,10 @@ def recall_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
     (llm_core.data.RecallRows), reporting them apart: recall_loss and recall_copy_acc (greedy accuracy on the
     copies) show when the model starts to retrieve by content; text_loss is the text windows' loss alone."""
     from llm_core.losses import IGNORE_INDEX
-    from llm_core.trainer import lm_extras
+    from llm_core.trainer import lm_extras, lm_loss
 
+    if "recall_rows" not in batch:  # a validation batch: text windows only
+        return lm_loss(model, batch)
     targets = batch["targets"]
     out = model(batch["input_ids"], targets, segment_ids=batch.get("segment_ids"))
     extra = lm_extras(model, out)
