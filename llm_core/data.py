@@ -368,7 +368,7 @@ class RecallRows(StepSampler):
         max_tokens: int,
         token_ids: np.ndarray,
     ):
-        if rows < 1 or seq_len % segment_tokens or not 0 < min_tokens <= max_tokens:
+        if rows < 1 or segment_tokens < 1 or seq_len % segment_tokens or not 0 < min_tokens <= max_tokens:
             raise ValueError(
                 f"recall rows: need rows >= 1 (got {rows}), segment_tokens dividing seq_len (got {segment_tokens}, "
                 f"{seq_len}) and 0 < min_tokens <= max_tokens (got {min_tokens}, {max_tokens})"
