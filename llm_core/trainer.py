@@ -139,13 +139,18 @@ class FitResult:
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy over targets != -100 (+ MoE load-balancing loss); reports expert utilisation."""
-    out = model(
+    out = lm_output(model, batch)
+    return out.loss, lm_extras(model, out)
+
+
+def lm_output(model: torch.nn.Module, batch: Batch):
+    """The model's output (logits and loss) for a batch, as lm_loss scores it."""
+    return model(
         batch["input_ids"],
         batch["targets"],
         segment_ids=batch.get("segment_ids"),
         position_ids=batch.get("position_ids"),
     )
-    return out.loss, lm_extras(model, out)
 
 
 def lm_extras(model: torch.nn.Module, out) -> dict[str, float]:

@@ -120,12 +120,17 @@ class RepeatedSpans(StrictModel):
 
     @model_validator(mode="after")
     def _span_lengths_are_ordered(self) -> RepeatedSpans:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"repeated_spans.min_tokens ({self.min_tokens}) > repeated_spans.max_tokens ({self.max_tokens}): "
-                "lower min_tokens or raise max_tokens"
-            )
+        check_span_lengths("repeated_spans", self.min_tokens, self.max_tokens)
         return self
+
+
+def check_span_lengths(section: str, min_tokens: int, max_tokens: int) -> None:
+    """A span-length range of `section` (data.repeated_spans, data.recall) must not be empty."""
+    if min_tokens > max_tokens:
+        raise ValueError(
+            f"{section}.min_tokens ({min_tokens}) > {section}.max_tokens ({max_tokens}): lower min_tokens or raise "
+            "max_tokens"
+        )
 
 
 class Recall(StrictModel):
@@ -145,11 +150,7 @@ class Recall(StrictModel):
 
     @model_validator(mode="after")
     def _span_fits(self) -> Recall:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"recall.min_tokens ({self.min_tokens}) > recall.max_tokens ({self.max_tokens}): lower min_tokens or "
-                "raise max_tokens"
-            )
+        check_span_lengths("recall", self.min_tokens, self.max_tokens)
         if 2 * self.max_tokens > self.segment_tokens + 1:
             raise ValueError(
                 f"recall.max_tokens {self.max_tokens}: a span and its copy do not fit a segment of "
@@ -204,10 +205,11 @@ class PretrainWindowsTask(TrainingTask):
             sampler = RepeatedSpanWindows(
                 tokens, seq_len, batch_size, **self.repeated_spans.model_dump(), **windows
             )
+        loss_fn = None  # lm_loss
         if self.recall is not None:
             vocab = np.setdiff1d(np.arange(self.model.require_vocab_size()), self.special_token_ids)
             sampler = RecallRows(sampler, seq_len, **self.recall.model_dump(), token_ids=vocab)
-        loss_fn = recall_lm_loss if self.recall is not None else None
+            loss_fn = recall_lm_loss
         eval_sets = [
             EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
             for lang in self.languages or dataset.languages
@@ -220,22 +222,23 @@ def recall_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
     (llm_core.data.RecallRows), reporting them apart: recall_loss and recall_copy_acc (greedy accuracy on the
     copies) show when the model starts to retrieve by content; text_loss is the text windows' loss alone."""
     from llm_core.losses import IGNORE_INDEX
-    from llm_core.trainer import lm_extras, lm_loss
+    from llm_core.trainer import lm_extras, lm_output
 
-    if "recall_rows" not in batch:  # a validation batch: text windows only
-        return lm_loss(model, batch)
-    targets = batch["targets"]
-    out = model(batch["input_ids"], targets, segment_ids=batch.get("segment_ids"))
+    out = lm_output(model, batch)
     extra = lm_extras(model, out)
+    if "recall_rows" not in batch:  # a validation batch: text windows only, nothing to report apart
+        return out.loss, extra
+    targets = batch["targets"]
     n_text = targets.size(0) - int(batch["recall_rows"])
     with torch.no_grad():
         for name, rows in (("text", slice(0, n_text)), ("recall", slice(n_text, None))):
-            logits, tgt = out.logits[rows].float(), targets[rows]
+            tgt = targets[rows]
             keep = tgt != IGNORE_INDEX
             if keep.any():
-                extra[f"{name}_loss"] = float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep]))
+                logits = out.logits[rows][keep].float()  # (targets kept, V)
+                extra[f"{name}_loss"] = float(torch.nn.functional.cross_entropy(logits, tgt[keep]))
                 if name == "recall":
-                    extra["recall_copy_acc"] = float((logits[keep].argmax(-1) == tgt[keep]).float().mean())
+                    extra["recall_copy_acc"] = float((logits.argmax(-1) == tgt[keep]).float().mean())
     return out.loss, extra
 
 
