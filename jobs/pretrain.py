@@ -281,6 +281,19 @@ def check_init_vocabulary(init_dir: Path, init_cfg: ModelConfig, init: str, data
         )
 
 
+def number_token_ids(tokenizer: Tokenizer) -> dict[str, list[int]]:
+    """The tokenizer's number tokens, for recall rows of kind number_in_text: number_start_ids are the tokens a
+    number after a space starts with (" 4", " 19", or the space alone where the tokenizer splits it off),
+    number_piece_ids those of digits only ("8", "13")."""
+    pieces = {i: tokenizer.decode([i]) for i in range(tokenizer.tk.get_vocab_size())}
+    spaced = {i for i, p in pieces.items() if p[:1] == " " and p[1:].isdecimal() and p[1:].isascii()}
+    firsts = {tokenizer.encode(f" {d}")[0] for d in range(10)}
+    return {
+        "number_start_ids": sorted(spaced | firsts),
+        "number_piece_ids": [i for i, p in pieces.items() if p.isdecimal() and p.isascii()],
+    }
+
+
 def resolve_dataset(spec: str, settings: Settings) -> str:
     """A dataset path/URI from a path, a URI, or a bare name: `jobs.preprocess` writes `<name>` to
     $TULPAR_STORAGE/datasets/<name> ($TULPAR_STORAGE defaults to $TULPAR_HOME; on a cluster it is an s3:// URI or a
@@ -396,6 +409,13 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     with tracking.start_run(
         settings, "pretrain", cfg, run_name=run_key, tags=tags, system_metrics=True
     ) as run:
+        numbers = number_token_ids(tokenizer)
+        wants_numbers = cfg.data.recall is not None and cfg.data.recall.kinds.get("number_in_text", 0) > 0
+        if wants_numbers and not numbers["number_piece_ids"]:
+            raise ValueError(
+                f"data.recall.kinds number_in_text: the tokenizer {tokenizer.sha256[:12]} has no token of digits "
+                "only: drop number_in_text from data.recall.kinds"
+            )
         task = PretrainWindowsTask(
             model=cfg.model,
             init=str(init_dir) if init_dir is not None else None,
@@ -405,6 +425,7 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
             repeated_spans=cfg.data.repeated_spans,
             recall=cfg.data.recall,
             special_token_ids=sorted(tokenizer.tk.token_to_id(t) for t in tokenizer.special_tokens),
+            **numbers,
         )
         result = launch(
             settings=settings,

@@ -338,6 +338,9 @@ class RepeatedSpanWindows(RandomWindows):
         return out
 
 
+RECALL_KINDS = ("random", "random_in_text", "shuffled_in_text", "number_in_text")
+
+
 class RecallRows(StepSampler):
     """Another sampler's micro-batches with `rows` synthetic recall rows added to each: in-context retrieval to
     learn from the first step (an induction head: find the earlier occurrence of the current token, predict what
@@ -345,16 +348,30 @@ class RecallRows(StepSampler):
     corpus in a CPU budget.
 
     Each recall row is cut into segments of `segment_tokens`, independent sequences (segment_ids: no attention
-    across them). A segment is segment_tokens + 1 tokens drawn uniformly from `token_ids` (so nothing in it is
-    predictable from a corpus), in which a span is written a second time further on:
+    across them). A segment w is segment_tokens + 1 tokens in which a span of m tokens is written twice:
 
-        m ~ U{min_tokens .. max_tokens}               span length
         d ~ U{m .. segment_tokens + 1 - m}             distance from the span to its copy (never a fixed one)
-        a ~ U{0 .. segment_tokens + 1 - m - d}         w[a + d : a + d + m] = w[a : a + m]
+        a ~ U{0 .. segment_tokens + 1 - m - d}         w[a : a + m] = w[a + d : a + d + m] = span
 
     and only the copy's tokens 2..m are targets (every other target is -100): the only loss a recall row adds is
-    for predicting a copy from its first token on, by content. The text rows are the base sampler's, unchanged.
-    Deterministic per (seed, step, row of the global batch): world-size invariant and resumable like the base.
+    for predicting a copy from its first token on, by content. What w and the span are is the segment's kind,
+    drawn with the weights `kinds` (default: all `random`):
+
+        random            w: ids drawn uniformly from `token_ids`; the span: the m ~ U{min_tokens..max_tokens}
+                          ids already at w[a:], so nothing in the segment is predictable from a corpus
+        random_in_text    w: a stretch of `text` (the training tokens); the span: m uniform ids, as above
+        shuffled_in_text  w: text; the span: m text tokens from elsewhere in `text`, in a random order (text
+                          tokens the language model has an opinion about, predictable only by looking back)
+        number_in_text    w: text; the span: 1-4 text tokens from elsewhere, in a random order, then a number:
+                          one of `number_start_ids` (" 4", " 19", or a lone space where the tokenizer splits
+                          it off) and 0-3 of `number_piece_ids` (digits: "8", "213");
+                          the copy's targets include the number's first token, predicted from the tokens before
+
+    A random row learns the copy fastest (the rows' phase change comes after a few hundred steps, see
+    docs/evaluation.md); the in-text kinds make the same skill fire inside prose and for digits, where the model's
+    language model competes with it. The text rows are the base sampler's, unchanged. Deterministic per (seed,
+    step, row of the global batch): world-size invariant and resumable like the base; with the default kinds the
+    rows are those of a sampler without `kinds`, draw for draw.
     """
 
     def __init__(
@@ -367,6 +384,10 @@ class RecallRows(StepSampler):
         min_tokens: int,
         max_tokens: int,
         token_ids: np.ndarray,
+        kinds: dict[str, float] | None = None,
+        text: np.ndarray | TokenStream | None = None,
+        number_start_ids: Sequence[int] = (),
+        number_piece_ids: Sequence[int] = (),
     ):
         if rows < 1 or segment_tokens < 1 or seq_len % segment_tokens or not 0 < min_tokens <= max_tokens:
             raise ValueError(
@@ -380,18 +401,81 @@ class RecallRows(StepSampler):
             )
         if len(token_ids) < 2:
             raise ValueError(f"recall rows: need at least 2 token ids to draw from, got {len(token_ids)}")
+        kinds = dict(kinds or {"random": 1.0})
+        unknown = sorted(set(kinds) - set(RECALL_KINDS))
+        weights = np.array(list(kinds.values()), dtype=np.float64)
+        if unknown or not (weights >= 0).all() or weights.sum() <= 0:
+            raise ValueError(
+                f"recall rows: kinds {kinds}: each must be one of {list(RECALL_KINDS)} with a weight >= 0, and the "
+                "weights must not all be 0"
+            )
+        if set(kinds) != {"random"} and (text is None or len(text) < segment_tokens + max_tokens + 2):
+            raise ValueError(
+                f"recall rows: kinds {sorted(kinds)} write into text: need text of at least "
+                f"{segment_tokens + max_tokens + 2} tokens, got {0 if text is None else len(text)}"
+            )
+        if kinds.get("number_in_text", 0) > 0:
+            if not len(number_start_ids) or not len(number_piece_ids):
+                raise ValueError(
+                    "recall rows: number_in_text needs the tokenizer's number tokens (number_start_ids: what a "
+                    f"number after a space starts with, number_piece_ids: digits), got {len(number_start_ids)} and "
+                    f"{len(number_piece_ids)}"
+                )
+            if segment_tokens + 1 < 2 * self.LONGEST_NUMBER_SPAN:
+                raise ValueError(
+                    f"recall rows: a number_in_text span of up to {self.LONGEST_NUMBER_SPAN} tokens and its copy do "
+                    f"not fit a segment of {segment_tokens} + 1 tokens: raise segment_tokens"
+                )
         super().__init__(base.batch_size, seed=base.seed, rank=base.rank, world_size=base.world_size)
         self.base, self.seq_len, self.rows = base, seq_len, rows
         self.segment_tokens, self.min_tokens, self.max_tokens = segment_tokens, min_tokens, max_tokens
         self.token_ids = np.asarray(token_ids, dtype=np.int64)
+        self.kinds, self.kind_p = list(kinds), weights / weights.sum()
+        self.text = text
+        self.number_start_ids = np.asarray(number_start_ids, dtype=np.int64)
+        self.number_piece_ids = np.asarray(number_piece_ids, dtype=np.int64)
+
+    LONGEST_NUMBER_SPAN = 8  # number_in_text: 4 text tokens + a number of at most 4 tokens
+
+    def text_tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n consecutive tokens of `text` from a random place, in a new array (written into: never a view)."""
+        start = int(rng.integers(0, len(self.text) - n))
+        return np.array(self.text[start : start + n], dtype=np.int64, copy=True)
 
     def segment(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) of one segment, (segment_tokens,) each, targets -100 except the copy's tokens 2..m."""
         S = self.segment_tokens
-        w = self.token_ids[rng.integers(0, len(self.token_ids), S + 1)]
-        m = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+        kind = (
+            self.kinds[0] if len(self.kinds) == 1 else self.kinds[rng.choice(len(self.kinds), p=self.kind_p)]
+        )
+        if kind == "random":
+            w = self.token_ids[rng.integers(0, len(self.token_ids), S + 1)]
+            span = None  # the ids already at w[a:]
+            m = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+        else:
+            w = self.text_tokens(rng, S + 1)
+            if kind == "random_in_text":
+                span = self.token_ids[
+                    rng.integers(0, len(self.token_ids), rng.integers(self.min_tokens, self.max_tokens + 1))
+                ]
+            elif kind == "shuffled_in_text":
+                span = rng.permutation(
+                    self.text_tokens(rng, int(rng.integers(self.min_tokens, self.max_tokens + 1)))
+                )
+            else:  # number_in_text
+                context = rng.permutation(self.text_tokens(rng, int(rng.integers(1, 5))))
+                number = [
+                    self.number_start_ids[rng.integers(len(self.number_start_ids))],
+                    *self.number_piece_ids[
+                        rng.integers(0, len(self.number_piece_ids), int(rng.integers(0, 4)))
+                    ],
+                ]
+                span = np.concatenate([context, np.asarray(number, dtype=np.int64)])
+            m = len(span)
         d = int(rng.integers(m, S + 2 - m))
         a = int(rng.integers(0, S + 2 - m - d))
+        if span is not None:
+            w[a : a + m] = span
         w[a + d : a + d + m] = w[a : a + m]
         targets = np.full(S, -100, dtype=np.int64)
         # input position j predicts w[j + 1]: the copy's tokens 2..m are predicted at positions a + d .. a + d + m - 2

@@ -304,3 +304,11 @@ def test_pretrain_data_repeated_spans_keeps_existing_run_keys():
         config_sha256(cfg),
         config_sha256(spans),
     )  # data.recall came later too
+    # and recall.kinds later still: its default keeps the key of data.recall without it (its value at b893e71)
+    assert config_sha256(recall) == "9c1f6c3ab26e5e5352e3f5a1709e3124f40598558222fed1b4652f1620ced9af"
+    kinds = load_config(
+        PretrainConfig,
+        REPO / "configs/pretrain/tiny.yaml",
+        ["data.recall={rows: 8, kinds: {random: 0.5, number_in_text: 0.5}}"],
+    )
+    assert config_sha256(kinds) != config_sha256(recall)

@@ -167,6 +167,152 @@ def test_recall_rows_are_world_size_invariant_and_refuse_what_does_not_fit():
         load_config(PretrainConfig, tiny, ["data.recall={rows: 8, max_tokens: 40}"])
 
 
+NUMBER_STARTS, NUMBER_PIECES = [4100, 4101, 4102], [4200, 4201, 4202, 4203]  # ids no other source draws
+
+
+def kinds_rows(kinds, rows=8, seed=5):
+    base = RandomWindows(TOKENS, 128, 2, seed=seed)
+    return RecallRows(
+        base,
+        128,
+        rows=rows,
+        segment_tokens=64,
+        min_tokens=4,
+        max_tokens=12,
+        token_ids=np.arange(5000, 5100),  # ids the text (TOKENS: 0..4092) never holds
+        kinds=kinds,
+        text=TOKENS,
+        number_start_ids=NUMBER_STARTS,
+        number_piece_ids=NUMBER_PIECES,
+    )
+
+
+def segments_of(sampler: RecallRows, step: int):
+    """(inputs w[:-1], learnt positions) of every recall segment of a step."""
+    (batch,) = sampler.batches_at(step)
+    x = batch["input_ids"][2:].reshape(-1, 64).tolist()
+    y = batch["targets"][2:].reshape(-1, 64).tolist()
+    for seg_x, seg_y in zip(x, y):
+        learnt = [j for j, t in enumerate(seg_y) if t != -100]
+        assert all(seg_y[j] == seg_x[j + 1] for j in learnt if j + 1 < 64)  # next-token targets
+        yield seg_x, learnt
+
+
+def is_text(tokens: list[int]) -> bool:
+    """tokens are consecutive tokens of TOKENS (which counts up by one, modulo 4093)."""
+    return all((b - a) % 4093 == 1 for a, b in zip(tokens, tokens[1:]))
+
+
+def test_recall_kinds_write_their_span_into_text_and_learn_only_the_copy():
+    """Each kind's segment as RecallRows documents it, and the default kinds are the rows of a sampler without
+    them, draw for draw."""
+    shuffled = []
+    for kind in ("random_in_text", "shuffled_in_text", "number_in_text"):
+        sampler = kinds_rows({kind: 1.0})
+        for step in range(3):
+            for seg_x, learnt in segments_of(sampler, step):
+                first, m = learnt[0], len(learnt) + 1  # the copy starts at input position `first`
+                assert learnt == list(range(first, first + m - 1))
+                copy = seg_x[first : first + m - 1]
+                a = next(a for a in range(first - m + 1) if seg_x[a : a + m - 1] == copy)
+                span = seg_x[a : a + m]
+                # outside the span and its copy, the segment is one stretch of text
+                rest = seg_x[:a] + ["cut"] + seg_x[a + m : first] + ["cut"] + seg_x[first + m :]
+                pieces = " ".join(map(str, rest)).split("cut")
+                assert all(is_text([int(t) for t in piece.split()]) for piece in pieces)
+                if kind == "random_in_text":
+                    assert 4 <= m <= 12 and all(5000 <= t < 5100 for t in span)
+                elif kind == "shuffled_in_text":
+                    assert 4 <= m <= 12 and is_text(sorted(span)) and all(t < 4093 for t in span)
+                    shuffled.append(span != sorted(span))  # in a random order
+                else:
+                    numbers = [i for i, t in enumerate(span) if t >= 4100]
+                    start = numbers[0]
+                    assert 1 <= start <= 4 and numbers == list(range(start, m)), span  # text, then the number
+                    assert span[start] in NUMBER_STARTS and all(t in NUMBER_PIECES for t in span[start + 1 :])
+                    assert m - start <= 4 and is_text(sorted(span[:start]))
+                    assert (
+                        first + start - 1 in learnt
+                    )  # the number's first token is learnt, from the text before
+    assert sum(shuffled) > 0.8 * len(shuffled)
+    # several kinds mix with their weights
+    counts = {"random": 0, "number": 0}
+    mixed = kinds_rows({"random": 0.25, "number_in_text": 0.75}, rows=16)
+    for step in range(4):
+        for seg_x, _ in segments_of(mixed, step):
+            counts["number" if any(4100 <= t < 5000 for t in seg_x) else "random"] += 1
+    assert 0.6 < counts["number"] / sum(counts.values()) < 0.9, counts
+    # the default kinds draw exactly the rows RecallRows drew before kinds existed
+    plain, explicit = (
+        recall_rows()[1],
+        RecallRows(
+            RandomWindows(TOKENS, 128, 4, seed=2),
+            128,
+            rows=3,
+            segment_tokens=32,
+            min_tokens=4,
+            max_tokens=12,
+            token_ids=np.arange(5, 4096),
+            kinds={"random": 1.0},
+            text=TOKENS,
+        ),
+    )
+    for step in range(3):
+        assert plain.batches_at(step)[0]["input_ids"].equal(explicit.batches_at(step)[0]["input_ids"])
+
+
+def test_recall_kinds_that_cannot_be_drawn_are_refused():
+    base = RandomWindows(TOKENS, 128, 2)
+    common = dict(rows=1, segment_tokens=64, min_tokens=4, max_tokens=8, token_ids=np.arange(10))
+    with pytest.raises(ValueError, match=r"kinds \{'quotes': 1.0\}: each must be one of"):
+        RecallRows(base, 128, **common, kinds={"quotes": 1.0}, text=TOKENS)
+    with pytest.raises(ValueError, match="write into text: need text of at least"):
+        RecallRows(base, 128, **common, kinds={"shuffled_in_text": 1.0})
+    with pytest.raises(ValueError, match="number_in_text needs the tokenizer's number tokens"):
+        RecallRows(base, 128, **common, kinds={"number_in_text": 1.0}, text=TOKENS)
+
+    from jobs.platform.configfile import load_config
+    from jobs.pretrain import PretrainConfig
+    from llm_core.config import ConfigError
+    from tests.conftest import REPO
+
+    tiny = REPO / "configs/pretrain/tiny.yaml"
+    with pytest.raises(ConfigError, match=r"recall\.kinds \{'quotes': 1\.0\}: each key must be one of"):
+        load_config(PretrainConfig, tiny, ["data.recall={rows: 8, kinds: {quotes: 1.0}}"])
+    with pytest.raises(ConfigError, match=r"recall\.kinds \{'random': 0\.0\}"):
+        load_config(PretrainConfig, tiny, ["data.recall={rows: 8, kinds: {random: 0.0}}"])
+    with pytest.raises(
+        ConfigError, match="number_in_text: its spans of up to 8 tokens .* raise segment_tokens"
+    ):
+        load_config(
+            PretrainConfig,
+            tiny,
+            [
+                "data.recall={rows: 8, segment_tokens: 8, min_tokens: 2, max_tokens: 4, kinds: {number_in_text: 1}}"
+            ],
+        )
+
+
+def test_number_tokens_are_the_tokenizers_and_cover_a_passkey(data_dir):
+    """jobs.pretrain hands recall rows the tokenizer's number tokens: a passkey-like number as the tokenizer writes
+    it is one start token (a space and digits) and pieces (digits), the forms number_in_text draws."""
+    import random
+
+    from jobs.pretrain import number_token_ids
+    from tests.factory import tiny_corpus
+
+    tokenizer, _ = tiny_corpus(data_dir)
+    ids = number_token_ids(tokenizer)
+    starts, pieces = set(ids["number_start_ids"]), set(ids["number_piece_ids"])
+    starts_as_text = {tokenizer.decode([i]) for i in starts}
+    assert all(t[0] == " " and (t[1:].isdecimal() or t == " ") for t in starts_as_text), starts_as_text
+    assert all(tokenizer.decode([i]).isdecimal() for i in pieces)
+    rng = random.Random(0)
+    for n in (rng.randint(10**4, 10**5 - 1) for _ in range(200)):
+        key = tokenizer.encode(f" {n}")
+        assert key[0] in starts and set(key[1:]) <= pieces and 2 <= len(key) <= 6, (n, key)
+
+
 def test_recall_rows_train_with_the_lm_loss_and_report_the_copies_apart():
     """jobs.pretrain with data.recall: its loss is lm_loss's, to the bit (one forward over text and recall rows);
     recall_loss / recall_copy_acc / text_loss are those of the rows scored on their own."""

@@ -147,10 +147,41 @@ class Recall(StrictModel):
     )
     min_tokens: int = Field(8, gt=1, description="shortest repeated span, in tokens")
     max_tokens: int = Field(20, gt=1, description="longest repeated span, in tokens")
+    kinds: dict[str, float] = Field(
+        default_factory=lambda: {"random": 1.0},
+        description="weights of the segment kinds (llm_core.data.RecallRows): random (random ids, a span of them "
+        "copied), random_in_text (a stretch of training text, a span of random ids copied), shuffled_in_text (text, "
+        "a span of text from elsewhere in a random order copied), number_in_text (text, a few text tokens and a "
+        "number copied)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if is_hash_context(info) and data.get("kinds") == {"random": 1.0}:
+            data.pop("kinds")  # added later: keep the run keys of configs without it
+        return data
 
     @model_validator(mode="after")
     def _span_fits(self) -> Recall:
         check_span_lengths("recall", self.min_tokens, self.max_tokens)
+        from llm_core.data import RECALL_KINDS, RecallRows
+
+        unknown = sorted(set(self.kinds) - set(RECALL_KINDS))
+        if unknown or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
+            raise ValueError(
+                f"recall.kinds {self.kinds}: each key must be one of {list(RECALL_KINDS)} with a weight >= 0, not "
+                "all 0 (e.g. {random: 0.5, number_in_text: 0.5})"
+            )
+        if (
+            self.kinds.get("number_in_text", 0) > 0
+            and self.segment_tokens + 1 < 2 * RecallRows.LONGEST_NUMBER_SPAN
+        ):
+            raise ValueError(
+                f"recall.kinds number_in_text: its spans of up to {RecallRows.LONGEST_NUMBER_SPAN} tokens and their "
+                f"copies do not fit recall.segment_tokens {self.segment_tokens}: raise segment_tokens to at least "
+                f"{2 * RecallRows.LONGEST_NUMBER_SPAN - 1}"
+            )
         if 2 * self.max_tokens > self.segment_tokens + 1:
             raise ValueError(
                 f"recall.max_tokens {self.max_tokens}: a span and its copy do not fit a segment of "
@@ -182,6 +213,13 @@ class PretrainWindowsTask(TrainingTask):
     special_token_ids: list[int] = Field(
         default_factory=list, description="token ids recall rows never draw (the tokenizer's special tokens)"
     )
+    number_start_ids: list[int] = Field(
+        default_factory=list,
+        description="the tokenizer's tokens of a space and digits (recall number_in_text)",
+    )
+    number_piece_ids: list[int] = Field(
+        default_factory=list, description="the tokenizer's tokens of digits only (recall number_in_text)"
+    )
 
     def build_model(self) -> Transformer:
         """The model to train: `model` with random weights, or with the init's weights (RoPE tables are buffers
@@ -208,7 +246,15 @@ class PretrainWindowsTask(TrainingTask):
         loss_fn = None  # lm_loss
         if self.recall is not None:
             vocab = np.setdiff1d(np.arange(self.model.require_vocab_size()), self.special_token_ids)
-            sampler = RecallRows(sampler, seq_len, **self.recall.model_dump(), token_ids=vocab)
+            sampler = RecallRows(
+                sampler,
+                seq_len,
+                **self.recall.model_dump(),
+                token_ids=vocab,
+                text=tokens,
+                number_start_ids=self.number_start_ids,
+                number_piece_ids=self.number_piece_ids,
+            )
             loss_fn = recall_lm_loss
         eval_sets = [
             EvalSet(lang, dataset.tokens("val", lang), dataset.bytes_per_token("val", lang))
