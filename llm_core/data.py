@@ -374,6 +374,8 @@ class RecallRows(StepSampler):
     rows are those of a sampler without `kinds`, draw for draw.
     """
 
+    LONGEST_NUMBER_SPAN = 8  # number_in_text: 4 text tokens + a number of at most 4 tokens
+
     def __init__(
         self,
         base: StepSampler,
@@ -434,8 +436,6 @@ class RecallRows(StepSampler):
         self.text = text
         self.number_start_ids = np.asarray(number_start_ids, dtype=np.int64)
         self.number_piece_ids = np.asarray(number_piece_ids, dtype=np.int64)
-
-    LONGEST_NUMBER_SPAN = 8  # number_in_text: 4 text tokens + a number of at most 4 tokens
 
     def text_tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n consecutive tokens of `text` from a random place, in a new array (written into: never a view)."""

@@ -215,7 +215,8 @@ class PretrainWindowsTask(TrainingTask):
     )
     number_start_ids: list[int] = Field(
         default_factory=list,
-        description="the tokenizer's tokens of a space and digits (recall number_in_text)",
+        description="the tokens a number after a space starts with: a space and digits, or the space alone where "
+        "the tokenizer splits it off (recall number_in_text)",
     )
     number_piece_ids: list[int] = Field(
         default_factory=list, description="the tokenizer's tokens of digits only (recall number_in_text)"
