@@ -628,6 +628,31 @@ def place_version(settings: Settings, name: str, version: str, staging: Path) ->
     return hf_dir
 
 
+def alias_insert_race(exc: BaseException) -> bool:
+    """The registry refused an alias because a concurrent job inserted the same (model, alias) row a moment
+    earlier: MLflow's SQL store checks for the alias, then inserts it, and the database's unique key stops the
+    second insert (SQLite: IntegrityError UNIQUE constraint failed; PostgreSQL: UniqueViolation, duplicate key)."""
+    text = str(exc)
+    return "registered_model_aliases" in text and any(
+        marker in text for marker in ("UNIQUE constraint failed", "UniqueViolation", "duplicate key")
+    )
+
+
+def set_alias_once_more_on_a_race(client, name: str, alias: str, version: str) -> None:
+    """Point `alias` of `name` at `version`. When two jobs create the alias at the same moment, the loser's insert
+    fails on the unique key (alias_insert_race): the alias exists now, so setting it again updates it (the last
+    job to register wins, as when they register one after the other). Any other failure propagates."""
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except Exception as exc:
+        if not alias_insert_race(exc):
+            raise
+        log.warning(
+            "setting alias %s of %s: a concurrent job created it first; setting it again", alias, name
+        )
+        client.set_registered_model_alias(name, alias, version)
+
+
 def register_hf_model(
     hf_dir: Path,
     name: str,
@@ -687,7 +712,7 @@ def register_hf_model(
         return client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
 
     mv = retried("creating the model version", create_version)
-    retried("setting the alias", lambda: client.set_registered_model_alias(name, alias, mv.version))
+    retried("setting the alias", lambda: set_alias_once_more_on_a_race(client, name, alias, mv.version))
     retried(
         "tagging the run",
         lambda: client.set_tag(run_id, "tulpar.registered_model", f"models:/{name}/{mv.version}"),
