@@ -409,8 +409,9 @@ def main(cfg: PretrainConfig, settings: Settings) -> JobResult:
     with tracking.start_run(
         settings, "pretrain", cfg, run_name=run_key, tags=tags, system_metrics=True
     ) as run:
-        numbers = number_token_ids(tokenizer)
         wants_numbers = cfg.data.recall is not None and cfg.data.recall.kinds.get("number_in_text", 0) > 0
+        # decoding the whole vocabulary is only worth it for runs that write numbers
+        numbers = number_token_ids(tokenizer) if wants_numbers else {}
         if wants_numbers and not numbers["number_piece_ids"]:
             raise ValueError(
                 f"data.recall.kinds number_in_text: the tokenizer {tokenizer.sha256[:12]} has no token of digits "

@@ -642,9 +642,13 @@ def set_alias_once_more_on_a_race(client, name: str, alias: str, version: str) -
     """Point `alias` of `name` at `version`. When two jobs create the alias at the same moment, the loser's insert
     fails on the unique key (alias_insert_race): the alias exists now, so setting it again updates it (the last
     job to register wins, as when they register one after the other). Any other failure propagates."""
+    from mlflow.exceptions import (
+        MlflowException,
+    )  # the SQL store's and a tracking server's errors (RestException)
+
     try:
         client.set_registered_model_alias(name, alias, version)
-    except Exception as exc:
+    except MlflowException as exc:
         if not alias_insert_race(exc):
             raise
         log.warning(
